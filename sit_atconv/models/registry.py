@@ -1,0 +1,74 @@
+"""Model names -> configs, in the style of timm's registry: one table of sizes, one entry point.
+
+Names: `SiT-{S,B,L,XL}/{2,4,8}` (attention in every block), `SiT-ATConv-{...}/{...}` (ATConv in every
+block, no position embedding, as in the official ATConv generation code) and `SiT-Hybrid-{...}/{...}`
+(ATConv in the paper's even-numbered blocks, i.e. 0-based indices 1, 3, 5, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sit_atconv.models.sit import SiT
+
+SIZES = {  # depth, hidden size, heads (SiT/DiT Table 1)
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+PATCH_SIZES = (2, 4, 8)
+FAMILIES = {  # name prefix -> (mixer layout, defaults that differ from SiT's)
+    "SiT": ("attention", {}),
+    "SiT-ATConv": ("atconv", {"pos_embed": "none"}),
+    "SiT-Hybrid": ("hybrid", {}),
+}
+DEFAULTS = dict(input_size=32, in_channels=4, num_classes=1000, class_dropout_prob=0.1, learn_sigma=True)
+
+
+def mixer_layout(layout: str, depth: int) -> list[str]:
+    """Per-block mixer list for a named layout: "attention", "atconv" or "hybrid"."""
+    if layout == "attention":
+        return ["attention"] * depth
+    if layout == "atconv":
+        return ["atconv"] * depth
+    if layout == "hybrid":
+        return ["atconv" if i % 2 == 1 else "attention" for i in range(depth)]
+    raise ValueError(f"unknown mixer layout {layout!r}; expected 'attention', 'atconv' or 'hybrid'")
+
+
+def _registry() -> dict[str, tuple[str, dict[str, Any]]]:
+    entries = {}
+    for family, (layout, family_defaults) in FAMILIES.items():
+        for size, arch in SIZES.items():
+            for patch in PATCH_SIZES:
+                entries[f"{family}-{size}/{patch}"] = (layout, {**DEFAULTS, **arch, "patch_size": patch, **family_defaults})
+    return entries
+
+
+MODELS = _registry()
+
+
+def list_models() -> list[str]:
+    """All registered model names."""
+    return list(MODELS)
+
+
+def model_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The SiT constructor arguments of a named model, with overrides applied.
+
+    The mixer layout follows an overridden `depth` (e.g. a 4-block hybrid) unless `mixers` is given.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    layout, config = MODELS[name]
+    config = {**config, **overrides}
+    if config.get("mixers") is None:
+        config["mixers"] = mixer_layout(layout, config["depth"])
+    return config
+
+
+def create_model(name: str, **overrides: Any) -> SiT:
+    """Build a named model, e.g. `create_model("SiT-ATConv-XL/2")` or
+    `create_model("SiT-B/2", num_classes=0, mixers=[...])`."""
+    return SiT(**model_config(name, **overrides))
