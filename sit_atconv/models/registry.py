@@ -42,7 +42,10 @@ def _registry() -> dict[str, tuple[str, dict[str, Any]]]:
     for family, (layout, family_defaults) in FAMILIES.items():
         for size, arch in SIZES.items():
             for patch in PATCH_SIZES:
-                entries[f"{family}-{size}/{patch}"] = (layout, {**DEFAULTS, **arch, "patch_size": patch, **family_defaults})
+                entries[f"{family}-{size}/{patch}"] = (
+                    layout,
+                    {**DEFAULTS, **arch, "patch_size": patch, **family_defaults},
+                )
     return entries
 
 

@@ -50,9 +50,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_size: int = 256):
         super().__init__()
         self.frequency_size = frequency_size
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         freq = timestep_embedding(t, self.frequency_size).to(self.mlp[0].weight.dtype)
@@ -265,7 +263,9 @@ class SiT(ModelMixin, ConfigMixin):
         self.pos_grid = (grid, grid)
         if pos_embed == "sincos":
             # Deterministic, so not part of the state dict; recomputed for other input sizes.
-            self.register_buffer("fixed_pos_embed", sincos_pos_embed_2d(hidden_size, grid, grid)[None], persistent=False)
+            self.register_buffer(
+                "fixed_pos_embed", sincos_pos_embed_2d(hidden_size, grid, grid)[None], persistent=False
+            )
         else:
             self.fixed_pos_embed = None
         self.blocks = nn.ModuleList(

@@ -197,7 +197,7 @@ def depthwise_conv_shift(v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     out = v * taps[:, r * K + r]  # (B, H, W, C)
     for du in range(-r, r + 1):
         for dv in range(-r, r + 1):
-            if du == 0 and dv == 0:
+            if (du == 0 and dv == 0) or abs(du) >= H or abs(dv) >= W:  # no neighbour: only zero padding
                 continue
             rows_out, rows_in = slice(max(0, -du), H - max(0, du)), slice(max(0, du), H + min(0, du))
             cols_out, cols_in = slice(max(0, -dv), W - max(0, dv)), slice(max(0, dv), W + min(0, dv))

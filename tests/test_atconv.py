@@ -1,0 +1,207 @@
+"""ATConv against a literal loop implementation of Eq. 7-11, plus layouts, gradients, precision and errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sit_atconv.ops import ATConv, atconv_reference
+from sit_atconv.ops.atconv import depthwise_conv_grouped, depthwise_conv_shift, pool_context
+
+
+def randomised(module: ATConv, seed: int = 0) -> ATConv:
+    """Random values in every parameter (gamma and biases included), so no term can hide behind zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+    return module
+
+
+def adaptive_bins(length: int, bins: int) -> list[tuple[int, int]]:
+    return [(math.floor(i * length / bins), math.ceil((i + 1) * length / bins)) for i in range(bins)]
+
+
+def literal_atconv(m: ATConv, x: torch.Tensor) -> torch.Tensor:
+    """Eq. 7-11 with explicit loops. x: (B, C, H, W) float64 -> (B, C, H, W)."""
+    B, C, H, W = x.shape
+    K, r = m.kernel_size, m.kernel_size // 2
+    Wc, bc = m.context_proj.weight, m.context_proj.bias
+    Wg, bg = m.kernel_gen.weight, m.kernel_gen.bias
+    Wv, bv = m.value_proj.weight, m.value_proj.bias
+    Wo, bo = m.out_proj.weight, m.out_proj.bias
+    gelu_tanh = lambda z: 0.5 * z * (1 + math.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))  # noqa: E731
+    sigmoid = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+
+    out = torch.zeros_like(x)
+    for b in range(B):
+        ctx = [[Wc @ x[b, :, i, j] + bc for j in range(W)] for i in range(H)]  # F, per pixel
+        if m.context_pool == "2d":
+            Z = [
+                sum(ctx[i][j] for i in range(r0, r1) for j in range(c0, c1)) / ((r1 - r0) * (c1 - c0))
+                for (r0, r1) in adaptive_bins(H, K)
+                for (c0, c1) in adaptive_bins(W, K)
+            ]
+        else:
+            flat = [ctx[n // W][n % W] for n in range(H * W)]
+            Z = [sum(flat[s:e]) / (e - s) for (s, e) in adaptive_bins(H * W, K * K)]
+        V = [[Wv @ x[b, :, i, j] + bv for j in range(W)] for i in range(H)]
+        Y = torch.zeros(C, H, W, dtype=x.dtype)
+        for c in range(C):
+            phi = torch.tensor([gelu_tanh(Z[k][c].item()) for k in range(K * K)], dtype=x.dtype)
+            kernel = Wg @ phi + bg
+            alpha = kernel - sigmoid(m.gamma[c].item()) * kernel.mean()
+            for i in range(H):
+                for j in range(W):
+                    acc = 0.0
+                    for u in range(K):
+                        for v in range(K):
+                            ii, jj = i + u - r, j + v - r
+                            if 0 <= ii < H and 0 <= jj < W:
+                                acc += alpha[u * K + v] * V[ii][jj][c]
+                    Y[c, i, j] = acc
+        for i in range(H):
+            for j in range(W):
+                out[b, :, i, j] = Wo @ Y[:, i, j] + bo
+    return out
+
+
+@pytest.mark.parametrize("context_pool", ["2d", "raster"])
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_matches_literal_equations(context_pool, kernel_size):
+    m = randomised(ATConv(3, kernel_size, context_pool).double())
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))  # H != W
+    expected = literal_atconv(m, x)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(atconv_reference(m, x), expected, rtol=1e-10, atol=1e-10)
+        m.conv_impl = "grouped"
+        torch.testing.assert_close(m(x), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("context_pool", ["2d", "raster"])
+def test_pool_then_project_equals_project_then_pool(context_pool):
+    m = randomised(ATConv(8, 3, context_pool).double())
+    x = torch.randn(3, 7, 9, 8, dtype=torch.float64)  # (B, H, W, C), bins of unequal size
+    with torch.no_grad():
+        pooled_first = m.context_proj(pool_context(x, 3, context_pool))
+        projected_first = pool_context(m.context_proj(x), 3, context_pool)
+    torch.testing.assert_close(pooled_first, projected_first, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5, 7])
+@pytest.mark.parametrize("grid", [(8, 8), (5, 11), (2, 3)])
+def test_fast_path_matches_reference(kernel_size, grid):
+    H, W = grid
+    m = randomised(ATConv(16, kernel_size, "2d"))
+    x = torch.randn(2, H * W, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, size=grid), atconv_reference(m, x, size=grid), rtol=1e-4, atol=1e-4)
+
+
+def test_token_and_image_layouts_agree():
+    m = randomised(ATConv(12, 3))
+    img = torch.randn(2, 12, 6, 10)
+    tokens = img.flatten(2).transpose(1, 2)  # (B, N, C), raster order
+    with torch.no_grad():
+        out_img = m(img)
+        out_tok = m(tokens, size=(6, 10))
+    assert out_img.shape == img.shape and out_tok.shape == tokens.shape
+    torch.testing.assert_close(out_tok, out_img.flatten(2).transpose(1, 2))
+
+
+def test_square_grid_inferred_for_tokens():
+    m = randomised(ATConv(4, 3))
+    x = torch.randn(1, 25, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m(x, size=(5, 5)))
+
+
+@pytest.mark.parametrize("conv_impl", ["shift", "grouped"])
+@pytest.mark.parametrize("context_pool", ["2d", "raster"])
+def test_gradcheck(conv_impl, context_pool):
+    m = randomised(ATConv(3, 3, context_pool, conv_impl=conv_impl).double())
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    params = tuple(m.parameters())
+
+    def fn(x, *weights):
+        return torch.func.functional_call(
+            m, dict(zip([n for n, _ in m.named_parameters()], weights, strict=True)), (x,)
+        )
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim,kernel_size", [(8, 3), (64, 3), (768, 3), (32, 5), (16, 7)])
+def test_parameter_count(dim, kernel_size):
+    m = ATConv(dim, kernel_size)
+    names = {n for n, _ in m.named_parameters()}
+    assert {n.split(".")[0] for n in names} == {"context_proj", "kernel_gen", "gamma", "value_proj", "out_proj"}
+    K2 = kernel_size**2
+    assert sum(p.numel() for p in m.parameters()) == 3 * dim**2 + 4 * dim + K2**2 + K2
+    assert torch.equal(m.gamma, torch.zeros(dim))  # sigmoid(0) = 0.5 inhibition at init
+
+
+def test_depthwise_conv_forms_agree_with_conv2d():
+    v = torch.randn(3, 6, 7, 5)  # (B, H, W, C)
+    alpha = torch.randn(3, 5, 3, 3)
+    expected = torch.stack(
+        [F.conv2d(v[b].permute(2, 0, 1)[None], alpha[b][:, None], padding=1, groups=5)[0] for b in range(3)]
+    )  # (B, C, H, W)
+    torch.testing.assert_close(depthwise_conv_shift(v, alpha).permute(0, 3, 1, 2), expected)
+    torch.testing.assert_close(depthwise_conv_grouped(v.permute(0, 3, 1, 2), alpha), expected)
+
+
+def test_bf16_autocast_close_to_fp32():
+    m = randomised(ATConv(32, 3))
+    x = torch.randn(2, 64, 32)
+    with torch.no_grad():
+        ref = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 3e-2
+
+
+def test_bf16_module_keeps_dtype():
+    m = randomised(ATConv(8, 3)).to(torch.bfloat16)
+    out = m(torch.randn(1, 16, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_compiles_without_graph_breaks():
+    m = randomised(ATConv(8, 3))
+    x = torch.randn(2, 20, 8)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    torch.testing.assert_close(compiled(x, (4, 5)), m(x, (4, 5)))
+
+
+@pytest.mark.slow
+def test_inductor_compile_matches_eager():
+    m = randomised(ATConv(16, 3))
+    x = torch.randn(2, 64, 16)
+    compiled = torch.compile(m, fullgraph=True)
+    torch.testing.assert_close(compiled(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel_size", [2, 4, 0, -3, 3.0])
+def test_rejects_bad_kernel_size(kernel_size):
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd integer"):
+        ATConv(8, kernel_size)
+
+
+def test_rejects_bad_inputs():
+    m = ATConv(8, 3)
+    with pytest.raises(ValueError, match=r"token count N=20 does not match size=\(4, 4\)"):
+        m(torch.randn(1, 20, 8), size=(4, 4))
+    with pytest.raises(ValueError, match="do not form a square grid"):
+        m(torch.randn(1, 20, 8))
+    with pytest.raises(ValueError, match="got an input with 6 channels"):
+        m(torch.randn(1, 16, 6))
+    with pytest.raises(ValueError, match=r"expects \(B, C, H, W\) or \(B, N, C\)"):
+        m(torch.randn(16, 8))
+    with pytest.raises(ValueError, match="context_pool='1d'"):
+        ATConv(8, context_pool="1d")
+    with pytest.raises(ValueError, match="kernel_act='relu'"):
+        ATConv(8, kernel_act="relu")

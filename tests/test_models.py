@@ -1,0 +1,233 @@
+"""SiT family: registry, parameter counts (paper Table VIII), forward contract, embeddings, init, errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sit_atconv.models import SiT, create_model, list_models, model_config
+from sit_atconv.models.sit import Attention, sincos_pos_embed_2d, timestep_embedding
+from sit_atconv.ops import ATConv
+
+TABLE_VIII = {
+    "SiT-B/2": 130_315_808,
+    "SiT-ATConv-B/2": 123_239_000,
+    "SiT-Hybrid-B/2": 126_777_404,
+    "SiT-L/2": 457_840_672,
+    "SiT-ATConv-L/2": 432_677_008,
+    "SiT-XL/2": 674_834_720,
+    "SiT-ATConv-XL/2": 637_678_328,
+}
+
+
+def tiny(name: str = "SiT-Hybrid-S/2", **overrides) -> SiT:
+    config = dict(depth=4, hidden_size=32, num_heads=4, input_size=8, num_classes=10)
+    return create_model(name, **{**config, **overrides})
+
+
+def randomise_zero_init(model: SiT, seed: int = 0) -> SiT:
+    """adaLN-Zero makes a fresh model output zeros; give every parameter a value so outputs carry signal."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("name,expected", TABLE_VIII.items())
+def test_trainable_parameters_match_table_viii(name, expected):
+    with torch.device("meta"):
+        model = create_model(name)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+def test_registry_names():
+    names = list_models()
+    assert len(names) == 36 and len(set(names)) == 36
+    for family in ("SiT", "SiT-ATConv", "SiT-Hybrid"):
+        for size in ("S", "B", "L", "XL"):
+            for patch in (2, 4, 8):
+                assert f"{family}-{size}/{patch}" in names
+    assert model_config("SiT-XL/4")["patch_size"] == 4
+    assert model_config("SiT-L/2")["depth"] == 24
+
+
+def test_unknown_model_name_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown model 'SiT-XXL/2'.*SiT-ATConv-XL/2"):
+        create_model("SiT-XXL/2")
+
+
+def test_mixer_layouts():
+    assert tiny("SiT-S/2").mixers == ["attention"] * 4
+    assert tiny("SiT-ATConv-S/2").mixers == ["atconv"] * 4
+    hybrid = create_model("SiT-Hybrid-B/2", input_size=8, num_classes=0, hidden_size=32, num_heads=4)
+    assert [i for i, kind in enumerate(hybrid.mixers) if kind == "atconv"] == [1, 3, 5, 7, 9, 11]
+    for block, kind in zip(hybrid.blocks, hybrid.mixers, strict=True):
+        assert isinstance(block.mixer, ATConv if kind == "atconv" else Attention)
+    custom = tiny(mixers=["atconv", "atconv", "attention", "atconv"])
+    assert [type(b.mixer) for b in custom.blocks] == [ATConv, ATConv, Attention, ATConv]
+
+
+def test_atconv_family_has_no_position_embedding():
+    assert tiny("SiT-ATConv-S/2").position_embedding(4, 4) is None
+    assert tiny("SiT-Hybrid-S/2").position_embedding(4, 4).shape == (1, 16, 32)
+    assert not any("pos_embed" in key for key in tiny("SiT-S/2").state_dict())  # fixed, so not saved
+
+
+@pytest.mark.parametrize("name", ["SiT-S/2", "SiT-ATConv-S/4", "SiT-Hybrid-S/2"])
+@pytest.mark.parametrize("size", [(8, 8), (16, 8), (12, 20)])
+def test_forward_shapes_any_divisible_size(name, size):
+    model = randomise_zero_init(tiny(name)).eval()
+    patch = model.config.patch_size
+    if size[0] % patch or size[1] % patch:
+        pytest.skip("size not divisible by this patch size")
+    x = torch.randn(2, 4, *size)
+    out = model(x, torch.rand(2), torch.tensor([3, 10]))  # 10 = null class
+    assert out.shape == x.shape  # learn_sigma: only the first in_channels are returned
+    assert torch.isfinite(out).all()
+
+
+def test_unconditional_and_no_learn_sigma():
+    model = randomise_zero_init(tiny(num_classes=0, learn_sigma=False, in_channels=3)).eval()
+    assert model.y_embedder is None and model.null_class is None
+    assert model.final_layer.linear.out_features == 2 * 2 * 3
+    assert model(torch.randn(2, 3, 8, 8), torch.tensor(0.5)).shape == (2, 3, 8, 8)
+
+
+def test_conditional_model_needs_labels():
+    with pytest.raises(ValueError, match="class-conditional"):
+        tiny()(torch.randn(1, 4, 8, 8), torch.rand(1))
+
+
+def test_learn_sigma_returns_first_half():
+    model = randomise_zero_init(tiny()).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    captured = {}
+    model.final_layer.register_forward_hook(lambda mod, inp, out: captured.update(out=out))
+    out = model(x, t, y)
+    full = captured["out"].view(2, 4, 4, 2, 2, 8).permute(0, 5, 1, 3, 2, 4).reshape(2, 8, 8, 8)  # (B, 2*in, H, W)
+    torch.testing.assert_close(out, full[:, :4])
+
+
+def test_fresh_model_blocks_are_identity_and_output_zero():
+    model = tiny().eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    tokens = model.x_embedder(x) + model.position_embedding(4, 4)
+    c = model.t_embedder(t) + model.y_embedder(y)
+    for block in model.blocks:
+        torch.testing.assert_close(block(tokens, c, (4, 4)), tokens)
+    assert torch.count_nonzero(model(x, t, y)) == 0
+
+
+def test_returned_features_are_the_tokens_after_block_k():
+    model = randomise_zero_init(tiny()).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    seen = []
+    model.blocks[1].register_forward_hook(lambda mod, inp, out: seen.append(out))
+    out, features = model(x, t, y, return_features_after=2)
+    torch.testing.assert_close(features, seen[0])
+    assert features.shape == (2, 16, 32)
+    torch.testing.assert_close(out, model(x, t, y))
+    with pytest.raises(ValueError, match=r"return_features_after=5 must be in \[1, 4\]"):
+        model(x, t, y, return_features_after=5)
+
+
+def test_label_dropout_in_training_only():
+    model = tiny(class_dropout_prob=1.0)
+    labels = torch.tensor([0, 5, 9])
+    model.train()
+    torch.testing.assert_close(model.y_embedder(labels), model.y_embedder.embedding_table.weight[[10, 10, 10]])
+    model.eval()
+    torch.testing.assert_close(model.y_embedder(labels), model.y_embedder.embedding_table.weight[labels])
+    assert model.null_class == 10
+
+
+def test_timestep_embedding_closed_form():
+    t = torch.tensor([0.0, 0.25, 1.0])
+    emb = timestep_embedding(t, 8)
+    freqs = [10000 ** (-k / 4) for k in range(4)]
+    expected = [[math.cos(ti * f) for f in freqs] + [math.sin(ti * f) for f in freqs] for ti in t.tolist()]
+    torch.testing.assert_close(emb, torch.tensor(expected))
+
+
+def test_sincos_position_embedding_matches_literal_formula():
+    dim, gh, gw = 16, 3, 5
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))
+    rows = []
+    for i in range(gh):
+        for j in range(gw):  # first half encodes the column, second half the row (DiT/MAE layout)
+            rows.append(np.concatenate([np.sin(j * omega), np.cos(j * omega), np.sin(i * omega), np.cos(i * omega)]))
+    torch.testing.assert_close(sincos_pos_embed_2d(dim, gh, gw), torch.tensor(np.array(rows), dtype=torch.float32))
+
+
+def test_attention_mixer_matches_softmax_reference():
+    attn = Attention(16, num_heads=4)
+    x = torch.randn(2, 10, 16)
+    with torch.no_grad():
+        q, k, v = attn.qkv(x).view(2, 10, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4), dim=-1)
+        expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 10, 16))
+        torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_qk_norm_adds_per_head_layernorms():
+    model = tiny("SiT-S/2", qk_norm=True)
+    assert "blocks.0.mixer.q_norm.weight" in model.state_dict()
+    assert model.blocks[0].mixer.q_norm.normalized_shape == (8,)
+
+
+def test_initialisation_follows_sit():
+    model = tiny()
+    for block in model.blocks:
+        assert torch.count_nonzero(block.adaLN_modulation[-1].weight) == 0
+    assert torch.count_nonzero(model.final_layer.linear.weight) == 0
+    std = model.y_embedder.embedding_table.weight.std().item()
+    assert 0.015 < std < 0.025
+    atconv = model.blocks[1].mixer
+    assert torch.count_nonzero(atconv.value_proj.bias) == 0 and torch.count_nonzero(atconv.gamma) == 0
+    bound = math.sqrt(6 / (32 + 32))  # Xavier-uniform limit
+    assert atconv.value_proj.weight.abs().max() <= bound
+
+
+def test_config_round_trip_rebuilds_the_same_architecture():
+    model = tiny(mixers=["atconv", "attention", "atconv", "atconv"], atconv_context_pool="raster")
+    rebuilt = SiT.from_config(model.config)
+    assert rebuilt.mixers == model.mixers
+    assert rebuilt.blocks[0].mixer.context_pool == "raster"
+    assert [k for k in rebuilt.state_dict()] == [k for k in model.state_dict()]
+
+
+def test_bf16_autocast_forward():
+    model = randomise_zero_init(tiny()).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, y)
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 5e-2
+
+
+def test_model_compiles_without_graph_breaks():
+    model = randomise_zero_init(tiny()).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, y), model(x, t, y))
+
+
+def test_bad_configs_raise_clear_errors():
+    with pytest.raises(ValueError, match="input_size=10 is not divisible by patch_size=4"):
+        tiny("SiT-S/4", input_size=10)
+    with pytest.raises(ValueError, match="hidden_size=30 is not divisible by num_heads=4"):
+        tiny(hidden_size=30)
+    with pytest.raises(ValueError, match="unknown mixer 'conv'"):
+        tiny(mixers=["attention", "conv", "attention", "atconv"])
+    with pytest.raises(ValueError, match="mixers has 3 entries but depth=4"):
+        tiny(mixers=["atconv"] * 3)
+    with pytest.raises(ValueError, match="pos_embed='learned'"):
+        tiny(pos_embed="learned")
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd integer"):
+        tiny(atconv_kernel_size=4)
+    with pytest.raises(ValueError, match=r"input size 9x8 is not divisible by patch_size=2"):
+        tiny()(torch.randn(1, 4, 9, 8), torch.rand(1), torch.tensor([0]))
