@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from sit_atconv.ops import ATConv, atconv_reference
-from sit_atconv.ops.atconv import depthwise_conv_grouped, depthwise_conv_shift, pool_context
+from sit_atconv.ops.atconv import (
+    depthwise_conv_channels_last,
+    depthwise_conv_grouped,
+    depthwise_conv_shift,
+    pool_context,
+)
 
 
 def randomised(module: ATConv, seed: int = 0) -> ATConv:
@@ -76,8 +81,9 @@ def test_matches_literal_equations(context_pool, kernel_size):
     with torch.no_grad():
         torch.testing.assert_close(m(x), expected, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(atconv_reference(m, x), expected, rtol=1e-10, atol=1e-10)
-        m.conv_impl = "grouped"
-        torch.testing.assert_close(m(x), expected, rtol=1e-10, atol=1e-10)
+        for conv_impl in ("shift", "channels_last"):
+            m.conv_impl = conv_impl
+            torch.testing.assert_close(m(x), expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("context_pool", ["2d", "raster"])
@@ -118,7 +124,7 @@ def test_square_grid_inferred_for_tokens():
         torch.testing.assert_close(m(x), m(x, size=(5, 5)))
 
 
-@pytest.mark.parametrize("conv_impl", ["shift", "grouped"])
+@pytest.mark.parametrize("conv_impl", ["shift", "channels_last"])
 @pytest.mark.parametrize("context_pool", ["2d", "raster"])
 def test_gradcheck(conv_impl, context_pool):
     m = randomised(ATConv(3, 3, context_pool, conv_impl=conv_impl).double())
@@ -150,6 +156,7 @@ def test_depthwise_conv_forms_agree_with_conv2d():
         [F.conv2d(v[b].permute(2, 0, 1)[None], alpha[b][:, None], padding=1, groups=5)[0] for b in range(3)]
     )  # (B, C, H, W)
     torch.testing.assert_close(depthwise_conv_shift(v, alpha).permute(0, 3, 1, 2), expected)
+    torch.testing.assert_close(depthwise_conv_channels_last(v, alpha).permute(0, 3, 1, 2), expected)
     torch.testing.assert_close(depthwise_conv_grouped(v.permute(0, 3, 1, 2), alpha), expected)
 
 
@@ -164,10 +171,14 @@ def test_bf16_autocast_close_to_fp32():
     assert (out.float() - ref).abs().max() / ref.abs().max() < 3e-2
 
 
-def test_bf16_module_keeps_dtype():
-    m = randomised(ATConv(8, 3)).to(torch.bfloat16)
-    out = m(torch.randn(1, 16, 8, dtype=torch.bfloat16))
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+@pytest.mark.parametrize("conv_impl", ["shift", "channels_last"])
+def test_bf16_module_keeps_dtype(conv_impl):
+    m = randomised(ATConv(8, 3, conv_impl=conv_impl))
+    x = torch.randn(1, 16, 8)
+    ref = m(x)
+    out = m.to(torch.bfloat16)(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 3e-2
 
 
 def test_compiles_without_graph_breaks():
