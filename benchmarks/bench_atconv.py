@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--model-batch", type=int, default=1)
     parser.add_argument("--model-sizes", type=int, nargs="+", default=[32, 64], help="latent sides (32 = 256 px)")
     parser.add_argument("--repeats", type=int, default=15, help="timed passes per operator variant")
-    parser.add_argument("--model-repeats", type=int, default=5, help="timed passes per model variant")
+    parser.add_argument("--model-repeats", type=int, default=7, help="timed passes per model variant")
     parser.add_argument("--compile", action="store_true", help="torch.compile every case")
     parser.add_argument("--skip-ops", action="store_true")
     parser.add_argument("--skip-models", action="store_true")
