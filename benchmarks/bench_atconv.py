@@ -116,6 +116,16 @@ def build_case(spec: dict, variant: str):
     return torch.compile(fn) if spec["compile"] else fn
 
 
+def timing(result: dict, digits: int = 2) -> str:
+    """A table cell: median (fastest) in ms."""
+    return f"{result['ms']:.{digits}f} ({result['ms_min']:.{digits}f})"
+
+
+def ratio(slow: dict, fast: dict) -> str:
+    """A table cell: ratio of medians (ratio of the fastest runs)."""
+    return f"{slow['ms'] / fast['ms']:.2f}x ({slow['ms_min'] / fast['ms_min']:.2f}x)"
+
+
 def _current_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -156,7 +166,7 @@ def main() -> None:
     parser.add_argument("--op-sizes", type=int, nargs="+", default=[8, 16, 32, 64], help="grid sides H = W")
     parser.add_argument("--model-batch", type=int, default=1)
     parser.add_argument("--model-sizes", type=int, nargs="+", default=[32, 64], help="latent sides (32 = 256 px)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed passes per operator variant")
+    parser.add_argument("--repeats", type=int, default=25, help="timed passes per operator variant")
     parser.add_argument("--model-repeats", type=int, default=7, help="timed passes per model variant")
     parser.add_argument("--compile", action="store_true", help="torch.compile every case")
     parser.add_argument("--skip-ops", action="store_true")
@@ -173,6 +183,8 @@ def main() -> None:
     common = dict(device=args.device, dtype=args.dtype, threads=args.threads, compile=args.compile)
     machine = machine_description(args.device)
     print(f"# ATConv benchmark on {machine}, {args.dtype}{', compiled' if args.compile else ''}\n")
+    print("Times: median (fastest) of the interleaved runs, in ms. Ratios: of medians (of the fastest runs).")
+    print("Memory: peak growth during one forward beyond inputs and weights, first call included.\n")
     results = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "ops": [], "models": []}
 
     if not args.skip_ops:
@@ -199,8 +211,8 @@ def main() -> None:
             results["ops"].extend(row.values())
             a, u, s = (row[v] for v in OP_VARIANTS)
             print(
-                f"| {size}x{size} | {a['ms']:.2f} | {u['ms']:.2f} | {s['ms']:.2f} | {u['ms'] / a['ms']:.2f}x "
-                f"| {s['ms'] / a['ms']:.2f}x | {a['peak_mib']:.0f} | {u['peak_mib']:.0f} | {s['peak_mib']:.0f} |",
+                f"| {size}x{size} | {timing(a)} | {timing(u)} | {timing(s)} | {ratio(u, a)} | {ratio(s, a)} "
+                f"| {a['peak_mib']:.0f} | {u['peak_mib']:.0f} | {s['peak_mib']:.0f} |",
                 flush=True,
             )
         print()
@@ -222,9 +234,10 @@ def main() -> None:
             for variant in MODEL_VARIANTS:
                 row[variant].update(variant=variant, size=size)
             results["models"].extend(row.values())
-            s, a, h = (row[v]["ms"] for v in MODEL_VARIANTS)
+            s, a, h = (row[v] for v in MODEL_VARIANTS)
             print(
-                f"| {size}x{size} ({size * 8} px) | {s:.0f} | {a:.0f} | {h:.0f} | {s / a:.2f}x | {s / h:.2f}x |",
+                f"| {size}x{size} ({size * 8} px) | {timing(s, 0)} | {timing(a, 0)} | {timing(h, 0)} "
+                f"| {ratio(s, a)} | {ratio(s, h)} |",
                 flush=True,
             )
         print()

@@ -58,6 +58,11 @@ def test_unknown_model_name_lists_valid_ones():
         create_model("SiT-XXL/2")
 
 
+def test_unknown_override_names_the_valid_fields():
+    with pytest.raises(TypeError, match=r"unknown SiT config field\(s\) \['dpth'\]; valid fields: input_size"):
+        create_model("SiT-S/2", dpth=3)
+
+
 def test_mixer_layouts():
     assert tiny("SiT-S/2").mixers == ["attention"] * 4
     assert tiny("SiT-ATConv-S/2").mixers == ["atconv"] * 4
@@ -223,6 +228,8 @@ def test_bad_configs_raise_clear_errors():
         tiny(hidden_size=30)
     with pytest.raises(ValueError, match="unknown mixer 'conv'"):
         tiny(mixers=["attention", "conv", "attention", "atconv"])
+    with pytest.raises(TypeError, match="mixers must be a list"):
+        tiny(mixers="atconv")
     with pytest.raises(ValueError, match="mixers has 3 entries but depth=4"):
         tiny(mixers=["atconv"] * 3)
     with pytest.raises(ValueError, match="pos_embed='learned'"):

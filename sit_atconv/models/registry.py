@@ -7,6 +7,7 @@ block, no position embedding, as in the official ATConv generation code) and `Si
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from sit_atconv.models.sit import SiT
@@ -64,6 +65,10 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    fields = [p for p in inspect.signature(SiT.__init__).parameters if p != "self"]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise TypeError(f"unknown SiT config field(s) {unknown}; valid fields: {', '.join(fields)}")
     layout, config = MODELS[name]
     config = {**config, **overrides}
     if config.get("mixers") is None:

@@ -236,6 +236,8 @@ class SiT(ModelMixin, ConfigMixin):
         atconv_kernel_act: str = "gelu_tanh",
     ):
         super().__init__()
+        if isinstance(mixers, str):
+            raise TypeError(f"mixers must be a list with one mixer per block, got the string {mixers!r}")
         mixers = list(mixers) if mixers is not None else ["attention"] * depth
         if len(mixers) != depth:
             raise ValueError(f"mixers has {len(mixers)} entries but depth={depth}; give one mixer per block")

@@ -120,7 +120,7 @@ class ATConv(nn.Module):
             B, N, C = x.shape
             self._check_channels(C)
             H, W = token_grid(N, size)
-            return self._mix(x.view(B, H, W, C)).view(B, N, C)
+            return self._mix(x.reshape(B, H, W, C)).view(B, N, C)
         raise ValueError(f"ATConv expects (B, C, H, W) or (B, N, C) input, got shape {tuple(x.shape)}")
 
     def _check_channels(self, channels: int) -> None:
@@ -142,7 +142,7 @@ class ATConv(nn.Module):
         return self.out_proj(y)
 
     def kernels_from_context(self, context: torch.Tensor) -> torch.Tensor:
-        """Context-to-kernel translation and differential modulation (Eq. 9-10).
+        """Context-to-kernel translation and differential kernel modulation.
 
         context: (B, K*K, C), the projected, pooled context F. Returns alpha: (B, C, K, K).
         """
