@@ -112,7 +112,7 @@ class ATConv(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if x.ndim == 4:  # image layout (B, C, H, W): work on the channels-last view, no copy
+        if x.ndim == 4:  # image layout (B, C, H, W): mix its channels-last view
             self._check_channels(x.shape[1])
             out = self._mix(x.permute(0, 2, 3, 1))  # (B, H, W, C)
             return out.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
@@ -188,8 +188,8 @@ def depthwise_conv_channels_last(v: torch.Tensor, alpha: torch.Tensor) -> torch.
 
     v: (B, H, W, C); alpha: (B, C, K, K). Returns (B, H, W, C) (a permuted view).
     The batch is folded into the channels through an (H, W, B, C) copy, so the B*C groups form a
-    channels-last (1, B*C, H, W) image: the layout oneDNN's and cuDNN's depthwise kernels vectorise
-    over channels, with one copy in and none out.
+    channels-last (1, B*C, H, W) image, the layout oneDNN's and cuDNN's depthwise kernels vectorise
+    over channels. One copy in; the result is a view of the (H, W, B, C) output.
     """
     B, H, W, C = v.shape
     K = alpha.shape[-1]
