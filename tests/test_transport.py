@@ -1,0 +1,250 @@
+"""Transport and samplers against closed forms: Gaussian-mixture data has an exact velocity field."""
+
+import math
+
+import pytest
+import torch
+
+from sit_atconv.transport import (
+    PATHS,
+    SampleNoise,
+    SamplerConfig,
+    Transport,
+    guided_predictor,
+    sample,
+)
+
+
+class MixtureModel:
+    """The exact prediction E[target | x_t] for data from a mixture of diagonal Gaussians, per class.
+
+    components[c] = list of (weight, mean (D,), variance (D,)); class `null` is the label-free mixture
+    of all classes with equal class weights. Called like a model: (x_t (B, D), t (B,), y (B,))."""
+
+    def __init__(self, transport: Transport, components: dict[int, list], null: int | None = None):
+        self.transport = transport
+        self.components = dict(components)
+        if null is not None:
+            n = len(components)
+            self.components[null] = [(w / n, m, v) for comps in components.values() for (w, m, v) in comps]
+
+    def posterior(self, x_t, t, comps):
+        alpha, sigma, _, _ = self.transport.path.coefficients(t[:, None].double())
+        x_t = x_t.double()
+        log_resp, means_x, means_eps = [], [], []
+        for weight, mean, var in comps:
+            var_t = alpha**2 * var + sigma**2  # (B, D)
+            diff = x_t - alpha * mean
+            log_resp.append(math.log(weight) - 0.5 * ((diff**2) / var_t + torch.log(var_t)).sum(1))
+            means_x.append(mean + alpha * var * diff / var_t)
+            means_eps.append(sigma * diff / var_t)
+        resp = torch.softmax(torch.stack(log_resp, 1), 1)  # (B, K)
+        ex = sum(resp[:, k : k + 1] * means_x[k] for k in range(len(comps)))
+        eeps = sum(resp[:, k : k + 1] * means_eps[k] for k in range(len(comps)))
+        return ex, eeps, alpha, sigma
+
+    def __call__(self, x_t, t, y=None):
+        y = torch.zeros(x_t.shape[0], dtype=torch.long) if y is None else y
+        out = torch.empty_like(x_t, dtype=torch.float64)
+        for label in y.unique().tolist():
+            rows = y == label
+            ex, eeps, alpha, sigma = self.posterior(x_t[rows], t[rows], self.components[label])
+            _, _, d_alpha, d_sigma = self.transport.path.coefficients(t[rows][:, None].double())
+            if self.transport.prediction == "velocity":
+                out[rows] = d_alpha * ex + d_sigma * eeps
+            elif self.transport.prediction == "noise":
+                out[rows] = eeps
+            else:
+                out[rows] = -eeps / sigma
+        return out.to(x_t.dtype)
+
+
+MEAN = torch.tensor([1.0, -2.0, 0.5])
+VAR = torch.tensor([0.25, 1.0, 2.25])
+
+
+def run_sampler(transport, config, n=4000, seed=0, model=None, labels=None, cfg_scale=1.0, null=None):
+    model = model or MixtureModel(transport, {0: [(1.0, MEAN.double(), VAR.double())]})
+    noise = SampleNoise(seed, range(n))
+    x = noise.randn((MEAN.numel(),), torch.float64)
+    predict = guided_predictor(model, labels, cfg_scale=cfg_scale, null_class=null)
+    return sample(predict, transport, x, config, noise)
+
+
+def assert_gaussian(samples, tol_mean=0.08, tol_var=0.15):
+    assert torch.allclose(samples.mean(0), MEAN.double(), atol=tol_mean), samples.mean(0)
+    cov = torch.cov(samples.T)
+    assert torch.allclose(torch.diag(cov), VAR.double(), rtol=tol_var, atol=0.03), torch.diag(cov)
+    off = cov - torch.diag(torch.diag(cov))
+    assert off.abs().max() < 0.08
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    "sampler,steps", [("euler", 200), ("heun", 40), ("dopri5", 1)]
+)  # fmt: skip
+def test_ode_samplers_reproduce_gaussian(path, sampler, steps):
+    transport = Transport(path=path)
+    samples, calls = run_sampler(transport, SamplerConfig(mode="ode", sampler=sampler, num_steps=steps))
+    assert_gaussian(samples)
+    if sampler == "euler":
+        assert calls == steps
+    elif sampler == "heun":
+        assert calls == 2 * steps - 1
+    else:
+        assert calls > 6  # adaptive: reports its function evaluations
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_sde_samplers_reproduce_gaussian(path, sampler):
+    transport = Transport(path=path)
+    config = SamplerConfig(mode="sde", sampler=sampler, num_steps=250 if sampler == "euler" else 100)
+    samples, calls = run_sampler(transport, config)
+    assert_gaussian(samples)
+    assert calls == (config.num_steps if sampler == "euler" else 2 * (config.num_steps - 1) + 1)
+
+
+@pytest.mark.parametrize("prediction", ["noise", "score"])
+def test_noise_and_score_predictions_sample_the_same_distribution(prediction):
+    transport = Transport(path="linear", prediction=prediction)
+    samples, _ = run_sampler(transport, SamplerConfig(mode="ode", sampler="heun", num_steps=60))
+    assert_gaussian(samples)
+
+
+@pytest.mark.parametrize("last_step", ["mean", "tweedie", "euler", "none"])
+@pytest.mark.parametrize("form", ["sigma", "constant", "linear"])
+def test_sde_last_steps_and_diffusion_forms(last_step, form):
+    if form == "constant" and last_step == "mean":
+        pytest.skip("a noiseless mean step of 0.04 with D = 1 shrinks the spread by design (about 30% here)")
+    transport = Transport(path="linear")
+    config = SamplerConfig(mode="sde", num_steps=200, diffusion_form=form, last_step=last_step)
+    samples, _ = run_sampler(transport, config, n=3000)
+    assert_gaussian(samples)
+
+
+def test_cfg_moves_samples_towards_the_class_mode():
+    """Each class is half its own mode and half a shared mode at 0: guidance favours the own mode."""
+    transport = Transport()
+    var = torch.full((1,), 0.1, dtype=torch.float64)
+    classes = {
+        0: [(0.5, torch.tensor([-3.0], dtype=torch.float64), var), (0.5, torch.zeros(1, dtype=torch.float64), var)],
+        1: [(0.5, torch.tensor([3.0], dtype=torch.float64), var), (0.5, torch.zeros(1, dtype=torch.float64), var)],
+    }
+    model = MixtureModel(transport, classes, null=2)
+    labels = torch.tensor([0, 1] * 1000)
+
+    def own_mode_fraction(cfg_scale):
+        noise = SampleNoise(1, range(2000))
+        x = noise.randn((1,), torch.float64)
+        predict = guided_predictor(model, labels, cfg_scale=cfg_scale, null_class=2)
+        out, _ = sample(predict, transport, x, SamplerConfig(sampler="heun", num_steps=60), noise)
+        sign = torch.where(labels == 0, -1.0, 1.0)
+        return ((out[:, 0] * sign) > 1.5).double().mean().item()
+
+    assert abs(own_mode_fraction(1.0) - 0.5) < 0.05  # conditional sampling is exact
+    assert own_mode_fraction(4.0) > 0.75
+
+
+def test_cfg_scale_one_is_the_conditional_model_with_one_forward():
+    calls = []
+
+    def model(x, t, y):
+        calls.append(x.shape[0])
+        return x * 0 + y[:, None].double()
+
+    x = torch.zeros(4, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3])
+    out = guided_predictor(model, labels, cfg_scale=1.0, null_class=10)(x, torch.tensor(0.5))
+    assert torch.equal(out[:, 0], labels.double()) and calls == [4]
+
+
+def test_guidance_interval_and_channels():
+    def model(x, t, y):  # cond = 1, uncond = 0 on every channel
+        return (y != 9).double()[:, None].expand_as(x).clone()
+
+    x = torch.zeros(2, 4, dtype=torch.float64)
+    labels = torch.tensor([1, 2])
+    predict = guided_predictor(model, labels, cfg_scale=3.0, null_class=9, guidance_low=0.2, guidance_high=0.7)
+    assert torch.equal(predict(x, torch.tensor(0.5)), torch.full((2, 4), 3.0, dtype=torch.float64))
+    assert torch.equal(predict(x, torch.tensor(0.9)), torch.ones(2, 4, dtype=torch.float64))  # outside: cond
+    assert torch.equal(predict(x, torch.tensor(0.1)), torch.ones(2, 4, dtype=torch.float64))
+    three = guided_predictor(model, labels, cfg_scale=3.0, null_class=9, cfg_channels=3)(x, torch.tensor(0.5))
+    assert torch.equal(three[:, :3], torch.full((2, 3), 3.0, dtype=torch.float64))
+    assert torch.equal(three[:, 3], torch.ones(2, dtype=torch.float64))  # channel 4 unguided
+
+
+def test_cfg_needs_a_conditional_model():
+    with pytest.raises(ValueError, match="class-conditional model with a null class"):
+        guided_predictor(lambda x, t, y: x, None, cfg_scale=2.0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_velocity_target_is_the_time_derivative(path):
+    transport = Transport(path=path)
+    x, eps = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64)
+    h = 1e-6
+    plus, _ = transport.interpolate(x, eps, t + h)
+    minus, _ = transport.interpolate(x, eps, t - h)
+    _, target = transport.interpolate(x, eps, t)
+    torch.testing.assert_close(target, (plus - minus) / (2 * h), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("prediction", ["velocity", "noise", "score"])
+def test_prediction_conversions_round_trip(path, prediction):
+    """Given the true (x, eps), each prediction type's target converts to the same velocity, noise and data."""
+    x, eps = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
+    reference = Transport(path=path)
+    x_t, velocity = reference.interpolate(x, eps, t)
+    transport = Transport(path=path, prediction=prediction)
+    _, target = transport.interpolate(x, eps, t)
+    torch.testing.assert_close(transport.velocity(target, x_t, t), velocity)
+    torch.testing.assert_close(transport.noise(target, x_t, t), eps)
+    torch.testing.assert_close(transport.data(target, x_t, t), x)
+
+
+def test_lognormal_time_sampling_matches_the_snr_definition():
+    for path in PATHS:
+        transport = Transport(path=path, time_sampling="lognormal")
+        t = transport.sample_time(20000, torch.device("cpu"), torch.Generator().manual_seed(0)).double()
+        alpha, sigma, _, _ = transport.path.coefficients(t)
+        log_ratio = torch.log(sigma / alpha)
+        assert abs(log_ratio.mean()) < 0.05 and abs(log_ratio.std() - 1) < 0.05, path
+
+
+def test_loss_is_per_sample_and_zero_for_the_exact_target():
+    transport = Transport()
+    x = torch.randn(6, 2, 4, 4)
+
+    class Oracle:  # knows the noise the loss will draw
+        def __call__(self, x_t, t):
+            return (x_t - (1 - t)[:, None, None, None] * x) / t[:, None, None, None] - x
+
+    gen = torch.Generator().manual_seed(3)
+    losses = transport.loss(Oracle(), x, generator=gen)
+    assert losses.shape == (6,) and losses.max() < 1e-8
+    extras = transport.loss(lambda x_t, t: (x_t * 0, "features"), x, return_all=True)[1]
+    assert extras == "features"
+
+
+def test_same_sample_index_gives_same_noise_whatever_the_batch():
+    a = SampleNoise(7, [0, 1, 2, 3]).randn((2, 3))
+    b = SampleNoise(7, [2, 3]).randn((2, 3))
+    assert torch.equal(a[2:], b)
+    assert not torch.equal(SampleNoise(8, [2]).randn((2, 3)), b[:1])
+
+
+def test_bad_sampler_configs():
+    with pytest.raises(ValueError, match="unknown sampling mode 'pde'"):
+        SamplerConfig(mode="pde")
+    with pytest.raises(ValueError, match="unknown sde sampler 'dopri5'"):
+        SamplerConfig(mode="sde", sampler="dopri5")
+    with pytest.raises(ValueError, match="num_steps must be a positive integer, got -3"):
+        SamplerConfig(num_steps=-3)
+    with pytest.raises(ValueError, match="unknown path 'sine'"):
+        Transport(path="sine")
+    with pytest.raises(ValueError, match="unknown prediction 'x0'"):
+        Transport(prediction="x0")
