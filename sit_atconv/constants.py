@@ -1,0 +1,12 @@
+"""Constants shared by training, sampling, the pipeline and evaluation (defined once, imported)."""
+
+import torch
+
+SD_VAE_SCALE = 0.18215  # SD-VAE (ft-ema / ft-mse) latent scaling, as in LDM, DiT, SiT and REPA
+SD_VAE_DEFAULT = "stabilityai/sd-vae-ft-ema"
+SD_VAE_DOWNSAMPLE = 8
+
+
+def to_uint8_nhwc(images: torch.Tensor) -> torch.Tensor:
+    """ADM's conversion of images in [-1, 1], (B, 3, H, W), to uint8 (B, H, W, 3): clamp(127.5 x + 128)."""
+    return (127.5 * images + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

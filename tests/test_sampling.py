@@ -1,0 +1,163 @@
+"""sample.py end to end with a tiny random SiT and a tiny random AutoencoderKL (no downloads)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample as sample_cli
+from sit_atconv import sampling
+from sit_atconv.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(num_classes=10, **overrides):
+    model = create_model(
+        "SiT-Hybrid-S/2", depth=2, hidden_size=32, num_heads=2, input_size=8, num_classes=num_classes, **overrides
+    )
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # leave adaLN-Zero's identity start so the samples carry signal
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    root = tmp_path_factory.mktemp("assets")
+    tiny_model().save_pretrained(root / "model")
+    tiny_model(num_classes=0).save_pretrained(root / "uncond")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+    )  # fmt: skip
+    vae.save_pretrained(root / "vae")
+    return root
+
+
+def run(assets, *args):
+    sample_cli.main(["--ckpt", str(assets / "model"), "--vae", str(assets / "vae"), "--num-steps", "4", *args])
+
+
+def test_grid_png(assets, tmp_path):
+    out = tmp_path / "grid.png"
+    run(assets, "--cfg", "1.8", "--classes", "1", "2", "3", "--out", str(out))
+    image = Image.open(out)
+    assert image.size[0] > 3 * 16 and image.mode == "RGB"
+
+
+def test_npz_shape_labels_and_metadata(assets, tmp_path):
+    out = tmp_path / "samples.npz"
+    run(assets, "--num-samples", "20", "--batch-size", "8", "--out", str(out), "--mode", "sde", "--cfg", "1.5")
+    with np.load(out) as data:
+        assert data["arr_0"].shape == (20, 16, 16, 3) and data["arr_0"].dtype == np.uint8
+        assert np.bincount(data["arr_1"], minlength=10).tolist() == [2] * 10  # balanced
+        assert data["arr_0"].std() > 1  # not a constant image
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["world_size"] == 1 and meta["settings"]["generation"]["cfg_scale"] == 1.5
+    assert len(meta["settings"]["weights_sha256"]) == 64
+    assert not (tmp_path / "samples.npz.shards").exists()
+
+
+def test_crash_then_rerun_finishes_without_recomputing(assets, tmp_path, monkeypatch):
+    out = tmp_path / "samples.npz"
+    reference = tmp_path / "reference.npz"
+    run(assets, "--num-samples", "12", "--batch-size", "4", "--out", str(reference))
+
+    real_generate = sampling.generate
+    calls = []
+
+    def crashing_generate(*args, **kwargs):
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        calls.append(list(args[2]))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", crashing_generate)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(assets, "--num-samples", "12", "--batch-size", "4", "--out", str(out))
+    assert not out.exists()  # nothing that looks complete
+    assert len(list((tmp_path / "samples.npz.shards").glob("shard_*.npz"))) == 2
+
+    calls.clear()
+    monkeypatch.setattr(sampling, "generate", lambda *a, **k: (calls.append(list(a[2])), real_generate(*a, **k))[1])
+    run(assets, "--num-samples", "12", "--batch-size", "4", "--out", str(out))
+    assert calls == [[8, 9, 10, 11]]  # only the unfinished shard
+    with np.load(out) as a, np.load(reference) as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_two_processes_give_identical_bytes(assets, tmp_path):
+    single, double = tmp_path / "single.npz", tmp_path / "double.npz"
+    common = ["--ckpt", str(assets / "model"), "--vae", str(assets / "vae"), "--num-steps", "3",
+              "--num-samples", "10", "--batch-size", "3", "--cfg", "2.0"]  # fmt: skip
+    # Same threads in both runs: a different intra-op thread count may change float summation order.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, str(ROOT / "sample.py"), *common, "--out", str(single)]
+    proc = subprocess.run(one, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29517", str(ROOT / "sample.py"), *common, "--out", str(double)]  # fmt: skip
+    proc = subprocess.run(launch, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(double.with_suffix(".json").read_text())["world_size"] == 2
+    with np.load(single) as a, np.load(double) as b:
+        assert a["arr_0"].tobytes() == b["arr_0"].tobytes()
+        assert np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_samples_do_not_depend_on_batch_size(assets, tmp_path):
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    run(assets, "--num-samples", "6", "--batch-size", "6", "--out", str(a), "--vae", "none")
+    run(assets, "--num-samples", "6", "--batch-size", "2", "--out", str(b), "--vae", "none")
+    with np.load(a) as x, np.load(b) as y:
+        assert np.abs(x["arr_0"].astype(int) - y["arr_0"].astype(int)).max() <= 1  # float-level differences only
+
+
+def test_bad_inputs_fail_before_any_work(assets, tmp_path, capsys):
+    out = tmp_path / "bad.npz"
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        sample_cli.main(["--ckpt", str(assets / "uncond"), "--vae", "none", "--cfg", "2", "--num-samples", "4",
+                         "--out", str(out)])  # fmt: skip
+    with pytest.raises(ValueError, match=r"class labels \[10, -1\] are outside \[0, 10\)"):
+        run(assets, "--classes", "3", "10", "-1", "--out", str(tmp_path / "g.png"))
+    with pytest.raises(ValueError, match="unknown sde sampler 'dopri5'"):
+        run(assets, "--mode", "sde", "--sampler", "dopri5", "--num-samples", "4", "--out", str(out))
+    with pytest.raises(ValueError, match="the checkpoint is not a SiT-XL/2"):
+        run(assets, "--model", "SiT-XL/2", "--num-samples", "4", "--out", str(out))
+    for bad in (["--num-samples", "0"], ["--num-samples", "2.5"], ["--num-steps", "-3"], ["--sampler", "rk4"]):
+        with pytest.raises(SystemExit):
+            run(assets, *bad, "--out", str(out))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sample_cli.main(["--ckpt", str(tmp_path / "missing"), "--num-samples", "4", "--out", str(out)])
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    with pytest.raises(ValueError, match="is not a model"):
+        sample_cli.main(["--ckpt", str(not_a_model), "--num-samples", "4", "--out", str(out)])
+    assert not out.exists()
+
+
+def test_missing_vae_offline_gives_instructions(assets, tmp_path):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest: offline, empty cache
+    with pytest.raises(RuntimeError, match="could not load the VAE 'stabilityai/sd-vae-ft-ema'.*--vae /path"):
+        sample_cli.main(["--ckpt", str(assets / "model"), "--num-steps", "1", "--out", str(tmp_path / "g.png")])
+
+
+def test_shards_of_another_run_are_not_mixed(assets, tmp_path):
+    out = tmp_path / "s.npz"
+    run(assets, "--num-samples", "4", "--batch-size", "2", "--out", str(out), "--keep-shards", "--vae", "none")
+    with pytest.raises(ValueError, match="holds shards of a different run"):
+        run(assets, "--num-samples", "4", "--batch-size", "2", "--out", str(out), "--seed", "5", "--vae", "none")
+    shutil.rmtree(tmp_path / "s.npz.shards")
