@@ -68,10 +68,13 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = class_dropout_prob
         self.embedding_table = nn.Embedding(num_classes + int(class_dropout_prob > 0), hidden_size)
 
-    def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_prob > 0:
+    def forward(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """`drop` (B,) bool forces which labels become the null class (the trainer draws it from its
+        per-step generator); without it, training mode draws from the global RNG."""
+        if drop is None and self.training and self.dropout_prob > 0:
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, self.num_classes, labels)
+        if drop is not None and self.dropout_prob > 0:
+            labels = torch.where(drop.to(labels.device), self.num_classes, labels)
         return self.embedding_table(labels)
 
 
@@ -335,6 +338,7 @@ class SiT(ModelMixin, ConfigMixin):
         t: torch.Tensor,
         y: torch.Tensor | None = None,
         return_features_after: int | None = None,
+        drop_labels: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict the flow-matching target.
 
@@ -344,6 +348,8 @@ class SiT(ModelMixin, ConfigMixin):
             y: (B,) integer labels in [0, num_classes]; ignored (may be None) when unconditional.
             return_features_after: if k is given, also return the hidden tokens (B, N, C) after the
                 k-th block (1-based; REPA aligns after block 8 of XL, 4 of B).
+            drop_labels: optional (B,) bool mask of labels to replace by the null class (CFG training);
+                by default, training mode drops with probability class_dropout_prob.
         Returns:
             (B, in_channels, H, W), or (prediction, features) when return_features_after is given.
         """
@@ -364,7 +370,7 @@ class SiT(ModelMixin, ConfigMixin):
         if self.y_embedder is not None:
             if y is None:
                 raise ValueError("this model is class-conditional: pass labels y (use the null class for none)")
-            c = c + self.y_embedder(y)
+            c = c + self.y_embedder(y, drop_labels)
 
         features = None
         for i, block in enumerate(self.blocks):

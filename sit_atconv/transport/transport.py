@@ -196,13 +196,18 @@ class Transport:
         model_kwargs: dict | None = None,
         generator: torch.Generator | None = None,
         return_all: bool = False,
+        t: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
     ):
         """Per-sample flow-matching losses (B,): mean over all but the batch dimension of
         weight * (prediction - target)^2. `model_fn(x_t, t, **model_kwargs)` returns the prediction, or
         (prediction, extras), in which case `return_all` gives (losses, extras) so a caller can add
-        REPA's term from the extras."""
-        t = self.sample_time(x.shape[0], x.device, generator)
-        eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        REPA's term from the extras. `t` and `eps` may be given (the trainer draws them per sample so
+        that the split of a batch across processes does not change them)."""
+        if t is None:
+            t = self.sample_time(x.shape[0], x.device, generator)
+        if eps is None:
+            eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         x_t, target = self.interpolate(x, eps, t)
         output = model_fn(x_t, t, **(model_kwargs or {}))
         prediction, extras = output if isinstance(output, tuple) else (output, None)

@@ -1,0 +1,426 @@
+"""The training loop: flow matching on HuggingFace Accelerate, from one CPU to many GPUs.
+
+Run folder layout:
+    config.yaml                       the resolved configuration
+    checkpoints/step_00001000/        model/ and ema/ (save_pretrained folders, what sample.py reads),
+                                      training_state.pt (optimizer, scaler, step), rng_<rank>.pt, config.yaml
+    checkpoints/latest -> step_...    newest complete checkpoint
+    metrics.csv, loss.png, samples/   logged scalars, the loss plot, periodic EMA grids
+    logs/                             tracker output (TensorBoard by default)
+
+A checkpoint is written to a hidden temporary folder and renamed into place once complete, so an
+interrupted write is never mistaken for a checkpoint. Data order is a function of the step
+(`StepBatchSampler`) and the RNG states are saved per process, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import re
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from sit_atconv.data import DigitsDataset, StepBatchSampler
+from sit_atconv.models import create_model
+from sit_atconv.sampling import GenerationConfig, generate, save_labelled_grid
+from sit_atconv.training.config import save_config
+from sit_atconv.transport import SamplerConfig, Transport, sample_seed
+
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})$")
+METRIC_FIELDS = ("step", "loss", "grad_norm", "lr", "images_per_s", "steps_per_s", "peak_memory_mib", "skipped")
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when the loss or the gradients are not finite and the run is configured to stop."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer and EMA
+# ------------------------------------------------------------------------------------------------
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay only on matrices and kernels (ndim >= 2): never on biases, norms or ATConv's gamma."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if weight_decay == 0:
+        return [{"params": params, "weight_decay": 0.0}]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
+        ema_param.lerp_(param.detach().to(ema_param.dtype), 1 - decay)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first (temporary folders of interrupted writes excluded)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and CHECKPOINT_PATTERN.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_PATTERN.match(path.resolve().name).group(1))
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, model, ema, optimizer, config: DictConfig) -> Path:
+    root = run_dir / "checkpoints"
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(tmp / "model")
+        ema.save_pretrained(tmp / "ema")
+        state = {"optimizer": optimizer.state_dict(), "step": step}
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        torch.save(state, tmp / "training_state.pt")
+        save_config(config, tmp / "config.yaml")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / f"rng_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        link = root / "latest"
+        tmp_link = root / ".latest.tmp"
+        if tmp_link.is_symlink() or tmp_link.exists():
+            tmp_link.unlink()
+        tmp_link.symlink_to(final.name)
+        os.replace(tmp_link, link)
+        prune_checkpoints(run_dir, config.checkpoint.keep_last, config.checkpoint.milestone_every)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, milestone_every: int) -> None:
+    """Keep the newest `keep_last` checkpoints plus every multiple of `milestone_every` steps."""
+    checkpoints = complete_checkpoints(run_dir)
+    for path in checkpoints[: max(len(checkpoints) - keep_last, 0)]:
+        step = checkpoint_step(path)
+        if milestone_every and step % milestone_every == 0:
+            continue
+        shutil.rmtree(path)
+
+
+def find_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """None (fresh start), the newest complete checkpoint for "auto", or an explicit folder."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        checkpoints = complete_checkpoints(run_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume)
+    if not (path / "training_state.pt").is_file():
+        raise FileNotFoundError(f"{path} is not a complete training checkpoint (no training_state.pt)")
+    return path
+
+
+def load_checkpoint(accelerator, path: Path, model, ema, optimizer) -> int:
+    """Restore weights, EMA, optimizer, scaler and this process's RNG state; returns the step."""
+    accelerator.unwrap_model(model).load_state_dict(load_file(path / "model" / "diffusion_pytorch_model.safetensors"))
+    ema.load_state_dict(load_file(path / "ema" / "diffusion_pytorch_model.safetensors"))
+    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if accelerator.scaler is not None and "scaler" in state:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rng_file = path / f"rng_{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    else:  # different process count than the saved run: continue deterministically, not bit-exactly
+        torch.manual_seed(state["step"] * 1000 + accelerator.process_index)
+    return int(state["step"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and model
+# ------------------------------------------------------------------------------------------------
+
+
+def build_dataset(config: DictConfig):
+    if config.data.kind == "digits":
+        return DigitsDataset(resolution=config.data.resolution)
+    raise ValueError(f"unknown data.kind {config.data.kind!r}")
+
+
+def build_model(config: DictConfig):
+    overrides = {k: v for k, v in OmegaConf.to_container(config.model, resolve=True).items() if k != "name"}
+    return create_model(config.model.name, **overrides)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: list[tuple[int, float]]
+    checkpoint: Path | None
+
+
+def train(config: DictConfig, resume: str | None = "auto", progress: bool = True) -> TrainResult:
+    """Train until config.train.max_steps; returns the run folder, final step and per-step losses."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+
+    tc = config.train
+    run_dir = Path(config.run.output_dir)
+    log_with = None if config.log.tracker == "none" else config.log.tracker
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.grad_accumulation,
+        log_with=log_with,
+        project_dir=str(run_dir / "logs"),
+    )
+    set_seed(config.run.seed + accelerator.process_index)  # distinct noise per process, reproducible
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+
+    dataset = build_dataset(config)
+    model = build_model(config)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    transport = Transport(**OmegaConf.to_container(config.transport, resolve=True))
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(accelerator.device)
+
+    resume_from = find_resume(run_dir, resume)
+    start_step = load_checkpoint(accelerator, resume_from, model, ema, optimizer) if resume_from else 0
+    sampler = StepBatchSampler(
+        len(dataset), tc.global_batch_size, accelerator.num_processes, accelerator.process_index,
+        tc.grad_accumulation, config.run.seed, start_step,
+    )  # fmt: skip
+    loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers))
+    if accelerator.is_main_process and log_with:
+        flat = {k: str(v) for k, v in _flatten(OmegaConf.to_container(config, resolve=True)).items()}
+        accelerator.init_trackers("train", config=flat)
+    metrics_path = run_dir / "metrics.csv"
+    if accelerator.is_main_process:
+        _truncate_metrics(metrics_path, start_step)
+
+    sample_shape = dataset[0][0].shape
+    drop_prob = accelerator.unwrap_model(model).config.class_dropout_prob
+    losses: list[tuple[int, float]] = []
+    skipped = 0
+    bar = tqdm(
+        total=tc.max_steps, initial=start_step, desc="train", disable=not (progress and accelerator.is_main_process)
+    )
+    window_start, window_steps = time.perf_counter(), 0
+    last_checkpoint = resume_from
+    model.train()
+    for step in range(start_step + 1, tc.max_steps + 1):
+        step_loss = torch.zeros((), device=accelerator.device)
+        noise = step_noise(config, transport, step, sample_shape, drop_prob, accelerator.device)
+        for micro in range(tc.grad_accumulation):
+            images, labels = next(loader)
+            images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+            rows = slice(sampler.offset(micro), sampler.offset(micro) + sampler.micro)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss = transport.loss(
+                        model, images, {"y": labels, "drop_labels": noise["drop"][rows]},
+                        t=noise["t"][rows], eps=noise["eps"][rows],
+                    ).mean()  # fmt: skip
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and tc.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                finite = _all_finite(accelerator, loss, grad_norm)
+                if finite:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / tc.grad_accumulation
+            if not finite:
+                break
+        if not finite:
+            message = f"non-finite loss or gradient at step {step} (loss={loss.item():.4g}); no checkpoint was written"
+            if tc.on_nonfinite == "stop":
+                accelerator.end_training()
+                raise NonFiniteError(message + "; set train.on_nonfinite=skip to skip such steps")
+            skipped += 1
+            accelerator.print(f"warning: {message}, skipped")
+            continue
+        update_ema(ema, accelerator.unwrap_model(model), tc.ema_decay)
+        mean_loss = accelerator.reduce(step_loss, "mean").item()
+        losses.append((step, mean_loss))
+        bar.update(1)
+        window_steps += 1
+
+        if step % config.log.every == 0 or step == tc.max_steps:
+            elapsed = time.perf_counter() - window_start
+            row = {
+                "step": step,
+                "loss": mean_loss,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": window_steps * tc.global_batch_size / elapsed,
+                "steps_per_s": window_steps / elapsed,
+                "peak_memory_mib": peak_memory_mib(accelerator.device),
+                "skipped": skipped,
+            }
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['images_per_s']:.1f}")
+            if log_with:
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+            if accelerator.is_main_process:
+                _append_metrics(metrics_path, row)
+            window_start, window_steps = time.perf_counter(), 0
+        if config.log.sample_every and step % config.log.sample_every == 0 and accelerator.is_main_process:
+            preview(config, ema, accelerator.device, run_dir / "samples" / f"step_{step:08d}.png")
+        if step % config.checkpoint.every == 0 or step == tc.max_steps:
+            last_checkpoint = save_checkpoint(accelerator, run_dir, step, model, ema, optimizer, config)
+    bar.close()
+    if accelerator.is_main_process:
+        plot_losses(metrics_path, run_dir / "loss.png")
+    accelerator.end_training()
+    return TrainResult(run_dir, tc.max_steps, losses, last_checkpoint)
+
+
+def step_noise(
+    config: DictConfig, transport: Transport, step: int, shape, drop_prob: float, device: torch.device
+) -> dict:
+    """Times, noise and label-dropout mask of the whole global batch of `step`, from a generator seeded
+    by (seed, step): each process takes its rows, so the numbers do not depend on the process count
+    and a resumed run draws what the uninterrupted one did."""
+    batch = config.train.global_batch_size
+    generator = torch.Generator().manual_seed(sample_seed(config.run.seed, step))
+    t = transport.sample_time(batch, torch.device("cpu"), generator)
+    eps = torch.randn((batch, *shape), generator=generator)
+    drop = torch.rand(batch, generator=generator) < drop_prob
+    return {"t": t.to(device), "eps": eps.to(device), "drop": drop.to(device)}
+
+
+def _all_finite(accelerator, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+    """Agreed by every process, so all of them skip or stop together."""
+    values = [loss.detach().float().reshape(1)]
+    if grad_norm is not None:
+        values.append(torch.as_tensor(grad_norm, device=loss.device).float().reshape(1))
+    flag = torch.isfinite(torch.cat(values)).all().float().reshape(1)
+    return bool(accelerator.reduce(flag, "min").item() > 0)
+
+
+@torch.no_grad()
+def preview(config: DictConfig, ema, device: torch.device, path: Path) -> None:
+    """An EMA sample grid with the transport sampler (pixel models)."""
+    num_classes = ema.config.num_classes
+    classes = list(config.log.sample_classes or range(min(num_classes, 10))) if num_classes else None
+    count = len(classes) if classes else 8
+    generation = GenerationConfig(
+        sampler=SamplerConfig(num_steps=config.log.sample_steps), cfg_scale=config.log.sample_cfg,
+        seed=config.run.seed, path=config.transport.path, prediction=config.transport.prediction,
+    )  # fmt: skip
+    labels = torch.tensor(classes) if classes else None
+    images, _ = generate(ema, None, range(count), labels, generation, device)
+    save_labelled_grid(images, [str(c) for c in classes] if classes else [""] * count, path)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after `step` (a resumed run logs them again)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_losses(metrics_path: Path, path: Path) -> Path | None:
+    """loss.png from metrics.csv (skipped when matplotlib is missing or nothing was logged)."""
+    if not metrics_path.exists():
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with open(metrics_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows]
+    values = [float(r["loss"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, values)
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_yscale("log" if values and min(values) > 0 and max(values) / min(values) > 10 else "linear")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = [
+    "NonFiniteError",
+    "TrainResult",
+    "complete_checkpoints",
+    "find_resume",
+    "param_groups",
+    "plot_losses",
+    "train",
+    "update_ema",
+]
