@@ -72,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=positive_int, default=32, help="samples per process and forward")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast dtype of the model")
     p.add_argument("--classes", type=int, nargs="+", help="labels of the grid (default: 8 classes)")
+    p.add_argument("--grid-columns", type=positive_int, default=8, help="tiles per row of the grid")
     p.add_argument("--num-samples", type=positive_int, help="write an .npz with this many samples")
     p.add_argument("--label-mode", choices=["balanced", "random"], default="balanced")
     p.add_argument("--out", type=Path, help="output .png (grid) or .npz (with --num-samples)")
@@ -130,7 +131,7 @@ def main(argv=None) -> None:
             images, calls = generate(model, vae, range(count), labels, config, accelerator.device,
                                      PRECISIONS[args.precision])  # fmt: skip
             captions = [str(c) for c in classes] if classes else [""] * count
-            save_labelled_grid(images, captions, out)
+            save_labelled_grid(images, captions, out, columns=args.grid_columns)
             print(f"wrote {out} ({count} samples, {calls} model calls each)")
         return
 
