@@ -1,0 +1,97 @@
+"""Image folders: ImageNet layout (one sub-folder per class) or a single unconditional folder (FFHQ).
+
+Images are prepared with ADM's centre crop: halve with a BOX filter while the short side is at least
+twice the target, resize the short side to the target with BICUBIC, then crop the centre square.
+Unreadable or truncated files are not fatal: they are returned as None, counted, and their paths
+logged (or, with on_error="abort", raise with the path).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG", ".JPG", ".PNG")
+log = logging.getLogger(__name__)
+
+
+def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's centre crop to size x size: (size, size, 3) uint8."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image.convert("RGB"))
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+class ImageFolderDataset(Dataset):
+    """(uint8 image (3, R, R), label, index) per file; (None, None, index) for a file that cannot be decoded.
+
+    Class folders are sorted by name and numbered 0..K-1. With unconditional=True every image below
+    `root` (recursively) has label 0.
+    """
+
+    def __init__(self, root: str | Path, resolution: int, unconditional: bool = False, on_error: str = "skip"):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        if on_error not in ("skip", "abort"):
+            raise ValueError(f"on_error must be 'skip' or 'abort', got {on_error!r}")
+        self.resolution, self.on_error = resolution, on_error
+        if unconditional:
+            self.classes = []
+            self.files = sorted(p for p in self.root.rglob("*") if p.suffix in IMAGE_EXTENSIONS)
+            self.labels = [0] * len(self.files)
+        else:
+            self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+            if not self.classes:
+                raise ValueError(
+                    f"{self.root} has no class sub-folders (ImageNet layout: one folder per class); "
+                    "for a single folder of images use unconditional=True"
+                )
+            self.files, self.labels = [], []
+            for label, name in enumerate(self.classes):
+                files = sorted(p for p in (self.root / name).rglob("*") if p.suffix in IMAGE_EXTENSIONS)
+                self.files += files
+                self.labels += [label] * len(files)
+        if not self.files:
+            raise ValueError(f"{self.root} contains no images ({', '.join(IMAGE_EXTENSIONS[:5])}, ...)")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                image.load()
+                arr = center_crop_arr(image, self.resolution)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            if self.on_error == "abort":
+                raise RuntimeError(f"cannot read image {path}: {error}") from error
+            log.warning("skipping unreadable image %s: %s", path, error)
+            return None, None, index
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), self.labels[index], index
+
+
+def collate_skipping_bad(items):
+    """((images, labels, indices) of the readable items or None, [dataset indices of unreadable ones])."""
+    good = [item for item in items if item[0] is not None]
+    bad = [item[2] for item in items if item[0] is None]
+    if not good:
+        return None, bad
+    images = torch.stack([g[0] for g in good])
+    labels = torch.tensor([g[1] for g in good])
+    indices = torch.tensor([g[2] for g in good])
+    return (images, labels, indices), bad

@@ -1,0 +1,191 @@
+"""Pre-computed SD-VAE latents: extraction into sharded safetensors files, and the training data set.
+
+    accelerate launch -m sit_atconv.data.latents --data /imagenet/train --out latents/in256 --resolution 256
+
+Each shard `shard_000123.safetensors` holds, for up to `shard_size` images, the posterior `mean` and
+`std` (B, 4, R/8, R/8) in float16 (training draws a fresh latent mean + std * eps each time, like
+REPA), `labels`, the dataset `indices`, and the uint8 `images` (B, 3, R, R) REPA's encoder needs; with
+--flip also `mean_flipped` and `std_flipped` of the mirrored image. `manifest.json` lists the shards
+and their row counts and is written last: a folder without it is unfinished. Re-running skips shards
+already written (atomically); unreadable images are skipped and listed in `skipped.txt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from sit_atconv.data.images import ImageFolderDataset, collate_skipping_bad
+
+MANIFEST = "manifest.json"
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:06d}.safetensors"
+
+
+@torch.no_grad()
+def extract_latents(
+    accelerator,
+    dataset: ImageFolderDataset,
+    vae,
+    out: Path,
+    shard_size: int = 1024,
+    batch_size: int = 64,
+    flip: bool = False,
+    num_workers: int = 4,
+    progress: bool = True,
+) -> dict:
+    """Encode `dataset` into shards under `out` (processes share shards round-robin) and write the manifest."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    num_shards = (len(dataset) + shard_size - 1) // shard_size
+    mine = [k for k in range(num_shards) if k % accelerator.num_processes == accelerator.process_index]
+    todo = [k for k in mine if not (out / shard_name(k)).exists()]
+    bar = tqdm(total=len(todo), unit="shard", disable=not (progress and accelerator.is_main_process))
+    skipped_paths = []
+    for k in todo:
+        rows = list(range(k * shard_size, min((k + 1) * shard_size, len(dataset))))
+        loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=collate_skipping_bad)  # fmt: skip
+        parts: dict[str, list[torch.Tensor]] = {}
+        for batch, bad in loader:
+            skipped_paths += [str(dataset.files[i]) for i in bad]
+            if batch is None:
+                continue
+            images, labels, indices = batch
+            pixels = images.to(accelerator.device).float() / 127.5 - 1  # [-1, 1]
+            encoded = {"": pixels, "_flipped": pixels.flip(-1)} if flip else {"": pixels}
+            for suffix, x in encoded.items():
+                posterior = vae.encode(x.to(vae.dtype)).latent_dist
+                parts.setdefault("mean" + suffix, []).append(posterior.mean.half().cpu())
+                parts.setdefault("std" + suffix, []).append(posterior.std.half().cpu())
+            parts.setdefault("labels", []).append(labels)
+            parts.setdefault("indices", []).append(indices)
+            parts.setdefault("images", []).append(images)
+        tensors = {key: torch.cat(value).contiguous() for key, value in parts.items()}
+        if not tensors:  # every image of the shard was unreadable
+            tensors = {"labels": torch.zeros(0, dtype=torch.long), "indices": torch.zeros(0, dtype=torch.long)}
+        tmp = out / f".{shard_name(k)}.tmp"
+        save_file(tensors, tmp)
+        os.replace(tmp, out / shard_name(k))
+        bar.update(1)
+    bar.close()
+    if skipped_paths:
+        with open(out / f"skipped_{accelerator.process_index}.txt", "a") as f:
+            f.writelines(p + "\n" for p in skipped_paths)
+    accelerator.wait_for_everyone()
+    manifest = {}
+    if accelerator.is_main_process:
+        shards = []
+        for k in range(num_shards):
+            with safe_open(out / shard_name(k), "pt") as f:
+                shards.append({"file": shard_name(k), "rows": f.get_slice("labels").get_shape()[0]})
+        skipped = sum(len((out / f"skipped_{r}.txt").read_text().splitlines())
+                      for r in range(accelerator.num_processes) if (out / f"skipped_{r}.txt").exists())  # fmt: skip
+        manifest = {
+            "resolution": dataset.resolution,
+            "classes": dataset.classes,
+            "num_classes": dataset.num_classes,
+            "flip": flip,
+            "shards": shards,
+            "total_rows": sum(s["rows"] for s in shards),
+            "skipped_images": skipped,
+        }
+        tmp = out / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, out / MANIFEST)
+        print(f"wrote {manifest['total_rows']} latents in {num_shards} shards to {out}; skipped {skipped} images")
+    accelerator.wait_for_everyone()
+    return manifest
+
+
+class LatentDataset(Dataset):
+    """Items (mean, std, label, image uint8) from an extracted folder; with flips, every stored image
+    also appears mirrored (items N..2N-1), as a separate data point. Shards are read lazily."""
+
+    def __init__(self, root: str | Path, use_flips: bool = True):
+        self.root = Path(root)
+        manifest_path = self.root / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(
+                f"{self.root} has no {MANIFEST}: extraction did not finish (re-run it) or this is not a latent folder"
+            )
+        self.manifest = json.loads(manifest_path.read_text())
+        self.shards, self.offsets = [], []
+        total = 0
+        for entry in self.manifest["shards"]:
+            path = self.root / entry["file"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is listed in {manifest_path} but missing")
+            with safe_open(path, "pt") as f:
+                rows = f.get_slice("labels").get_shape()[0]
+            if rows != entry["rows"]:
+                raise ValueError(f"{path} has {rows} rows but {manifest_path} says {entry['rows']}")
+            self.shards.append(path)
+            self.offsets.append(total)
+            total += rows
+        if total == 0:
+            raise ValueError(f"{self.root} holds no latents")
+        self.rows = total
+        self.flips = bool(self.manifest.get("flip")) and use_flips
+        self.num_classes = self.manifest["num_classes"]
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return self.rows * (2 if self.flips else 1)
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        shard = max(i for i, offset in enumerate(self.offsets) if offset <= row)
+        return shard, row - self.offsets[shard]
+
+    def __getitem__(self, index: int):
+        flipped, row = divmod(index, self.rows)
+        shard, local = self._locate(row)
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(self.shards[shard], "pt")
+        f = self._handles[shard]
+        suffix = "_flipped" if flipped else ""
+        mean = f.get_slice("mean" + suffix)[local : local + 1][0].float()
+        std = f.get_slice("std" + suffix)[local : local + 1][0].float()
+        image = f.get_slice("images")[local : local + 1][0]
+        if flipped:
+            image = image.flip(-1)
+        label = f.get_slice("labels")[local : local + 1][0]
+        return mean, std, label, image
+
+
+def main(argv=None) -> None:
+    from accelerate import Accelerator
+
+    from sit_atconv.constants import SD_VAE_DEFAULT
+    from sit_atconv.sampling import load_vae
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, type=Path, help="image folder (ImageNet layout, or --unconditional)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--vae", default=SD_VAE_DEFAULT)
+    p.add_argument("--unconditional", action="store_true", help="one folder of images, label 0 (FFHQ)")
+    p.add_argument("--flip", action="store_true", help="also store the latents of mirrored images")
+    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--on-error", choices=["skip", "abort"], default="skip", help="unreadable images")
+    args = p.parse_args(argv)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    dataset = ImageFolderDataset(args.data, args.resolution, args.unconditional, args.on_error)
+    vae = load_vae(args.vae, accelerator.device)
+    extract_latents(accelerator, dataset, vae, args.out, args.shard_size, args.batch_size, args.flip, args.num_workers)
+
+
+if __name__ == "__main__":
+    main()
