@@ -34,7 +34,7 @@ demo: $(STAMP)
 		--classes 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 --seed 1 --out $(DEMO_RUN)/grid.png
 	$(PY) sample.py --ckpt $(DEMO_CKPT) --vae none --cfg 2.0 --num-steps 30 --num-samples 200 \
 		--batch-size 100 --out $(DEMO_RUN)/samples.npz
-	$(PY) -m sit_atconv.data.digits $(DEMO_RUN)/samples.npz
+	$(PY) -m sit_atconv.data.score_digits $(DEMO_RUN)/samples.npz
 	@echo "checkpoint: $$(readlink -f $(DEMO_CKPT))"
 	@echo "grid:       $(DEMO_RUN)/grid.png"
 	@echo "samples:    $(DEMO_RUN)/samples.npz"

@@ -51,12 +51,3 @@ def score_digit_samples(images_uint8, labels) -> float:
     predictions = digit_classifier().predict(small.numpy())
     return float((predictions == np.asarray(labels)).mean())
 
-
-if __name__ == "__main__":  # python -m sit_atconv.data.digits samples.npz
-    import sys
-
-    import numpy as np
-
-    with np.load(sys.argv[1]) as data:
-        accuracy = score_digit_samples(data["arr_0"], data["arr_1"])
-    print(f"digit classifier agrees with the requested class on {100 * accuracy:.1f}% of {sys.argv[1]}")

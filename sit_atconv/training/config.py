@@ -3,7 +3,8 @@
     train_sit.py --config configs/demo/digits.yaml model.depth=6 train.max_steps=100
 
 Every section but `model` is closed: a misspelt key is an error, not a silently ignored setting.
-`model` holds `name` (a registry name) plus any SiT constructor overrides.
+`model` holds `name` (a registry name) plus any SiT constructor overrides. A file may start with
+`base: other.yaml` (relative to itself) to hold only the overrides of a shared base file.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ DEFAULTS = {
         "lognormal_mean": 0.0,
         "lognormal_std": 1.0,
     },
-    "data": {"kind": "digits", "path": None, "resolution": 16, "num_workers": 0},
+    "data": {"kind": "digits", "path": None, "resolution": 16, "num_workers": 0, "flips": True},
+    "repa": {
+        "enabled": False,
+        "encoder": "dinov2-vit-b",
+        "encoder_weights": None,
+        "encoder_depth": 8,
+        "proj_coeff": 0.5,
+        "projector_dim": 2048,
+    },
     "train": {
         "global_batch_size": 256,
         "max_steps": 400_000,
@@ -46,13 +55,14 @@ DEFAULTS = {
         "sample_classes": None,
         "sample_steps": 50,
         "sample_cfg": 1.0,
+        "preview_vae": None,
     },
 }
 CHOICES = {
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("train", "on_nonfinite"): ("stop", "skip"),
     ("log", "tracker"): ("tensorboard", "wandb", "none"),
-    ("data", "kind"): ("digits",),
+    ("data", "kind"): ("digits", "latents"),
 }
 
 
@@ -62,12 +72,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for section in DEFAULTS:
         if section != "model":
             OmegaConf.set_struct(config[section], True)
-    layers = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        layers.append(OmegaConf.load(path))
+    layers = _load_with_bases(Path(path)) if path is not None else []
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
@@ -84,6 +89,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if config[section][key] not in choices:
             raise ValueError(f"{section}.{key}={config[section][key]!r} is not one of {list(choices)}")
     return config
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """The file and, first, the chain of files it names under `base:`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ValueError(f"config {path} includes itself through base:")
+    layer = OmegaConf.load(path)
+    base = layer.pop("base", None)
+    parents = _load_with_bases(path.parent / base, (*seen, path.resolve())) if base else []
+    return [*parents, layer]
 
 
 def save_config(config: DictConfig, path: str | Path) -> None:

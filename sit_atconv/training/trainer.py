@@ -27,21 +27,50 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.utils.data import DataLoader
 
+from sit_atconv.constants import SD_VAE_SCALE
 from sit_atconv.data import DigitsDataset, StepBatchSampler
+from sit_atconv.data.latents import LatentDataset
 from sit_atconv.models import create_model
-from sit_atconv.sampling import GenerationConfig, generate, save_labelled_grid
+from sit_atconv.repa import alignment_loss, build_projector, check_token_counts, load_encoder
+from sit_atconv.sampling import GenerationConfig, generate, load_vae, save_labelled_grid
 from sit_atconv.training.config import save_config
 from sit_atconv.transport import SamplerConfig, Transport, sample_seed
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})$")
-METRIC_FIELDS = ("step", "loss", "grad_norm", "lr", "images_per_s", "steps_per_s", "peak_memory_mib", "skipped")
+METRIC_FIELDS = (
+    "step", "loss", "repa_loss", "grad_norm", "lr", "images_per_s", "steps_per_s", "peak_memory_mib", "skipped",
+)  # fmt: skip
 
 
 class NonFiniteError(RuntimeError):
     """Raised when the loss or the gradients are not finite and the run is configured to stop."""
+
+
+# ------------------------------------------------------------------------------------------------
+# What is trained
+# ------------------------------------------------------------------------------------------------
+
+
+class TrainModule(nn.Module):
+    """The SiT and, with REPA, its projector: one module, so DDP synchronises both.
+
+    forward returns the prediction, or (prediction, projected tokens after block `encoder_depth`)."""
+
+    def __init__(self, model, projector: nn.Module | None = None, encoder_depth: int | None = None):
+        super().__init__()
+        self.model = model
+        self.projector = projector
+        self.encoder_depth = encoder_depth
+
+    def forward(self, x_t, t, y=None, drop_labels=None):
+        if self.projector is None:
+            return self.model(x_t, t, y, drop_labels=drop_labels)
+        out, features = self.model(x_t, t, y, return_features_after=self.encoder_depth, drop_labels=drop_labels)
+        return out, self.projector(features)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,8 +122,11 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, ema, optimizer
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "model")
+        module = accelerator.unwrap_model(model)
+        module.model.save_pretrained(tmp / "model")
         ema.save_pretrained(tmp / "ema")
+        if module.projector is not None:
+            save_file(module.projector.state_dict(), tmp / "projector.safetensors")
         state = {"optimizer": optimizer.state_dict(), "step": step}
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()
@@ -144,7 +176,10 @@ def find_resume(run_dir: Path, resume: str | None) -> Path | None:
 
 def load_checkpoint(accelerator, path: Path, model, ema, optimizer) -> int:
     """Restore weights, EMA, optimizer, scaler and this process's RNG state; returns the step."""
-    accelerator.unwrap_model(model).load_state_dict(load_file(path / "model" / "diffusion_pytorch_model.safetensors"))
+    module = accelerator.unwrap_model(model)
+    module.model.load_state_dict(load_file(path / "model" / "diffusion_pytorch_model.safetensors"))
+    if module.projector is not None:
+        module.projector.load_state_dict(load_file(path / "projector.safetensors"))
     ema.load_state_dict(load_file(path / "ema" / "diffusion_pytorch_model.safetensors"))
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -169,6 +204,10 @@ def load_checkpoint(accelerator, path: Path, model, ema, optimizer) -> int:
 def build_dataset(config: DictConfig):
     if config.data.kind == "digits":
         return DigitsDataset(resolution=config.data.resolution)
+    if config.data.kind == "latents":
+        if not config.data.path:
+            raise ValueError("data.kind=latents needs data.path (a folder written by sit_atconv.data.latents)")
+        return LatentDataset(config.data.path, use_flips=config.data.flips)
     raise ValueError(f"unknown data.kind {config.data.kind!r}")
 
 
@@ -218,11 +257,22 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
         save_config(config, run_dir / "config.yaml")
 
     dataset = build_dataset(config)
-    model = build_model(config)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    sit = build_model(config)
+    ema = copy.deepcopy(sit).requires_grad_(False).eval()
+    encoder = None
+    module = TrainModule(sit)
+    if config.repa.enabled:
+        if config.data.kind != "latents":
+            raise ValueError("REPA needs data.kind=latents (the uint8 images for its encoder are stored there)")
+        encoder = load_encoder(config.repa.encoder, dataset.manifest["resolution"], config.repa.encoder_weights)
+        encoder.to(accelerator.device)
+        tokens = (sit.config.input_size // sit.config.patch_size) ** 2
+        check_token_counts(tokens, encoder, sit.config.patch_size)
+        projector = build_projector(sit.config.hidden_size, encoder.embed_dim, config.repa.projector_dim)
+        module = TrainModule(sit, projector, config.repa.encoder_depth)
     transport = Transport(**OmegaConf.to_container(config.transport, resolve=True))
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer = torch.optim.AdamW(param_groups(module, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps)
+    model, optimizer = accelerator.prepare(module, optimizer)
     ema.to(accelerator.device)
 
     resume_from = find_resume(run_dir, resume)
@@ -239,8 +289,16 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
     if accelerator.is_main_process:
         _truncate_metrics(metrics_path, start_step)
 
+    latent = config.data.kind == "latents"
+    preview_vae = None  # pixel models: no VAE; False: no previews
+    if latent and config.log.sample_every and accelerator.is_main_process:
+        if config.log.preview_vae:
+            preview_vae = load_vae(config.log.preview_vae, accelerator.device)
+        else:
+            preview_vae = False
+            accelerator.print("note: log.preview_vae is not set, so a latent model gets no preview grids")
     sample_shape = dataset[0][0].shape
-    drop_prob = accelerator.unwrap_model(model).config.class_dropout_prob
+    drop_prob = sit.config.class_dropout_prob
     losses: list[tuple[int, float]] = []
     skipped = 0
     bar = tqdm(
@@ -251,17 +309,27 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
     model.train()
     for step in range(start_step + 1, tc.max_steps + 1):
         step_loss = torch.zeros((), device=accelerator.device)
+        step_repa = torch.zeros((), device=accelerator.device)
         noise = step_noise(config, transport, step, sample_shape, drop_prob, accelerator.device)
         for micro in range(tc.grad_accumulation):
-            images, labels = next(loader)
-            images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+            batch = [item.to(accelerator.device) for item in next(loader)]
             rows = slice(sampler.offset(micro), sampler.offset(micro) + sampler.micro)
+            if latent:  # a fresh latent from the stored posterior, as REPA does
+                mean, std, labels, pixels = batch
+                x = (mean + std * noise["latent_eps"][rows]) * SD_VAE_SCALE
+            else:
+                x, labels = batch
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss = transport.loss(
-                        model, images, {"y": labels, "drop_labels": noise["drop"][rows]},
-                        t=noise["t"][rows], eps=noise["eps"][rows],
-                    ).mean()  # fmt: skip
+                    losses, projected = transport.loss(
+                        model, x, {"y": labels, "drop_labels": noise["drop"][rows]},
+                        t=noise["t"][rows], eps=noise["eps"][rows], return_all=True,
+                    )  # fmt: skip
+                    loss = losses.mean()
+                    if encoder is not None:
+                        repa_loss = alignment_loss(projected, encoder(pixels)).mean()
+                        loss = loss + config.repa.proj_coeff * repa_loss
+                        step_repa += repa_loss.detach() / tc.grad_accumulation
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and tc.grad_clip > 0:
@@ -281,8 +349,9 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
             skipped += 1
             accelerator.print(f"warning: {message}, skipped")
             continue
-        update_ema(ema, accelerator.unwrap_model(model), tc.ema_decay)
+        update_ema(ema, sit, tc.ema_decay)
         mean_loss = accelerator.reduce(step_loss, "mean").item()
+        mean_repa = accelerator.reduce(step_repa, "mean").item() if encoder is not None else float("nan")
         losses.append((step, mean_loss))
         bar.update(1)
         window_steps += 1
@@ -292,6 +361,7 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
             row = {
                 "step": step,
                 "loss": mean_loss,
+                "repa_loss": mean_repa,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "lr": optimizer.param_groups[0]["lr"],
                 "images_per_s": window_steps * tc.global_batch_size / elapsed,
@@ -306,7 +376,8 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
                 _append_metrics(metrics_path, row)
             window_start, window_steps = time.perf_counter(), 0
         if config.log.sample_every and step % config.log.sample_every == 0 and accelerator.is_main_process:
-            preview(config, ema, accelerator.device, run_dir / "samples" / f"step_{step:08d}.png")
+            if preview_vae is not False:
+                preview(config, ema, preview_vae, accelerator.device, run_dir / "samples" / f"step_{step:08d}.png")
         if step % config.checkpoint.every == 0 or step == tc.max_steps:
             last_checkpoint = save_checkpoint(accelerator, run_dir, step, model, ema, optimizer, config)
     bar.close()
@@ -327,7 +398,10 @@ def step_noise(
     t = transport.sample_time(batch, torch.device("cpu"), generator)
     eps = torch.randn((batch, *shape), generator=generator)
     drop = torch.rand(batch, generator=generator) < drop_prob
-    return {"t": t.to(device), "eps": eps.to(device), "drop": drop.to(device)}
+    noise = {"t": t.to(device), "eps": eps.to(device), "drop": drop.to(device)}
+    if config.data.kind == "latents":  # for sampling the latent from its stored posterior
+        noise["latent_eps"] = torch.randn((batch, *shape), generator=generator).to(device)
+    return noise
 
 
 def _all_finite(accelerator, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
@@ -340,8 +414,8 @@ def _all_finite(accelerator, loss: torch.Tensor, grad_norm: torch.Tensor | None)
 
 
 @torch.no_grad()
-def preview(config: DictConfig, ema, device: torch.device, path: Path) -> None:
-    """An EMA sample grid with the transport sampler (pixel models)."""
+def preview(config: DictConfig, ema, vae, device: torch.device, path: Path) -> None:
+    """An EMA sample grid with the transport sampler (decoded with `vae` for latent models)."""
     num_classes = ema.config.num_classes
     classes = list(config.log.sample_classes or range(min(num_classes, 10))) if num_classes else None
     count = len(classes) if classes else 8
@@ -350,7 +424,7 @@ def preview(config: DictConfig, ema, device: torch.device, path: Path) -> None:
         seed=config.run.seed, path=config.transport.path, prediction=config.transport.prediction,
     )  # fmt: skip
     labels = torch.tensor(classes) if classes else None
-    images, _ = generate(ema, None, range(count), labels, generation, device)
+    images, _ = generate(ema, vae, range(count), labels, generation, device)
     save_labelled_grid(images, [str(c) for c in classes] if classes else [""] * count, path)
 
 
