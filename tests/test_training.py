@@ -177,3 +177,95 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
     assert json.loads(json.dumps(ranks[0]["losses"]))  # plain numbers, one per step
+
+
+def test_latent_training_with_repa(tmp_path):
+    """Extract latents with a tiny f8 VAE, then train with REPA (DINOv2 ViT-S architecture, random weights
+    from a local file) for a few steps, checkpoint and resume."""
+    import numpy as np
+    import timm
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from sit_atconv.data.images import ImageFolderDataset
+    from sit_atconv.data.latents import extract_latents
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        for i in range(4):
+            (tmp_path / "images" / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / label / f"{i}.png"
+            )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+    ).eval()  # fmt: skip
+    extract_latents(Accelerator(cpu=True), ImageFolderDataset(tmp_path / "images", 64), vae, tmp_path / "latents",
+                    shard_size=4, batch_size=4, flip=True, num_workers=0, progress=False)  # fmt: skip
+    weights = tmp_path / "dinov2_s.safetensors"
+    save_file(timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224).state_dict(), weights)
+
+    def overrides(steps):
+        return tiny_overrides(tmp_path / "run", steps=steps, **{
+            "data.kind": "latents", "data.path": str(tmp_path / "latents"), "model.in_channels": 4,
+            "model.num_classes": 2, "train.global_batch_size": 4, "checkpoint.every": 2, "repa.enabled": True,
+            "repa.encoder": "dinov2-vit-s", "repa.encoder_weights": str(weights), "repa.encoder_depth": 1,
+            "repa.projector_dim": 32,
+        })  # fmt: skip
+
+    first = train(load_config(DEMO, overrides(2)), resume="none", progress=False)
+    assert (first.checkpoint / "projector.safetensors").is_file()
+    resumed = train(load_config(DEMO, overrides(4)), resume="auto", progress=False)
+    assert [s for s, _ in resumed.losses] == [3, 4]
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    repa = float(last[header.index("repa_loss")])
+    assert -1.0 <= repa <= 1.0  # a mean negative cosine similarity
+
+
+TABLE_VIII_CONFIGS = {
+    "imagenet256/sit_b2_repa.yaml": ("SiT-B/2", 130_315_808, 4),
+    "imagenet256/sit_atconv_b2_repa.yaml": ("SiT-ATConv-B/2", 123_239_000, 4),
+    "imagenet256/sit_hybrid_b2_repa.yaml": ("SiT-Hybrid-B/2", 126_777_404, 4),
+    "imagenet256/sit_l2_repa.yaml": ("SiT-L/2", 457_840_672, 8),
+    "imagenet256/sit_atconv_l2_repa.yaml": ("SiT-ATConv-L/2", 432_677_008, 8),
+    "imagenet256/sit_hybrid_l2_repa.yaml": ("SiT-Hybrid-L/2", None, 8),
+    "imagenet256/sit_xl2_repa.yaml": ("SiT-XL/2", 674_834_720, 8),
+    "imagenet256/sit_atconv_xl2_repa.yaml": ("SiT-ATConv-XL/2", 637_678_328, 8),
+    "imagenet256/sit_hybrid_xl2_repa.yaml": ("SiT-Hybrid-XL/2", None, 8),
+    "ffhq512/sit_xl2.yaml": ("SiT-XL/2", None, None),
+    "ffhq512/sit_atconv_xl2.yaml": ("SiT-ATConv-XL/2", None, None),
+}
+
+
+@pytest.mark.parametrize("path,expected", TABLE_VIII_CONFIGS.items())
+def test_paper_configs_build_the_paper_models(path, expected):
+    from sit_atconv.training.trainer import build_model
+
+    name, params, encoder_depth = expected
+    config = load_config(ROOT / "configs" / path)
+    assert config.model.name == name and config.train.mixed_precision == "bf16"
+    with torch.device("meta"):
+        model = build_model(config)
+    if params is not None:
+        assert sum(p.numel() for p in model.parameters()) == params
+    if path.startswith("imagenet256"):
+        assert (
+            config.repa.enabled and config.repa.encoder_depth == encoder_depth and config.train.global_batch_size == 256
+        )
+    else:
+        assert model.config.num_classes == 0 and model.config.input_size == 64 and not config.repa.enabled
+
+
+def test_config_base_chain_and_cycles(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain:\n  lr: 0.5\n")
+    (tmp_path / "b.yaml").write_text("train:\n  lr: 0.1\n  max_steps: 7\n")
+    config = load_config(tmp_path / "a.yaml")
+    assert config.train.lr == 0.5 and config.train.max_steps == 7
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ValueError, match="includes itself"):
+        load_config(tmp_path / "c.yaml")

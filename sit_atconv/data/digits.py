@@ -50,4 +50,3 @@ def score_digit_samples(images_uint8, labels) -> float:
     small = F.adaptive_avg_pool2d(grey, 8).reshape(len(grey), 64) * 16.0
     predictions = digit_classifier().predict(small.numpy())
     return float((predictions == np.asarray(labels)).mean())
-

@@ -321,11 +321,11 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
                 x, labels = batch
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    losses, projected = transport.loss(
+                    per_sample, projected = transport.loss(
                         model, x, {"y": labels, "drop_labels": noise["drop"][rows]},
                         t=noise["t"][rows], eps=noise["eps"][rows], return_all=True,
                     )  # fmt: skip
-                    loss = losses.mean()
+                    loss = per_sample.mean()
                     if encoder is not None:
                         repa_loss = alignment_loss(projected, encoder(pixels)).mean()
                         loss = loss + config.repa.proj_coeff * repa_loss
