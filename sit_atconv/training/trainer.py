@@ -409,8 +409,8 @@ def _all_finite(accelerator, loss: torch.Tensor, grad_norm: torch.Tensor | None)
     values = [loss.detach().float().reshape(1)]
     if grad_norm is not None:
         values.append(torch.as_tensor(grad_norm, device=loss.device).float().reshape(1))
-    flag = torch.isfinite(torch.cat(values)).all().float().reshape(1)
-    return bool(accelerator.reduce(flag, "min").item() > 0)
+    bad = (~torch.isfinite(torch.cat(values))).any().float().reshape(1)
+    return bool(accelerator.reduce(bad, "max").item() == 0)
 
 
 @torch.no_grad()
