@@ -13,6 +13,7 @@ already written (atomically); unreadable images are skipped and listed in `skipp
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 from pathlib import Path
@@ -144,7 +145,7 @@ class LatentDataset(Dataset):
         return self.rows * (2 if self.flips else 1)
 
     def _locate(self, row: int) -> tuple[int, int]:
-        shard = max(i for i, offset in enumerate(self.offsets) if offset <= row)
+        shard = bisect.bisect_right(self.offsets, row) - 1
         return shard, row - self.offsets[shard]
 
     def __getitem__(self, index: int):
