@@ -1,0 +1,50 @@
+"""FID, sFID, Inception Score, precision and recall of generated images, as OpenAI's ADM evaluator defines them.
+
+    python eval_fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz [--inception-weights PATH]
+
+Inputs: an .npz with `arr_0` (N, H, W, 3) uint8, or a folder of PNG/JPEG images; the reference may be an
+ADM reference batch (its mu/sigma/mu_s/sigma_s are used for FID/sFID, its images for precision/recall).
+Reference features are cached next to the reference (or in --cache-dir) under the file's hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from sit_atconv.evaluation.evaluator import evaluate, save_results
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("samples", type=Path, help=".npz or folder of generated images")
+    p.add_argument("--ref", required=True, type=Path, help="reference .npz (ADM batch) or folder")
+    p.add_argument("--inception-weights", type=Path, help="torch-fidelity's TF-FID Inception weights file")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cache-dir", type=Path, help="where to cache reference features (default: next to it)")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--out", type=Path, help="JSON results (default: <samples>.metrics.json)")
+    args = p.parse_args(argv)
+    results = evaluate(
+        args.samples, args.ref, args.inception_weights, args.batch_size, args.device, args.cache_dir,
+        use_cache=not args.no_cache,
+    )  # fmt: skip
+    out = args.out or args.samples.with_name(args.samples.name + ".metrics.json")
+    save_results(results, out)
+    print(json.dumps({k: results[k] for k in ("fid", "sfid", "inception_score", "precision", "recall",
+                                              "num_samples")}, indent=2))  # fmt: skip
+    print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
