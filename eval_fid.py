@@ -28,11 +28,12 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cache-dir", type=Path, help="where to cache reference features (default: next to it)")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--no-download", action="store_true", help="never download the Inception weights")
     p.add_argument("--out", type=Path, help="JSON results (default: <samples>.metrics.json)")
     args = p.parse_args(argv)
     results = evaluate(
         args.samples, args.ref, args.inception_weights, args.batch_size, args.device, args.cache_dir,
-        use_cache=not args.no_cache,
+        use_cache=not args.no_cache, download=not args.no_download,
     )  # fmt: skip
     out = args.out or args.samples.with_name(args.samples.name + ".metrics.json")
     save_results(results, out)

