@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from sit_atconv.constants import SD_VAE_DEFAULT
+from sit_atconv.io import file_sha256
 from sit_atconv.models import list_models, model_config
 from sit_atconv.models.loading import load_model, resolve_model_folder
 from sit_atconv.sampling import (
     GenerationConfig,
     check_generation,
-    file_sha256,
     generate,
     sample_to_npz,
     save_labelled_grid,

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sit_atconv.constants import SD_VAE_DOWNSAMPLE, SD_VAE_SCALE, to_uint8_nhwc
+from sit_atconv.constants import SD_VAE_SCALE, to_uint8_nhwc
+from sit_atconv.io import write_json_atomic, write_npz_atomic
 from sit_atconv.transport import SampleNoise, SamplerConfig, Transport, guided_predictor, sample
 
 
@@ -124,10 +125,6 @@ def vae_for(model, vae_arg: str | None, device: torch.device):
     return load_vae(vae_arg or "stabilityai/sd-vae-ft-ema", device)
 
 
-def image_size(model, vae) -> int:
-    return model.config.input_size * (SD_VAE_DOWNSAMPLE if vae is not None else 1)
-
-
 # ------------------------------------------------------------------------------------------------
 # Grids
 # ------------------------------------------------------------------------------------------------
@@ -178,24 +175,6 @@ def class_labels(num_samples: int, num_classes: int, mode: str, seed: int) -> np
 
 def shard_ranges(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_size, num_samples)) for start in range(0, num_samples, shard_size)]
-
-
-def write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez to a temporary name, then rename: a crash never leaves a complete-looking file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run_fingerprint(settings: dict) -> str:
@@ -252,12 +231,6 @@ def versions() -> dict:
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def sample_to_npz(

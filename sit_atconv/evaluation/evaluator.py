@@ -9,8 +9,6 @@ Per image (uint8, resized to 299 by TF1-style bilinear interpolation inside the 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from sit_atconv.evaluation.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from sit_atconv.io import write_json_atomic, write_npz_atomic
 
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -217,9 +216,7 @@ def reference_features(
             raise ValueError(f"reference {path}: '{key}' contains NaN or inf")
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(cache_file.name + ".tmp.npz")
-        np.savez(tmp, **reference)
-        os.replace(tmp, cache_file)
+        write_npz_atomic(cache_file, **reference)
     return reference
 
 
@@ -263,6 +260,4 @@ def evaluate(
 
 
 def save_results(results: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, results)

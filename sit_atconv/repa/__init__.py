@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sit_atconv.constants import SD_VAE_DOWNSAMPLE
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ENCODERS = {  # our name -> timm model name (weights tag lvd142m)
@@ -113,7 +115,9 @@ def load_encoder(name: str, resolution: int = 256, weights: str | Path | None = 
     return REPAEncoder(backbone, resolution)
 
 
-def check_token_counts(model_tokens: int, encoder: REPAEncoder, patch_size: int, latent_downsample: int = 8) -> None:
+def check_token_counts(
+    model_tokens: int, encoder: REPAEncoder, patch_size: int, latent_downsample: int = SD_VAE_DOWNSAMPLE
+) -> None:
     """REPA aligns token by token: the SiT grid must have as many tokens as the encoder has patches."""
     if model_tokens != encoder.num_patches:
         side = int(encoder.num_patches**0.5)
