@@ -20,7 +20,7 @@ import torch
 from sit_atconv.constants import SD_VAE_DEFAULT
 from sit_atconv.io import file_sha256
 from sit_atconv.models import list_models, model_config
-from sit_atconv.models.loading import load_model, resolve_model_folder
+from sit_atconv.models.loading import load_model, resolve_model_folder, sampling_defaults
 from sit_atconv.sampling import (
     GenerationConfig,
     check_generation,
@@ -51,8 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", required=True, help="training checkpoint, exported model or pipeline folder")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights of a checkpoint")
     p.add_argument("--model", choices=list_models(), help="check that the checkpoint is this architecture")
-    p.add_argument("--vae", default=None, help=f"AutoencoderKL hub id or folder ({SD_VAE_DEFAULT} for latent models; "
-                   "'none' for pixel models)")  # fmt: skip
+    p.add_argument("--vae", default=None, help=f"AutoencoderKL hub id or folder (default: a pipeline's vae/, else "
+                   f"{SD_VAE_DEFAULT} for latent models; 'none' for pixel models)")  # fmt: skip
     p.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--guidance-low", type=float, default=0.0)
     p.add_argument("--guidance-high", type=float, default=1.0)
@@ -66,8 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--diffusion-norm", type=float, default=1.0)
     p.add_argument("--last-step", default="mean", choices=list(LAST_STEPS))
     p.add_argument("--last-step-size", type=float, default=0.04)
-    p.add_argument("--path", default="linear", choices=list(PATHS), help="interpolant the model was trained on")
-    p.add_argument("--prediction", default="velocity", choices=list(PREDICTIONS))
+    p.add_argument("--path", choices=list(PATHS), help="interpolant the model was trained on (default: what the "
+                   "checkpoint records, else linear)")  # fmt: skip
+    p.add_argument("--prediction", choices=list(PREDICTIONS), help="default: the checkpoint's, else velocity")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=32, help="samples per process and forward")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast dtype of the model")
@@ -95,6 +96,10 @@ def check_architecture(model, name: str) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    recorded = sampling_defaults(args.ckpt) if Path(args.ckpt).is_dir() else {}
+    args.path = args.path or recorded.get("path", "linear")
+    args.prediction = args.prediction or recorded.get("prediction", "velocity")
+    args.vae = args.vae or recorded.get("vae")
     sampler = SamplerConfig(
         mode=args.mode, sampler=args.sampler, num_steps=args.num_steps, atol=args.atol, rtol=args.rtol,
         diffusion_form=args.diffusion_form, diffusion_norm=args.diffusion_norm, last_step=args.last_step,

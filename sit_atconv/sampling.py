@@ -25,6 +25,7 @@ import torch
 
 from sit_atconv.constants import SD_VAE_SCALE, to_uint8_nhwc
 from sit_atconv.io import write_json_atomic, write_npz_atomic
+from sit_atconv.models.loading import from_pretrained_strict
 from sit_atconv.transport import SampleNoise, SamplerConfig, Transport, guided_predictor, sample
 
 
@@ -88,8 +89,16 @@ def generate(
     )  # fmt: skip
     samples, calls = sample(predict, transport, x, config.sampler, noise)
     if vae is not None:
-        samples = vae.decode(samples.to(vae.dtype) / SD_VAE_SCALE).sample.float()
+        samples = decode_latents(vae, samples)
     return samples.clamp(-1, 1), calls
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """SD-VAE latents (B, 4, h, w), scaled by 0.18215 as in training, -> float32 images (B, 3, 8h, 8w).
+
+    The model was trained on latents scaled by SD_VAE_SCALE whatever the VAE's config says, so that is
+    the scale undone here."""
+    return vae.decode(latents.to(vae.dtype) / SD_VAE_SCALE).sample.float()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -102,11 +111,10 @@ def load_vae(name_or_path: str, device: torch.device):
     from diffusers import AutoencoderKL
 
     local = Path(name_or_path)
+    if local.exists():
+        return from_pretrained_strict(AutoencoderKL, local).to(device).eval()
     try:
-        if local.exists():
-            vae = AutoencoderKL.from_pretrained(local)
-        else:
-            vae = AutoencoderKL.from_pretrained(name_or_path)
+        vae = AutoencoderKL.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
         raise RuntimeError(
             f"could not load the VAE {name_or_path!r} ({type(error).__name__}: {str(error).splitlines()[0]}). "

@@ -46,6 +46,7 @@ DEFAULTS = {
         "mixed_precision": "no",
         "ema_decay": 0.9999,
         "on_nonfinite": "stop",
+        "init_from": None,  # weights to start from: pipeline/converted folder, model folder or checkpoint
     },
     "checkpoint": {"every": 50_000, "keep_last": 2, "milestone_every": 0},
     "log": {

@@ -35,6 +35,7 @@ from sit_atconv.constants import SD_VAE_SCALE
 from sit_atconv.data import DigitsDataset, StepBatchSampler
 from sit_atconv.data.latents import LatentDataset
 from sit_atconv.models import create_model
+from sit_atconv.models.loading import from_pretrained_strict, resolve_model_folder
 from sit_atconv.repa import alignment_loss, build_projector, check_token_counts, load_encoder
 from sit_atconv.sampling import GenerationConfig, generate, load_vae, save_labelled_grid
 from sit_atconv.training.config import save_config
@@ -216,6 +217,48 @@ def build_model(config: DictConfig):
     return create_model(config.model.name, **overrides)
 
 
+# Config fields that change what the weights compute; input_size may differ (fine-tuning at another size).
+ARCHITECTURE_FIELDS = (
+    "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "num_classes", "learn_sigma",
+    "pos_embed", "mixers", "qk_norm", "atconv_kernel_size", "atconv_context_pool", "atconv_kernel_act",
+)  # fmt: skip
+
+
+def init_weights(path: str | Path, sit, ema, projector: nn.Module | None) -> list[str]:
+    """Start a run from exported, converted or trained weights (train.init_from): the online model from
+    model/ where the folder keeps it, else from the EMA weights; the EMA from the EMA weights; the REPA
+    projector from projector.safetensors where present. Returns notes for the log."""
+    path = Path(path)
+    ema_folder = resolve_model_folder(path, ema=True)
+    try:
+        online_folder = resolve_model_folder(path, ema=False)
+    except FileNotFoundError:
+        online_folder = ema_folder
+    notes = []
+    for target, folder in ((sit, online_folder), (ema, ema_folder)):
+        source = from_pretrained_strict(type(sit), folder)
+        diffs = {k: (source.config[k], target.config[k]) for k in ARCHITECTURE_FIELDS
+                 if _plain(source.config[k]) != _plain(target.config[k])}  # fmt: skip
+        if diffs:
+            detail = ", ".join(f"{k}={a!r} there but {b!r} in the config" for k, (a, b) in diffs.items())
+            raise ValueError(f"train.init_from {folder} is a different architecture: {detail} (set model.<field>)")
+        target.load_state_dict(source.state_dict())
+    if projector is not None:
+        weights = path / "projector.safetensors"
+        if weights.is_file():
+            try:
+                projector.load_state_dict(load_file(weights))
+            except RuntimeError as error:
+                raise ValueError(f"{weights} does not fit repa.projector_dim / the encoder: {error}") from error
+        else:
+            notes.append(f"{path} has no projector.safetensors: the REPA projector starts from scratch")
+    return notes
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else value
+
+
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -270,12 +313,15 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
         check_token_counts(tokens, encoder, sit.config.patch_size)
         projector = build_projector(sit.config.hidden_size, encoder.embed_dim, config.repa.projector_dim)
         module = TrainModule(sit, projector, config.repa.encoder_depth)
+    resume_from = find_resume(run_dir, resume)
+    if tc.init_from and resume_from is None:
+        for note in init_weights(tc.init_from, sit, ema, module.projector):
+            accelerator.print(f"note: {note}")
     transport = Transport(**OmegaConf.to_container(config.transport, resolve=True))
     optimizer = torch.optim.AdamW(param_groups(module, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps)
     model, optimizer = accelerator.prepare(module, optimizer)
     ema.to(accelerator.device)
 
-    resume_from = find_resume(run_dir, resume)
     start_step = load_checkpoint(accelerator, resume_from, model, ema, optimizer) if resume_from else 0
     sampler = StepBatchSampler(
         len(dataset), tc.global_batch_size, accelerator.num_processes, accelerator.process_index,

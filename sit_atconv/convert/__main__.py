@@ -1,0 +1,79 @@
+"""Convert a checkpoint of willisma/SiT, sihyun-yu/REPA or the official ATConv code into a pipeline folder.
+
+    python -m sit_atconv.convert --from sit SiT-XL-2-256x256.pt --model SiT-XL/2 --out sit-xl-2
+    python -m sit_atconv.convert --from repa last.pt --model SiT-XL/2 --out repa-sit-xl-2
+    python -m sit_atconv.convert --from atconv-official ckpt.pt --model SiT-ATConv-XL/2 --out atconv-xl-2
+
+The folder loads with `SiTPipeline.from_pretrained` and `sample.py --ckpt`. Besides transformer/ (EMA
+weights by default) it keeps model/ (the non-EMA weights, when the file has both) and, for REPA,
+projector.safetensors, so `train.init_from=FOLDER` continues training from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from sit_atconv.convert import SOURCES, convert_checkpoint
+from sit_atconv.export import read_id2label
+from sit_atconv.models import list_models
+from sit_atconv.pipelines import check_output_folder, default_id2label, save_pipeline
+from sit_atconv.sampling import vae_for
+from sit_atconv.transport import PATHS, PREDICTIONS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="which project wrote the file")
+    p.add_argument("checkpoint", type=Path, help="the .pt file")
+    p.add_argument("--model", required=True, choices=list_models(), help="architecture of the checkpoint")
+    p.add_argument("--out", required=True, type=Path, help="pipeline folder to write")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="export the EMA weights")
+    p.add_argument("--input-size", type=int, help="latent size when the file has no position embedding "
+                   "(pure ATConv; default 32 = 256 px)")  # fmt: skip
+    p.add_argument("--path", choices=list(PATHS), default="linear", help="transport path (SiT's GVP is cosine)")
+    p.add_argument("--prediction", choices=list(PREDICTIONS), default="velocity")
+    p.add_argument("--vae", default=None, help="AutoencoderKL hub id or folder to ship in vae/ ('none': no VAE)")
+    p.add_argument("--id2label", default=None, help="JSON file of class names (default: ImageNet's for 1000)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    check_output_folder(args.out, args.overwrite)
+    overrides = {"input_size": args.input_size} if args.input_size else {}
+    converted = convert_checkpoint(
+        args.checkpoint, args.source, args.model, ema=args.ema, prediction=args.prediction, **overrides
+    )
+    model = converted.model
+    vae = vae_for(model, args.vae, "cpu")
+    num_classes = model.config.num_classes
+    id2label = read_id2label(args.id2label, num_classes) if args.id2label else default_id2label(num_classes)
+
+    def keep_training_state(folder: Path) -> None:
+        if converted.online_state is not None:
+            online = type(model).from_config(model.config)
+            online.load_state_dict(converted.online_state)
+            online.save_pretrained(folder / "model")
+        if converted.projector_state is not None:
+            save_file({k: v.contiguous() for k, v in converted.projector_state.items()},
+                      folder / "projector.safetensors")  # fmt: skip
+
+    transport = {"path": args.path, "prediction": args.prediction}
+    out = save_pipeline(args.out, model, vae, id2label, transport, extra=keep_training_state, overwrite=args.overwrite)
+    for note in converted.notes:
+        print(f"note: {note}")
+    print(f"wrote {out} from {args.checkpoint} ({args.source}, {converted.convention} convention)")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,83 @@
+"""Turn a training checkpoint into a diffusers pipeline folder that `SiTPipeline.from_pretrained` loads.
+
+    python -m sit_atconv.export --ckpt RUN/checkpoints/latest --out my-sit-atconv
+    python -m sit_atconv.export --ckpt RUN/checkpoints/latest --out my-sit-atconv --vae /path/to/sd-vae-ft-ema
+
+The EMA weights are exported unless --no-ema. The transport (path, prediction) comes from the
+checkpoint's config.yaml; latent models get the VAE given by --vae (default stabilityai/sd-vae-ft-ema,
+from the hub cache or a folder); class names default to ImageNet's for 1000-class models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sit_atconv.models.loading import load_model, sampling_defaults
+from sit_atconv.pipelines import check_output_folder, default_id2label, save_pipeline
+from sit_atconv.sampling import vae_for
+from sit_atconv.transport import PATHS, PREDICTIONS
+
+
+def read_id2label(path: str | Path, num_classes: int) -> dict[int, str]:
+    """Class names from a JSON file: {"0": "tench", ...} or a list with one name per class."""
+    path = Path(path)
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"could not read class names from {path}: {error}") from error
+    if isinstance(names, list):
+        names = dict(enumerate(names))
+    if not isinstance(names, dict):
+        raise ValueError(f"{path} must hold a JSON object {{index: name}} or a list of names")
+    try:
+        id2label = {int(k): str(v) for k, v in names.items()}
+    except ValueError as error:
+        raise ValueError(f"{path}: class indices must be integers ({error})") from error
+    if sorted(id2label) != list(range(num_classes)):
+        raise ValueError(
+            f"{path} names {len(id2label)} classes, but the model has {num_classes} (0..{num_classes - 1})"
+        )
+    return id2label
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="training checkpoint (ema/ and model/), model or pipeline folder")
+    p.add_argument("--out", required=True, type=Path, help="pipeline folder to write")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="export the EMA weights")
+    p.add_argument("--vae", default=None, help="AutoencoderKL hub id or folder to ship in vae/ ('none': no VAE)")
+    p.add_argument("--id2label", default=None, help="JSON file of class names (default: ImageNet's for 1000 classes)")
+    p.add_argument("--path", choices=list(PATHS), help="transport path (default: the checkpoint's config)")
+    p.add_argument("--prediction", choices=list(PREDICTIONS), help="model prediction (default: the checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    check_output_folder(args.out, args.overwrite)
+    model = load_model(args.ckpt, ema=args.ema)
+    recorded = sampling_defaults(args.ckpt)
+    transport = {
+        "path": args.path or recorded.get("path", "linear"),
+        "prediction": args.prediction or recorded.get("prediction", "velocity"),
+    }
+    vae = vae_for(model, args.vae or recorded.get("vae"), "cpu")
+    num_classes = model.config.num_classes
+    id2label = read_id2label(args.id2label, num_classes) if args.id2label else default_id2label(num_classes)
+    out = save_pipeline(args.out, model, vae, id2label, transport, overwrite=args.overwrite)
+    print(
+        f"wrote {out} (transformer{' + vae' if vae is not None else ''}, {transport['path']} {transport['prediction']})"
+    )
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

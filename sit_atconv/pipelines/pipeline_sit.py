@@ -1,0 +1,347 @@
+"""SiTPipeline: a SiT (attention, ATConv or hybrid) as a diffusers pipeline.
+
+    import sit_atconv                                  # makes the SiT classes known to diffusers' loader
+    from sit_atconv.pipelines import SiTPipeline
+    pipe = SiTPipeline.from_pretrained("path/to/exported-model")
+    images = pipe(class_labels=[207, "otter"], guidance_scale=1.8, num_inference_steps=50).images
+
+A pipeline folder holds model_index.json (with `id2label` and the `transport` the model was trained
+on), transformer/ (SiT config.json + diffusion_pytorch_model.safetensors), scheduler/
+(FlowMatchEulerDiscreteScheduler) and, for latent models, vae/. Converted checkpoints may also keep
+model/ (non-EMA weights) and projector.safetensors (REPA) for continued training.
+
+Sampling runs through the project's own code: guidance from `guided_predictor`, the default Euler
+steps from the diffusers scheduler on the project's time grid (identical to `sample_euler`), and
+`sampler="heun" | "dopri5" | "sde-euler" | "sde-heun"` (or a `SamplerConfig`) through
+`sit_atconv.transport.sample`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+from sit_atconv.models.loading import from_pretrained_strict
+from sit_atconv.models.sit import SiT
+from sit_atconv.sampling import GenerationConfig, check_generation, decode_latents
+from sit_atconv.transport import SamplerConfig, Transport, guided_predictor, sample, time_grid
+
+DEFAULT_TRANSPORT = {"path": "linear", "prediction": "velocity"}
+SAMPLERS = {
+    "euler": ("ode", "euler"),
+    "heun": ("ode", "heun"),
+    "dopri5": ("ode", "dopri5"),
+    "sde-euler": ("sde", "euler"),
+    "sde-heun": ("sde", "heun"),
+}
+# Files of a pipeline folder that sampling does not need (skipped when fetching from the hub).
+TRAINING_ONLY = ["model/*", "projector.safetensors"]
+
+
+def flow_match_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """The scheduler whose steps are the project's Euler ODE sampler: no shift, and the pipeline hands
+    it the project's time grid as `sigmas` (its own default grid stops at 1/1000, not 0)."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def imagenet_id2label() -> dict[int, str]:
+    """ImageNet-1k class names (torchvision's list, available offline)."""
+    from torchvision.models import ResNet50_Weights
+
+    return dict(enumerate(ResNet50_Weights.IMAGENET1K_V1.meta["categories"]))
+
+
+def default_id2label(num_classes: int) -> dict[int, str]:
+    """ImageNet names for 1000-class models, the class index as a string otherwise."""
+    return imagenet_id2label() if num_classes == 1000 else {i: str(i) for i in range(num_classes)}
+
+
+class GeneratorNoise:
+    """SDE noise drawn like diffusers draws latents: from one generator, one per sample (a list), or the
+    global RNG. Stands in for `SampleNoise` in the samplers, which only call `randn_like`."""
+
+    def __init__(self, generator: torch.Generator | list[torch.Generator] | None):
+        self.generator = generator
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return randn_tensor(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+
+
+class SiTPipeline(DiffusionPipeline):
+    r"""Class-conditional or unconditional image generation with a SiT and flow-matching samplers.
+
+    Args:
+        transformer: the `SiT` (predicts velocity, noise or score at time t; t = 0 data, t = 1 noise).
+        scheduler: `FlowMatchEulerDiscreteScheduler` for the default Euler steps.
+        vae: `AutoencoderKL` decoding latents scaled by 0.18215; None for pixel-space models.
+        id2label: class index -> name ("tench, Tinca tinca" style synonyms separated by commas).
+        transport: {"path": "linear" | "cosine" | "vp", "prediction": "velocity" | "noise" | "score"}
+            the model was trained with.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["vae"]
+
+    def __init__(
+        self,
+        transformer: SiT,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL | None = None,
+        id2label: dict | None = None,
+        transport: dict | None = None,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        transport = {**DEFAULT_TRANSPORT, **(transport or {})}
+        Transport(**transport)  # rejects unknown paths or predictions now, not at the first call
+        id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
+        # JSON object keys are strings; they come back as ints above.
+        self.register_to_config(id2label={str(k): v for k, v in id2label.items()}, transport=transport)
+        self.id2label = id2label
+        self.labels = {
+            name.strip().lower(): index
+            for index, names in id2label.items()
+            for name in names.split(",")
+            if name.strip()
+        }
+        self.image_processor = VaeImageProcessor(vae_scale_factor=8, do_normalize=True)
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SiTPipeline:
+        """Load a pipeline folder (or hub id) strictly: a weight file that does not match its config
+        raises instead of leaving parameters random or on the meta device. Accepts diffusers' keyword
+        arguments (torch_dtype, components to replace, cache_dir, revision, token, local_files_only)."""
+        folder = _local_pipeline_folder(pretrained_model_name_or_path, kwargs)
+        index = json.loads((folder / "model_index.json").read_text())
+        if (index.get("transformer") or [None, None])[1] != SiT.__name__:
+            raise ValueError(
+                f"{folder / 'model_index.json'} does not describe a SiT pipeline: its transformer is "
+                f"{index.get('transformer')}, expected a {SiT.__name__} (export one with python -m sit_atconv.export)"
+            )
+        dtype = kwargs.get("torch_dtype")
+        if "transformer" not in kwargs:
+            kwargs["transformer"] = from_pretrained_strict(SiT, folder / "transformer", dtype)
+        if "vae" not in kwargs and (index.get("vae") or [None])[0] is not None:
+            kwargs["vae"] = from_pretrained_strict(AutoencoderKL, folder / "vae", dtype)
+        return super().from_pretrained(folder, **kwargs)
+
+    # -- labels ----------------------------------------------------------------------------------
+
+    def get_label_ids(self, labels: int | str | Sequence[int | str]) -> list[int]:
+        """Class indices of `labels`, given as indices or names from `id2label` (case-insensitive)."""
+        if isinstance(labels, (int, str)) or (torch.is_tensor(labels) and labels.ndim == 0):
+            labels = [labels]
+        num_classes = self.transformer.config.num_classes
+        ids = []
+        for label in labels:
+            if isinstance(label, str):
+                key = label.strip().lower()
+                if key not in self.labels:
+                    close = difflib.get_close_matches(key, list(self.labels), n=3)
+                    hint = f"; did you mean {close}?" if close else " (see pipe.id2label)"
+                    raise ValueError(f"unknown class name {label!r}{hint}")
+                ids.append(self.labels[key])
+                continue
+            index = int(label)
+            if not 0 <= index < num_classes:
+                raise ValueError(f"class label {index} is outside [0, {num_classes})")
+            ids.append(index)
+        return ids
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | Sequence[int | str] | None = None,
+        guidance_scale: float = 1.0,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
+        cfg_channels: int | None = None,
+        sampler: str | SamplerConfig | None = None,
+        batch_size: int | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate images.
+
+        Args:
+            class_labels: indices or names, one per image (class-conditional models).
+            guidance_scale: classifier-free guidance scale; 1 disables guidance (one forward per step).
+            num_inference_steps: sampler steps (model calls: N for Euler, 2N - 1 for Heun).
+            generator: torch generator(s) for the initial noise and SDE noise (a list: one per image).
+            latents: initial noise (B, C, H, W) at t = 1 instead of drawing it.
+            output_type: "pil", "np" (B, H, W, C) floats in [0, 1], "pt" (B, C, H, W) in [0, 1], or
+                "latent" (the sampler's output, not decoded).
+            guidance_interval: (low, high) times in [0, 1] where guidance applies (REPA: (0, 0.7)).
+            cfg_channels: guide only the first N channels (3 reproduces SiT/DiT's published sampler).
+            sampler: None for the scheduler's Euler steps; one of "euler", "heun", "dopri5",
+                "sde-euler", "sde-heun", or a `SamplerConfig`, to run the project's samplers.
+            batch_size: number of images of an unconditional model (default 1).
+        Returns:
+            `ImagePipelineOutput` with `.images`, or a one-element tuple when return_dict is False.
+        """
+        model = self.transformer
+        device = self._execution_device
+        conditional = model.config.num_classes > 0
+        if conditional:
+            if class_labels is None:
+                raise ValueError("this model is class-conditional: pass class_labels (indices or names)")
+            labels = torch.tensor(self.get_label_ids(class_labels), device=device)
+            count = len(labels)
+        else:
+            if class_labels is not None:
+                raise ValueError("this model is unconditional: leave class_labels out and set batch_size")
+            labels = None
+            count = batch_size or (len(latents) if latents is not None else 1)
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        low, high = guidance_interval
+        sampler_config = _sampler_config(sampler, num_inference_steps)
+        config = GenerationConfig(
+            sampler=sampler_config or SamplerConfig(num_steps=num_inference_steps), cfg_scale=guidance_scale,
+            guidance_low=low, guidance_high=high, cfg_channels=cfg_channels, **self.config.transport,
+        )  # fmt: skip
+        check_generation(model, config, labels.tolist() if labels is not None else None)
+
+        size = model.config.input_size
+        shape = (count, model.config.in_channels, size, size)
+        if latents is None:
+            x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+            x = latents.to(device=device, dtype=torch.float32)
+
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+            return model(x_t.to(model.dtype), t, y).float()  # t stays float32 for its embedding
+
+        predict = guided_predictor(model_fn, labels, guidance_scale, model.null_class, low, high, cfg_channels)
+        transport = Transport(**self.config.transport)
+        t_min, t_max = transport.time_interval(transport.sample_eps)
+        if sampler_config is None and t_min == 0.0:  # the scheduler always ends at t = 0
+            x = self._scheduler_loop(predict, transport, x, time_grid(t_max, t_min, num_inference_steps + 1), device)
+        else:
+            x, _ = sample(predict, transport, x, sampler_config or config.sampler, GeneratorNoise(generator))
+
+        if output_type == "latent":
+            images = x
+        elif self.vae is not None:
+            images = self.image_processor.postprocess(decode_latents(self.vae, x), output_type=output_type)
+        elif model.config.in_channels in (1, 3):
+            images = self.image_processor.postprocess(x.clamp(-1, 1), output_type=output_type)
+        else:
+            raise ValueError(
+                f"this pipeline has no vae to decode its {model.config.in_channels}-channel latents: "
+                "pass vae=AutoencoderKL... to from_pretrained, or output_type='latent'"
+            )
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _scheduler_loop(
+        self, predict: Callable, transport: Transport, x: torch.Tensor, grid: torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
+        """Euler steps of the scheduler over `grid` (decreasing, ending at 0)."""
+        if "sigmas" in inspect.signature(self.scheduler.set_timesteps).parameters:
+            self.scheduler.set_timesteps(sigmas=grid[:-1].tolist(), device=device)
+        else:  # a scheduler swapped in by the user: its own grid
+            self.scheduler.set_timesteps(len(grid) - 1, device=device)
+        scale = self.scheduler.config.num_train_timesteps
+        for timestep in self.progress_bar(self.scheduler.timesteps):
+            t = timestep / scale
+            velocity = transport.velocity(predict(x, t), x, t)
+            x = self.scheduler.step(velocity, timestep, x).prev_sample
+        return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _sampler_config(sampler: str | SamplerConfig | None, num_steps: int) -> SamplerConfig | None:
+    if sampler is None or isinstance(sampler, SamplerConfig):
+        return sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)} or a SamplerConfig")
+    mode, name = SAMPLERS[sampler]
+    return SamplerConfig(mode=mode, sampler=name, num_steps=num_steps)
+
+
+def _local_pipeline_folder(name_or_path: str | os.PathLike, kwargs: dict) -> Path:
+    """A local pipeline folder, fetched from the hub (or its cache) when `name_or_path` is not a path."""
+    path = Path(name_or_path)
+    if not path.exists():
+        from huggingface_hub import snapshot_download
+
+        hub_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+        hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
+        try:
+            path = Path(snapshot_download(str(name_or_path), ignore_patterns=TRAINING_ONLY, **hub_kwargs))
+        except Exception as error:  # offline, unknown repository, invalid id: one message for all
+            raise ValueError(
+                f"{name_or_path!r} is not a local folder, and fetching it from the Hugging Face hub failed "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). On an offline "
+                "machine pass the path of a pipeline folder (python -m sit_atconv.export writes one)"
+            ) from error
+    if not (path / "model_index.json").is_file():
+        raise ValueError(
+            f"{path} is not a pipeline folder: expected model_index.json, transformer/ and scheduler/ "
+            "(python -m sit_atconv.export turns a training checkpoint into one)"
+        )
+    return path
+
+
+def check_output_folder(out: str | Path, overwrite: bool) -> Path:
+    """Refuse to replace an existing folder unless asked (checked before any slow work)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    return out
+
+
+def save_pipeline(
+    out: str | Path,
+    transformer: SiT,
+    vae: AutoencoderKL | None = None,
+    id2label: dict[int, str] | None = None,
+    transport: dict[str, str] | None = None,
+    extra: Callable[[Path], None] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a pipeline folder atomically: it is built in a hidden sibling folder (plus whatever `extra`
+    writes there) and renamed into place, so a crash never leaves a folder that looks complete."""
+    out = check_output_folder(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if id2label is None:
+        id2label = default_id2label(transformer.config.num_classes)
+    pipe = SiTPipeline(transformer=transformer, scheduler=flow_match_scheduler(), vae=vae, id2label=id2label,
+                       transport=transport)  # fmt: skip
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if extra is not None:
+        extra(tmp)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return out

@@ -1,0 +1,240 @@
+"""SiTPipeline and export: round trips, output types, scheduler equivalence, strict loading, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample as sample_cli
+from sit_atconv import sampling
+from sit_atconv.export import main as export_main
+from sit_atconv.models import create_model
+from sit_atconv.models.loading import load_model, sampling_defaults
+from sit_atconv.pipelines import SiTPipeline, flow_match_scheduler, save_pipeline
+from sit_atconv.training import load_config, save_config
+from sit_atconv.transport import SampleNoise, SamplerConfig, Transport, guided_predictor, sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(seed=0, **overrides):
+    config = dict(depth=2, hidden_size=32, num_heads=2, input_size=8, num_classes=10) | overrides
+    model = create_model("SiT-Hybrid-S/2", **config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+    ).eval()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A training checkpoint folder (ema/, model/, config.yaml with a cosine path), a VAE folder, and
+    the pipeline exported from them."""
+    root = tmp_path_factory.mktemp("pipeline")
+    ckpt = root / "run" / "checkpoints" / "step_00000010"
+    tiny_model(0).save_pretrained(ckpt / "ema")
+    tiny_model(1).save_pretrained(ckpt / "model")
+    save_config(load_config(ROOT / "configs" / "demo" / "digits.yaml", ["transport.path=cosine"]), ckpt / "config.yaml")
+    tiny_vae().save_pretrained(root / "vae")
+    export_main(["--ckpt", str(ckpt), "--out", str(root / "exported"), "--vae", str(root / "vae")])
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipe(assets):
+    return SiTPipeline.from_pretrained(assets / "exported")
+
+
+def inputs():
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(3, 4, 8, 8, generator=gen), torch.tensor([0.0, 0.4, 1.0]), torch.tensor([1, 2, 10])
+
+
+def test_export_round_trip_is_bit_identical(assets, pipe):
+    folder = assets / "exported"
+    assert sorted(p.name for p in folder.iterdir()) == ["model_index.json", "scheduler", "transformer", "vae"]
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "SiTPipeline" and index["transformer"] == ["sit_atconv.models.sit", "SiT"]
+    assert index["transport"] == {"path": "cosine", "prediction": "velocity"}  # from the checkpoint's config.yaml
+    assert index["id2label"]["3"] == "3"
+    x, t, y = inputs()
+    ema = load_model(assets / "run" / "checkpoints" / "step_00000010")
+    with torch.no_grad():
+        assert torch.equal(pipe.transformer(x, t, y), ema(x, t, y))
+    assert all(p.device.type == "cpu" for p in pipe.transformer.parameters())
+    # sample.py reads the pipeline folder too, with its vae/ and transport
+    assert sampling_defaults(folder) == {"path": "cosine", "prediction": "velocity", "vae": str(folder / "vae")}
+    out = assets / "grid.png"
+    sample_cli.main(["--ckpt", str(folder), "--num-steps", "2", "--classes", "1", "2", "--out", str(out)])
+    assert Image.open(out).mode == "RGB"
+
+
+def test_export_no_ema_and_imagenet_names(tmp_path, assets):
+    ckpt = assets / "run" / "checkpoints" / "step_00000010"
+    export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "online"), "--vae", "none", "--no-ema"])
+    x, t, y = inputs()
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "online")(x, t, y), load_model(ckpt, ema=False)(x, t, y))
+    model = tiny_model(num_classes=1000)
+    save_pipeline(tmp_path / "imagenet", model)
+    assert SiTPipeline.from_pretrained(tmp_path / "imagenet").get_label_ids(["golden retriever", "Otter", 5]) == [
+        207, 360, 5,
+    ]  # fmt: skip
+
+
+def test_output_types(pipe):
+    def run(**kwargs):  # a fresh generator each time: the same noise for every output type
+        generator = torch.Generator().manual_seed(0)
+        return pipe(class_labels=[1, "2"], num_inference_steps=3, generator=generator, **kwargs).images
+
+    pil = run()
+    assert len(pil) == 2 and pil[0].size == (16, 16) and pil[0].mode == "RGB"
+    array = run(output_type="np")
+    assert array.shape == (2, 16, 16, 3) and array.min() >= 0 and array.max() <= 1
+    tensor = run(output_type="pt")
+    assert tensor.shape == (2, 3, 16, 16) and np.allclose(tensor.permute(0, 2, 3, 1).numpy(), array, atol=1e-6)
+    assert np.array_equal(np.asarray(pil[0]), (array[0] * 255).round().astype(np.uint8))
+    assert run(output_type="latent").shape == (2, 4, 8, 8)
+    assert isinstance(pipe(class_labels=[1], num_inference_steps=1, return_dict=False), tuple)
+
+
+def predictor(model, labels, cfg=1.0, low=0.0, high=1.0):
+    return guided_predictor(lambda x, t, y: model(x, t, y).float(), labels, cfg, model.null_class, low, high)
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_scheduler_reproduces_the_euler_sampler(path):
+    model = tiny_model()
+    pipe = SiTPipeline(model, flow_match_scheduler(), transport={"path": path})
+    labels = torch.tensor([1, 2, 3])
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for steps, cfg, high in ((10, 1.0, 1.0), (25, 2.5, 0.7)):
+        ours, calls = sample(
+            predictor(model, labels, cfg, 0.0, high), Transport(path=path), x, SamplerConfig(num_steps=steps)
+        )
+        got = pipe(class_labels=labels.tolist(), guidance_scale=cfg, guidance_interval=(0.0, high),
+                   num_inference_steps=steps, latents=x, output_type="latent").images  # fmt: skip
+        assert calls == steps and (got - ours).abs().max() < 1e-5
+        assert torch.allclose(pipe.scheduler.sigmas, torch.linspace(1, 0, steps + 1), atol=1e-7)
+
+
+def test_pipeline_matches_sample_py_generation(pipe):
+    """The pipeline's images are sample.py's (`sampling.generate`) given the same initial noise."""
+    config = sampling.GenerationConfig(sampler=SamplerConfig(num_steps=4), cfg_scale=1.8, seed=7, path="cosine")
+    labels = torch.tensor([4, 5])
+    expected, _ = sampling.generate(pipe.transformer, pipe.vae, [0, 1], labels, config, torch.device("cpu"))
+    latents = SampleNoise(7, [0, 1]).randn((4, 8, 8))
+    got = pipe(class_labels=[4, 5], guidance_scale=1.8, num_inference_steps=4, latents=latents, output_type="pt")
+    assert (got.images - (expected / 2 + 0.5)).abs().max() < 1e-5
+
+
+def test_project_samplers_through_the_pipeline(pipe):
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    heun = pipe(class_labels=[1, 2], num_inference_steps=5, latents=x, output_type="latent", sampler="heun").images
+    expected, calls = sample(predictor(pipe.transformer, torch.tensor([1, 2])), Transport(path="cosine"), x,
+                             SamplerConfig(sampler="heun", num_steps=5))  # fmt: skip
+    assert torch.equal(heun, expected) and calls == 9
+
+    def sde(seeds):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return pipe(class_labels=[1, 2], num_inference_steps=6, generator=gens, output_type="latent",
+                    sampler=SamplerConfig(mode="sde", num_steps=6)).images  # fmt: skip
+
+    assert torch.equal(sde([0, 1]), sde([0, 1]))
+    assert torch.equal(sde([0, 1])[0], sde([0, 5])[0]) and not torch.equal(sde([0, 1])[1], sde([0, 5])[1])
+
+
+def test_unconditional_and_pixel_models(tmp_path):
+    model = tiny_model(num_classes=0, in_channels=3)
+    save_pipeline(tmp_path / "pixels", model)
+    pipe = SiTPipeline.from_pretrained(tmp_path / "pixels")
+    assert pipe.vae is None and pipe.id2label == {}
+    images = pipe(batch_size=3, num_inference_steps=2, output_type="np").images
+    assert images.shape == (3, 8, 8, 3)
+    with pytest.raises(ValueError, match="unconditional: leave class_labels out"):
+        pipe(class_labels=[1])
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        pipe(batch_size=1, guidance_scale=2.0)
+
+
+def test_bad_arguments(pipe):
+    with pytest.raises(ValueError, match=r"unknown class name 'seven'"):
+        pipe(class_labels=["seven"])
+    with pytest.raises(ValueError, match=r"class label 12 is outside \[0, 10\)"):
+        pipe(class_labels=[12])
+    with pytest.raises(ValueError, match="class-conditional: pass class_labels"):
+        pipe()
+    with pytest.raises(ValueError, match=r"latents have shape \(1, 4, 4, 4\), expected \(1, 4, 8, 8\)"):
+        pipe(class_labels=[1], latents=torch.zeros(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="unknown sampler 'ddim'"):
+        pipe(class_labels=[1], sampler="ddim")
+    with pytest.raises(ValueError, match="output_type must be"):
+        pipe(class_labels=[1], output_type="jpeg")
+
+
+def test_strict_loading(tmp_path, assets):
+    import shutil
+
+    broken = tmp_path / "truncated"
+    shutil.copytree(assets / "exported", broken)
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="could not load the SiT in .*truncated/transformer"):
+        SiTPipeline.from_pretrained(broken)
+
+    mismatch = tmp_path / "mismatch"
+    shutil.copytree(assets / "exported", mismatch)
+    config = json.loads((mismatch / "transformer" / "config.json").read_text())
+    config.update(depth=3, mixers=["attention", "atconv", "attention"])  # weights hold 2 blocks
+    (mismatch / "transformer" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mismatch/transformer do not match its config.json.*missing_keys.*blocks\.2"):
+        SiTPipeline.from_pretrained(mismatch)
+
+
+def test_not_a_pipeline_and_offline_hub_id(tmp_path, assets):
+    with pytest.raises(ValueError, match="is not a pipeline folder: expected model_index.json"):
+        SiTPipeline.from_pretrained(assets / "vae")
+    with pytest.raises(ValueError, match="'someone/sit-xl-2' is not a local folder.*hub failed"):
+        SiTPipeline.from_pretrained("someone/sit-xl-2")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "model_index.json").write_text(
+        json.dumps({"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"]})
+    )
+    with pytest.raises(ValueError, match="does not describe a SiT pipeline"):
+        SiTPipeline.from_pretrained(foreign)
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_main(["--ckpt", str(assets / "exported"), "--out", str(assets / "exported")])
+    with pytest.raises(ValueError, match="is not a model"):
+        export_main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_readme_snippet_in_a_fresh_process(assets):
+    """`import sit_atconv` is all diffusers' loader needs to find the SiT class."""
+    code = (
+        "import sit_atconv\n"
+        "from sit_atconv.pipelines import SiTPipeline\n"
+        f"pipe = SiTPipeline.from_pretrained({str(assets / 'exported')!r})\n"
+        "images = pipe(class_labels=[2, 3], guidance_scale=1.8, num_inference_steps=2).images\n"
+        "print(len(images), images[0].size)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("2 (16, 16)")
