@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from sit_atconv.evaluation.evaluator import evaluate, save_results
+from sit_atconv.io import run_cli
 
 
 def main(argv=None) -> dict:
@@ -44,8 +44,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, (ValueError, FileNotFoundError))

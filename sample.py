@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from sit_atconv.constants import SD_VAE_DEFAULT
-from sit_atconv.io import file_sha256
+from sit_atconv.io import file_sha256, run_cli
 from sit_atconv.models import list_models, model_config
 from sit_atconv.models.loading import load_model, resolve_model_folder, sampling_defaults
 from sit_atconv.sampling import (
@@ -161,8 +160,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, (ValueError, FileNotFoundError, RuntimeError))

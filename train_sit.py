@@ -9,8 +9,8 @@ Re-running the same command continues from the newest complete checkpoint (--res
 from __future__ import annotations
 
 import argparse
-import sys
 
+from sit_atconv.io import run_cli
 from sit_atconv.training import NonFiniteError, load_config, train
 
 
@@ -27,8 +27,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, NonFiniteError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, (ValueError, FileNotFoundError, NonFiniteError))

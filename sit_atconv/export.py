@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from sit_atconv.io import run_cli
 from sit_atconv.models.loading import load_model, sampling_defaults
 from sit_atconv.pipelines import check_output_folder, default_id2label, save_pipeline
 from sit_atconv.sampling import vae_for
@@ -76,8 +76,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, (ValueError, FileNotFoundError, FileExistsError, RuntimeError))

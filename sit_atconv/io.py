@@ -1,11 +1,13 @@
-"""Atomic file output: write to a temporary name in the same folder, then rename, so that a crash never
-leaves a file that looks complete."""
+"""Atomic file output (write to a temporary name in the same folder, then rename, so that a crash never
+leaves a file that looks complete), file hashes, and the error handling shared by the command lines."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,3 +34,13 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def run_cli(main: Callable[[], object], errors: tuple[type[BaseException], ...]) -> None:
+    """Run a command-line entry point: the expected `errors` (bad input, missing files) print one line
+    and exit with status 2; anything else keeps its traceback."""
+    try:
+        main()
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -2,6 +2,7 @@
 
 import json
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -68,13 +69,7 @@ def test_image_folder_errors(tmp_path):
 
 @pytest.fixture
 def tiny_vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, layers_per_block=1,
-    ).eval()  # fmt: skip
+    return helpers.tiny_vae()
 
 
 def test_extract_and_read_latents(folder, tiny_vae, tmp_path):

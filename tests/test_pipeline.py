@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_vae
 from PIL import Image
 
 import sample as sample_cli
@@ -30,16 +31,6 @@ def tiny_model(seed=0, **overrides):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     return model.eval()
-
-
-def tiny_vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, layers_per_block=1,
-    ).eval()  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +229,10 @@ def test_readme_snippet_in_a_fresh_process(assets):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("2 (16, 16)")
+
+
+def test_half_precision_loading(assets):
+    pipe = SiTPipeline.from_pretrained(assets / "exported", dtype=torch.bfloat16)
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
+    images = pipe(class_labels=[1], guidance_scale=1.8, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_vae
 from PIL import Image
 
 import sample as sample_cli
@@ -32,17 +33,10 @@ def tiny_model(num_classes=10, **overrides):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
     root = tmp_path_factory.mktemp("assets")
     tiny_model().save_pretrained(root / "model")
     tiny_model(num_classes=0).save_pretrained(root / "uncond")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, layers_per_block=1,
-    )  # fmt: skip
-    vae.save_pretrained(root / "vae")
+    tiny_vae().save_pretrained(root / "vae")
     return root
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_vae
 
 from sit_atconv.data import StepBatchSampler
 from sit_atconv.models import create_model
@@ -186,7 +187,6 @@ def test_latent_training_with_repa(tmp_path):
     import numpy as np
     import timm
     from accelerate import Accelerator
-    from diffusers import AutoencoderKL
     from PIL import Image
     from safetensors.torch import save_file
 
@@ -200,11 +200,7 @@ def test_latent_training_with_repa(tmp_path):
             Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
                 tmp_path / "images" / label / f"{i}.png"
             )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,
-    ).eval()  # fmt: skip
+    vae = tiny_vae(blocks=4)  # f8, like SD-VAE
     extract_latents(Accelerator(cpu=True), ImageFolderDataset(tmp_path / "images", 64), vae, tmp_path / "latents",
                     shard_size=4, batch_size=4, flip=True, num_workers=0, progress=False)  # fmt: skip
     weights = tmp_path / "dinov2_s.safetensors"

@@ -12,13 +12,13 @@ projector.safetensors, so `train.init_from=FOLDER` continues training from it.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from sit_atconv.convert import SOURCES, convert_checkpoint
 from sit_atconv.export import read_id2label
+from sit_atconv.io import run_cli
 from sit_atconv.models import list_models
 from sit_atconv.pipelines import check_output_folder, default_id2label, save_pipeline
 from sit_atconv.sampling import vae_for
@@ -72,8 +72,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, (ValueError, FileNotFoundError, FileExistsError, RuntimeError))

@@ -58,13 +58,11 @@ def sampling_defaults(path: str | Path) -> dict:
     return {k: v for k, v in found.items() if k in ("path", "prediction", "vae")}
 
 
-def from_pretrained_strict(cls, folder: str | Path, torch_dtype: torch.dtype | None = None):
+def from_pretrained_strict(cls, folder: str | Path, dtype: torch.dtype | None = None):
     """`cls.from_pretrained(folder)` (any diffusers ModelMixin) that raises instead of leaving weights
     missing, unused, mis-shaped or on the meta device; unreadable files raise ValueError naming the folder."""
     try:
-        model, info = cls.from_pretrained(
-            folder, output_loading_info=True, low_cpu_mem_usage=False, torch_dtype=torch_dtype
-        )
+        model, info = cls.from_pretrained(folder, output_loading_info=True, low_cpu_mem_usage=False, dtype=dtype)
     except (OSError, RuntimeError, ValueError) as error:
         raise ValueError(f"could not load the {cls.__name__} in {folder}: {error}") from error
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}

@@ -122,7 +122,7 @@ class SiTPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SiTPipeline:
         """Load a pipeline folder (or hub id) strictly: a weight file that does not match its config
         raises instead of leaving parameters random or on the meta device. Accepts diffusers' keyword
-        arguments (torch_dtype, components to replace, cache_dir, revision, token, local_files_only)."""
+        arguments (dtype, components to replace, cache_dir, revision, token, local_files_only)."""
         folder = _local_pipeline_folder(pretrained_model_name_or_path, kwargs)
         index = json.loads((folder / "model_index.json").read_text())
         if (index.get("transformer") or [None, None])[1] != SiT.__name__:
@@ -130,7 +130,7 @@ class SiTPipeline(DiffusionPipeline):
                 f"{folder / 'model_index.json'} does not describe a SiT pipeline: its transformer is "
                 f"{index.get('transformer')}, expected a {SiT.__name__} (export one with python -m sit_atconv.export)"
             )
-        dtype = kwargs.get("torch_dtype")
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # diffusers renamed torch_dtype to dtype
         if "transformer" not in kwargs:
             kwargs["transformer"] = from_pretrained_strict(SiT, folder / "transformer", dtype)
         if "vae" not in kwargs and (index.get("vae") or [None])[0] is not None:
