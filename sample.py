@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     if args.num_samples is None:  # grid
         if num_classes:
             classes = args.classes or (
-                IMAGENET_GRID_CLASSES if num_classes == 1000 else list(range(min(num_classes, 8)))
+                IMAGENET_GRID_CLASSES if num_classes == 1000 else [i % num_classes for i in range(8)]
             )
         else:
             classes = None

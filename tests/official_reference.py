@@ -105,11 +105,13 @@ class OfficialBlock(nn.Module):
 
 
 class OfficialSiT(nn.Module):
-    """flavour "sit": SiT / generation/SiT (learn_sigma, t = 1 data); "repa": REPA / generation/REPA."""
+    """flavour "sit": SiT / generation/SiT (learn_sigma, t = 1 data); "repa": REPA / generation/REPA.
+    The label table has a null-class row when trained with label dropout (`null_class`)."""
 
     def __init__(
         self, input_size: int, patch: int, in_channels: int, hidden: int, heads: int, num_classes: int,
         mixers: list[str], flavour: str, pos_embed: bool = True, z_dim: int = 0, projector_dim: int = 16,
+        null_class: bool = True,
     ):  # fmt: skip
         super().__init__()
         self.patch, self.in_channels, self.flavour = patch, in_channels, flavour
@@ -125,7 +127,7 @@ class OfficialSiT(nn.Module):
         self.t_embedder = nn.Module()
         self.t_embedder.mlp = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.y_embedder = nn.Module()
-        self.y_embedder.embedding_table = nn.Embedding(num_classes + 1, hidden)
+        self.y_embedder.embedding_table = nn.Embedding(num_classes + int(null_class), hidden)
         self.blocks = nn.ModuleList(OfficialBlock(hidden, heads, m, flavour) for m in mixers)
         if z_dim:
             mlp = nn.Sequential(nn.Linear(hidden, projector_dim), nn.SiLU(), nn.Linear(projector_dim, projector_dim),

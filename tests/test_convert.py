@@ -120,6 +120,29 @@ def test_official_atconv_sit_code_pure_and_hybrid(tmp_path):
     assert_sit_convention(converted.model, hybrid)
 
 
+def test_label_tables_with_and_without_a_null_class(tmp_path):
+    """The official ATConv SiT code trains without label dropout by default (FFHQ: one class, one row)."""
+    ffhq = OfficialSiT(input_size=8, patch=2, in_channels=4, hidden=32, heads=2, num_classes=1,
+                       mixers=["atconv"] * 2, flavour="sit", pos_embed=False, null_class=False)  # fmt: skip
+    randomise(ffhq).eval()
+    trainer_checkpoint(tmp_path / "ffhq.pt", ffhq, ffhq)
+    converted = convert_checkpoint(tmp_path / "ffhq.pt", "atconv-official", "SiT-ATConv-S/2", input_size=8, **TINY)
+    config = converted.model.config
+    assert (config.num_classes, config.class_dropout_prob, converted.model.null_class) == (1, 0.0, None)
+    x, t, _ = inputs()
+    zeros = torch.zeros(len(x), dtype=torch.long)
+    with torch.no_grad():
+        assert torch.allclose(converted.model(x, t, zeros), -ffhq(x, 1 - t, zeros), atol=2e-5, rtol=1e-4)
+
+    no_null = official("sit", ["attention"] * 2)
+    no_null.y_embedder.embedding_table = torch.nn.Embedding(10, 32)  # 10 classes, trained without dropout
+    torch.save(no_null.state_dict(), tmp_path / "no_null.pt")
+    converted = convert_checkpoint(tmp_path / "no_null.pt", "sit", "SiT-S/2", num_classes=10, **TINY)
+    assert (converted.model.config.num_classes, converted.model.null_class) == (10, None)
+    with pytest.raises(ValueError, match="label table has 10 rows, which does not fit 7 classes"):
+        convert_checkpoint(tmp_path / "no_null.pt", "sit", "SiT-S/2", num_classes=7, **TINY)
+
+
 def test_official_atconv_repa_code(tmp_path):
     reference = official("repa", ["attention", "atconv"], z_dim=12)  # 1x1 convs, SiLU, REPA's time convention
     torch.save({"ema": reference.state_dict(), "args": argparse.Namespace(use_atconv=True)}, tmp_path / "r.pt")

@@ -163,6 +163,8 @@ def test_unconditional_and_pixel_models(tmp_path):
         pipe(class_labels=[1])
     with pytest.raises(ValueError, match="needs a class-conditional model"):
         pipe(batch_size=1, guidance_scale=2.0)
+    single = SiTPipeline(tiny_model(num_classes=1, class_dropout_prob=0.0), flow_match_scheduler())
+    assert single(batch_size=2, num_inference_steps=2, output_type="latent").images.shape == (2, 4, 8, 8)
 
 
 def test_bad_arguments(pipe):

@@ -99,11 +99,25 @@ def _strip_prefixes(state: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def infer_architecture(state: dict, path: Path) -> dict:
+def label_classes(rows: int, num_classes: int | None, path: Path) -> tuple[int, float]:
+    """(num_classes, class_dropout_prob) for a label table of `rows` rows. The table has a null-class
+    row only when the model trained with label dropout (SiT and REPA on ImageNet: 1000 + 1 rows; the
+    official ATConv SiT code defaults to no dropout, e.g. FFHQ's single class). Without the class count
+    (from --num-classes or the checkpoint's args), a table of N > 1 rows is read as N - 1 classes + null."""
+    if num_classes is None:
+        return (1, 0.0) if rows == 1 else (rows - 1, 0.1)
+    if rows == num_classes + 1:
+        return num_classes, 0.1
+    if rows == num_classes:
+        return num_classes, 0.0
+    raise ValueError(f"{path}: the label table has {rows} rows, which does not fit {num_classes} classes")
+
+
+def infer_architecture(state: dict, path: Path, num_classes: int | None = None) -> dict:
     """What the weights say about the model: patch, width, depth, mixers, classes, learn_sigma, ..."""
     try:
         patch_weight = state["x_embedder.proj.weight"]  # (C, in_channels, p, p)
-        table = state["y_embedder.embedding_table.weight"]  # (num_classes + 1, C)
+        table = state["y_embedder.embedding_table.weight"]  # (num_classes [+ 1 null], C)
         final = state["final_layer.linear.weight"]  # (p * p * out_channels, C)
     except KeyError as error:
         raise ValueError(f"{path} is not a SiT/REPA checkpoint: it has no {error.args[0]!r} weight") from error
@@ -119,11 +133,11 @@ def infer_architecture(state: dict, path: Path) -> dict:
         "patch_size": patch,
         "depth": depth,
         "mixers": mixers,
-        "num_classes": table.shape[0] - 1,
         "learn_sigma": out_channels == 2 * in_channels,
         "qk_norm": "blocks.0.attn.q_norm.weight" in state,
         "pos_embed": "sincos" if "pos_embed" in state else "none",
     }
+    arch["num_classes"], arch["class_dropout_prob"] = label_classes(table.shape[0], num_classes, path)
     if "pos_embed" in state:
         grid = math.isqrt(state["pos_embed"].shape[1])
         arch["input_size"] = grid * patch
@@ -158,7 +172,7 @@ def target_config(arch: dict, model_name: str, path: Path, convention: str, **ov
             f"{_layout_name(expected['mixers'])}{hint}"
         )
     config = dict(expected)
-    for key in ("num_classes", "learn_sigma", "qk_norm", "pos_embed", "input_size"):
+    for key in ("num_classes", "class_dropout_prob", "learn_sigma", "qk_norm", "pos_embed", "input_size"):
         if key in arch and key not in overrides:
             config[key] = arch[key]
     config["atconv_context_pool"] = "raster"
@@ -262,8 +276,7 @@ def check_pos_embed(state: dict, model: SiT, path: Path) -> None:
 
 
 def detect_convention(source: str, state: dict) -> str:
-    if source not in SOURCES:
-        raise ValueError(f"unknown checkpoint source {source!r}; expected one of {list(SOURCES)}")
+    """ "sit" (t = 1 is data) or "repa" (ours); the official ATConv code has one of each."""
     if source == "sit":
         return "sit"
     if source == "repa":
@@ -280,17 +293,25 @@ def convert_checkpoint(
     model_name: str,
     ema: bool = True,
     prediction: str = "velocity",
+    num_classes: int | None = None,
     **overrides,
 ) -> Converted:
     """Convert the checkpoint at `path` from `source` ("sit", "repa", "atconv-official") into
-    `model_name`'s SiT. `overrides` are SiT config fields (e.g. input_size for a pure-ATConv checkpoint,
-    which stores no position embedding to read it from; tiny sizes in tests)."""
+    `model_name`'s SiT. `num_classes` settles whether the label table has a null-class row (see
+    `label_classes`); by default it comes from the checkpoint's args. `overrides` are SiT config
+    fields (input_size for a pure-ATConv checkpoint, which stores no position embedding to read it
+    from; tiny sizes in tests)."""
     if source not in SOURCES:
         raise ValueError(f"unknown checkpoint source {source!r}; expected one of {list(SOURCES)}")
     path = Path(path)
-    chosen, other = select_weights(read_checkpoint(path), path, ema)
+    checkpoint = read_checkpoint(path)
+    chosen, other = select_weights(checkpoint, path, ema)
     convention = detect_convention(source, chosen)
-    config = target_config(infer_architecture(chosen, path), model_name, path, convention, **overrides)
+    trainer_args = checkpoint.get("args")  # the SiT/REPA/ATConv trainers store their argparse.Namespace
+    if num_classes is None and isinstance(trainer_args, argparse.Namespace):
+        num_classes = getattr(trainer_args, "num_classes", None)
+    arch = infer_architecture(chosen, path, num_classes)
+    config = target_config(arch, model_name, path, convention, **overrides)
     notes = []
     model = SiT(**config)
     check_pos_embed(chosen, model, path)

@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="export the EMA weights")
     p.add_argument("--input-size", type=int, help="latent size when the file has no position embedding "
                    "(pure ATConv; default 32 = 256 px)")  # fmt: skip
+    p.add_argument("--num-classes", type=int, help="classes of the label table (default: the checkpoint's args; "
+                   "else rows - 1 with a null class)")  # fmt: skip
     p.add_argument("--path", choices=list(PATHS), default="linear", help="transport path (SiT's GVP is cosine)")
     p.add_argument("--prediction", choices=list(PREDICTIONS), default="velocity")
     p.add_argument("--vae", default=None, help="AutoencoderKL hub id or folder to ship in vae/ ('none': no VAE)")
@@ -47,7 +49,13 @@ def main(argv=None) -> Path:
     check_output_folder(args.out, args.overwrite)
     overrides = {"input_size": args.input_size} if args.input_size else {}
     converted = convert_checkpoint(
-        args.checkpoint, args.source, args.model, ema=args.ema, prediction=args.prediction, **overrides
+        args.checkpoint,
+        args.source,
+        args.model,
+        ema=args.ema,
+        prediction=args.prediction,
+        num_classes=args.num_classes,
+        **overrides,
     )
     model = converted.model
     vae = vae_for(model, args.vae, "cpu")

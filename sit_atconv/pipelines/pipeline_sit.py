@@ -191,7 +191,7 @@ class SiTPipeline(DiffusionPipeline):
             cfg_channels: guide only the first N channels (3 reproduces SiT/DiT's published sampler).
             sampler: None for the scheduler's Euler steps; one of "euler", "heun", "dopri5",
                 "sde-euler", "sde-heun", or a `SamplerConfig`, to run the project's samplers.
-            batch_size: number of images of an unconditional model (default 1).
+            batch_size: number of images of an unconditional or single-class model (default 1).
         Returns:
             `ImagePipelineOutput` with `.images`, or a one-element tuple when return_dict is False.
         """
@@ -199,6 +199,8 @@ class SiTPipeline(DiffusionPipeline):
         device = self._execution_device
         conditional = model.config.num_classes > 0
         if conditional:
+            if class_labels is None and model.config.num_classes == 1:  # a single class, e.g. FFHQ
+                class_labels = [0] * (batch_size or (len(latents) if latents is not None else 1))
             if class_labels is None:
                 raise ValueError("this model is class-conditional: pass class_labels (indices or names)")
             labels = torch.tensor(self.get_label_ids(class_labels), device=device)
