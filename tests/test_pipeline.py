@@ -238,3 +238,19 @@ def test_half_precision_loading(assets):
     assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
     images = pipe(class_labels=[1], guidance_scale=1.8, num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+
+def test_interrupted_export_leaves_nothing_that_looks_complete(tmp_path):
+    def crash(folder):
+        assert (folder / "model_index.json").is_file()  # the pipeline is written, then the extra files fail
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_pipeline(tmp_path / "out", tiny_model(), extra=crash)
+    assert list(tmp_path.iterdir()) == []
+    first = tiny_model()
+    save_pipeline(tmp_path / "out", first)
+    with pytest.raises(OSError, match="disk full"):  # an existing folder survives a failed overwrite
+        save_pipeline(tmp_path / "out", tiny_model(seed=1), extra=crash, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert torch.equal(load_model(tmp_path / "out").blocks[0].mlp.fc1.weight, first.blocks[0].mlp.fc1.weight)

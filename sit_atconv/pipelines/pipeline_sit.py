@@ -335,9 +335,13 @@ def save_pipeline(
         id2label = default_id2label(transformer.config.num_classes)
     pipe = SiTPipeline(transformer=transformer, scheduler=flow_match_scheduler(), vae=vae, id2label=id2label,
                        transport=transport)  # fmt: skip
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if extra is not None:
-        extra(tmp)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if extra is not None:
+            extra(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
