@@ -199,7 +199,7 @@ def test_cli_writes_a_pipeline_that_samples_and_continues_training(tmp_path, cap
         json.dump([f"class {i}" for i in range(10)], f)
     out = tmp_path / "converted"
     convert_main(["--from", "atconv-official", str(tmp_path / "last.pt"), "--model", "SiT-Hybrid-S/2",
-                  "--out", str(out), "--vae", "none", "--id2label", str(tmp_path / "names.json")])  # fmt: skip
+                  "--out", str(out), "--id2label", str(tmp_path / "names.json")])  # fmt: skip
     assert "REPA" not in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [
         "model", "model_index.json", "projector.safetensors", "scheduler", "transformer",

@@ -77,9 +77,13 @@ def test_export_round_trip_is_bit_identical(assets, pipe):
     assert Image.open(out).mode == "RGB"
 
 
-def test_export_no_ema_and_imagenet_names(tmp_path, assets):
+def test_export_no_ema_no_vae_and_imagenet_names(tmp_path, assets, capsys):
     ckpt = assets / "run" / "checkpoints" / "step_00000010"
-    export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "online"), "--vae", "none", "--no-ema"])
+    export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "online"), "--no-ema"])
+    assert "no --vae, so the pipeline has no vae/" in capsys.readouterr().out
+    assert not (tmp_path / "online" / "vae").exists()
+    with pytest.raises(ValueError, match="no vae to decode its 4-channel latents"):
+        SiTPipeline.from_pretrained(tmp_path / "online")(class_labels=[1], num_inference_steps=1)
     x, t, y = inputs()
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "online")(x, t, y), load_model(ckpt, ema=False)(x, t, y))

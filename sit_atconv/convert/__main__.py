@@ -21,7 +21,7 @@ from sit_atconv.export import read_id2label
 from sit_atconv.io import run_cli
 from sit_atconv.models import list_models
 from sit_atconv.pipelines import check_output_folder, default_id2label, save_pipeline
-from sit_atconv.sampling import vae_for
+from sit_atconv.sampling import load_vae
 from sit_atconv.transport import PATHS, PREDICTIONS
 
 
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "else rows - 1 with a null class)")  # fmt: skip
     p.add_argument("--path", choices=list(PATHS), default="linear", help="transport path (SiT's GVP is cosine)")
     p.add_argument("--prediction", choices=list(PREDICTIONS), default="velocity")
-    p.add_argument("--vae", default=None, help="AutoencoderKL hub id or folder to ship in vae/ ('none': no VAE)")
+    p.add_argument("--vae", default=None, help="AutoencoderKL hub id or folder to ship in vae/ (default: none)")
     p.add_argument("--id2label", default=None, help="JSON file of class names (default: ImageNet's for 1000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return p.parse_args(argv)
@@ -58,7 +58,7 @@ def main(argv=None) -> Path:
         **overrides,
     )
     model = converted.model
-    vae = vae_for(model, args.vae, "cpu")
+    vae = load_vae(args.vae, "cpu") if args.vae not in (None, "none") else None
     num_classes = model.config.num_classes
     id2label = read_id2label(args.id2label, num_classes) if args.id2label else default_id2label(num_classes)
 
