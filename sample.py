@@ -95,7 +95,7 @@ def check_architecture(model, name: str) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    recorded = sampling_defaults(args.ckpt) if Path(args.ckpt).is_dir() else {}
+    recorded = sampling_defaults(args.ckpt)
     args.path = args.path or recorded.get("path", "linear")
     args.prediction = args.prediction or recorded.get("prediction", "velocity")
     args.vae = args.vae or recorded.get("vae")

@@ -12,36 +12,13 @@ ImageNet's for 1000-class models.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from sit_atconv.io import run_cli
 from sit_atconv.models.loading import load_model, sampling_defaults
-from sit_atconv.pipelines import check_output_folder, default_id2label, save_pipeline
+from sit_atconv.pipelines import check_output_folder, read_id2label, save_pipeline
 from sit_atconv.sampling import load_vae
 from sit_atconv.transport import PATHS, PREDICTIONS
-
-
-def read_id2label(path: str | Path, num_classes: int) -> dict[int, str]:
-    """Class names from a JSON file: {"0": "tench", ...} or a list with one name per class."""
-    path = Path(path)
-    try:
-        names = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"could not read class names from {path}: {error}") from error
-    if isinstance(names, list):
-        names = dict(enumerate(names))
-    if not isinstance(names, dict):
-        raise ValueError(f"{path} must hold a JSON object {{index: name}} or a list of names")
-    try:
-        id2label = {int(k): str(v) for k, v in names.items()}
-    except ValueError as error:
-        raise ValueError(f"{path}: class indices must be integers ({error})") from error
-    if sorted(id2label) != list(range(num_classes)):
-        raise ValueError(
-            f"{path} names {len(id2label)} classes, but the model has {num_classes} (0..{num_classes - 1})"
-        )
-    return id2label
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,8 +47,7 @@ def main(argv=None) -> Path:
     vae = load_vae(vae_source, "cpu") if vae_source not in (None, "none") else None
     if vae is None and model.config.in_channels == 4:
         print("note: no --vae, so the pipeline has no vae/ (pass vae= to from_pretrained or --vae to sample.py)")
-    num_classes = model.config.num_classes
-    id2label = read_id2label(args.id2label, num_classes) if args.id2label else default_id2label(num_classes)
+    id2label = read_id2label(args.id2label, model.config.num_classes) if args.id2label else None
     out = save_pipeline(args.out, model, vae, id2label, transport, overwrite=args.overwrite)
     print(
         f"wrote {out} (transformer{' + vae' if vae is not None else ''}, {transport['path']} {transport['prediction']})"

@@ -36,17 +36,17 @@ from sit_atconv.models.registry import model_config
 from sit_atconv.models.sit import SiT
 
 SOURCES = ("sit", "repa", "atconv-official")
-ATCONV_NAMES = {"kernel_proj": "context_proj", "x_proj": "value_proj", "proj": "out_proj", "kernel_gen": "kernel_gen"}
+ATCONV_NAMES = {"kernel_proj": "context_proj", "x_proj": "value_proj", "proj": "out_proj"}  # kernel_gen keeps its name
 
 
 @dataclass
 class Converted:
-    """The converted model (EMA weights unless asked otherwise), the other weights where the source had
+    """The converted model (EMA weights unless asked otherwise), the non-EMA model where the source had
     both, the REPA projector state dict, and notes for the user."""
 
     model: SiT
     convention: str  # "sit" (time reversed on import) or "repa"
-    online_state: dict[str, torch.Tensor] | None = None
+    online: SiT | None = None
     projector_state: dict[str, torch.Tensor] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -318,9 +318,9 @@ def convert_checkpoint(
     load_into(model, map_state_dict(chosen, config, convention, prediction), path)
     online = None
     if ema and other is not None:  # keep the trained (non-EMA) weights too, for continued training
-        second = SiT(**config)
-        load_into(second, map_state_dict(other, config, convention, prediction), path)
-        online = second.state_dict()
+        online = SiT(**config)
+        load_into(online, map_state_dict(other, config, convention, prediction), path)
+        online.eval()
     # The projector trains with the online weights, so take it from them where the file has both.
     projector = projector_state(other if ema and other is not None else chosen, notes)
     if convention == "sit":

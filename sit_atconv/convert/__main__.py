@@ -17,10 +17,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from sit_atconv.convert import SOURCES, convert_checkpoint
-from sit_atconv.export import read_id2label
 from sit_atconv.io import run_cli
 from sit_atconv.models import list_models
-from sit_atconv.pipelines import check_output_folder, default_id2label, save_pipeline
+from sit_atconv.pipelines import check_output_folder, read_id2label, save_pipeline
 from sit_atconv.sampling import load_vae
 from sit_atconv.transport import PATHS, PREDICTIONS
 
@@ -59,14 +58,11 @@ def main(argv=None) -> Path:
     )
     model = converted.model
     vae = load_vae(args.vae, "cpu") if args.vae not in (None, "none") else None
-    num_classes = model.config.num_classes
-    id2label = read_id2label(args.id2label, num_classes) if args.id2label else default_id2label(num_classes)
+    id2label = read_id2label(args.id2label, model.config.num_classes) if args.id2label else None
 
     def keep_training_state(folder: Path) -> None:
-        if converted.online_state is not None:
-            online = type(model).from_config(model.config)
-            online.load_state_dict(converted.online_state)
-            online.save_pretrained(folder / "model")
+        if converted.online is not None:
+            converted.online.save_pretrained(folder / "model")
         if converted.projector_state is not None:
             save_file({k: v.contiguous() for k, v in converted.projector_state.items()},
                       folder / "projector.safetensors")  # fmt: skip

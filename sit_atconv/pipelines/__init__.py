@@ -7,6 +7,7 @@ from sit_atconv.pipelines.pipeline_sit import (
     default_id2label,
     flow_match_scheduler,
     imagenet_id2label,
+    read_id2label,
     save_pipeline,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "default_id2label",
     "flow_match_scheduler",
     "imagenet_id2label",
+    "read_id2label",
     "save_pipeline",
 ]

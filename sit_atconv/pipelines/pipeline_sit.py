@@ -66,6 +66,28 @@ def default_id2label(num_classes: int) -> dict[int, str]:
     return imagenet_id2label() if num_classes == 1000 else {i: str(i) for i in range(num_classes)}
 
 
+def read_id2label(path: str | Path, num_classes: int) -> dict[int, str]:
+    """Class names from a JSON file: {"0": "tench", ...} or a list with one name per class."""
+    path = Path(path)
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"could not read class names from {path}: {error}") from error
+    if isinstance(names, list):
+        names = dict(enumerate(names))
+    if not isinstance(names, dict):
+        raise ValueError(f"{path} must hold a JSON object {{index: name}} or a list of names")
+    try:
+        id2label = {int(k): str(v) for k, v in names.items()}
+    except ValueError as error:
+        raise ValueError(f"{path}: class indices must be integers ({error})") from error
+    if sorted(id2label) != list(range(num_classes)):
+        raise ValueError(
+            f"{path} names {len(id2label)} classes, but the model has {num_classes} (0..{num_classes - 1})"
+        )
+    return id2label
+
+
 class GeneratorNoise:
     """SDE noise drawn like diffusers draws latents: from one generator, one per sample (a list), or the
     global RNG. Stands in for `SampleNoise` in the samplers, which only call `randn_like`."""

@@ -235,8 +235,9 @@ def init_weights(path: str | Path, sit, ema, projector: nn.Module | None) -> lis
     except FileNotFoundError:
         online_folder = ema_folder
     notes = []
+    sources = {folder: from_pretrained_strict(type(sit), folder) for folder in {online_folder, ema_folder}}
     for target, folder in ((sit, online_folder), (ema, ema_folder)):
-        source = from_pretrained_strict(type(sit), folder)
+        source = sources[folder]
         diffs = {k: (source.config[k], target.config[k]) for k in ARCHITECTURE_FIELDS
                  if _plain(source.config[k]) != _plain(target.config[k])}  # fmt: skip
         if diffs:
@@ -256,7 +257,7 @@ def init_weights(path: str | Path, sit, ema, projector: nn.Module | None) -> lis
 
 
 def _plain(value):
-    return list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else value
+    return list(value) if isinstance(value, (list, tuple)) else value  # configs store lists as lists or tuples
 
 
 def peak_memory_mib(device: torch.device) -> float:
