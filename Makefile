@@ -1,11 +1,12 @@
 # One entry point. `make test` creates .venv when missing, installs the project with the pinned
-# versions (only when pyproject.toml or constraints.txt changed), then runs the fast test suite.
+# versions (only when pyproject.toml or constraints.txt changed), then runs the fast test suite;
+# `make test-slow` runs the long end-to-end tests and `make lint` checks style and formatting (CI runs all three).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow bench demo lint clean
+.PHONY: install test test-slow bench demo lint format clean
 
 install: $(STAMP)
 
@@ -15,10 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --durations=15
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n 2 -m slow --durations=15
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_atconv.py
@@ -40,8 +41,15 @@ demo: $(STAMP)
 	@echo "samples:    $(DEMO_RUN)/samples.npz"
 	@echo "loss plot:  $(DEMO_RUN)/loss.png"
 
+LINTED := sit_atconv tests benchmarks sample.py train_sit.py eval_fid.py
+
 lint: $(STAMP)
-	$(PY) -m ruff check sit_atconv tests benchmarks
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix $(LINTED)
+	$(PY) -m ruff format $(LINTED)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,10 +1,6 @@
-"""Constants shared by training, sampling, the pipeline and evaluation (defined once, imported)."""
+"""The ADM image format, shared by sampling, the grids and evaluation (defined once, imported)."""
 
 import torch
-
-SD_VAE_SCALE = 0.18215  # SD-VAE (ft-ema / ft-mse) latent scaling, as in LDM, DiT, SiT and REPA
-SD_VAE_DEFAULT = "stabilityai/sd-vae-ft-ema"
-SD_VAE_DOWNSAMPLE = 8
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> torch.Tensor:

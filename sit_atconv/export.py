@@ -7,52 +7,149 @@ The EMA weights are exported unless --no-ema. The transport (path, prediction) c
 checkpoint's config.yaml; --vae (a hub id in the cache, or a folder) ships a VAE in vae/, without it
 the pipeline has none (pass `vae=` to from_pretrained, or sample.py --vae); class names default to
 ImageNet's for 1000-class models.
+
+This module also writes pipeline folders for `sit_atconv.convert`: both commands share
+`add_pipeline_arguments` and `write_pipeline`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
 from pathlib import Path
 
-from sit_atconv.io import run_cli
+from sit_atconv import vae as autoencoder
+from sit_atconv.io import atomic_output, run_cli
+from sit_atconv.models import SiT
 from sit_atconv.models.loading import load_model, sampling_defaults
-from sit_atconv.pipelines import check_output_folder, read_id2label, save_pipeline
-from sit_atconv.sampling import load_vae
+from sit_atconv.pipelines import SiTPipeline, flow_match_scheduler
 from sit_atconv.transport import PATHS, PREDICTIONS
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="training checkpoint (ema/ and model/), model or pipeline folder")
-    p.add_argument("--out", required=True, type=Path, help="pipeline folder to write")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="export the EMA weights")
-    p.add_argument("--vae", default=None, help="AutoencoderKL hub id or folder to ship in vae/ (default: none)")
-    p.add_argument("--id2label", default=None, help="JSON file of class names (default: ImageNet's for 1000 classes)")
-    p.add_argument("--path", choices=list(PATHS), help="transport path (default: the checkpoint's config)")
-    p.add_argument("--prediction", choices=list(PREDICTIONS), help="model prediction (default: the checkpoint's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    return p.parse_args(argv)
+# ------------------------------------------------------------------------------------------------
+# Class names
+# ------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> Path:
-    args = parse_args(argv)
-    check_output_folder(args.out, args.overwrite)
-    model = load_model(args.ckpt, ema=args.ema)
-    recorded = sampling_defaults(args.ckpt)
+def imagenet_id2label() -> dict[int, str]:
+    """ImageNet-1k class names (torchvision's list, available offline)."""
+    from torchvision.models import ResNet50_Weights
+
+    return dict(enumerate(ResNet50_Weights.IMAGENET1K_V1.meta["categories"]))
+
+
+def default_id2label(num_classes: int) -> dict[int, str]:
+    """ImageNet names for 1000-class models, the class index as a string otherwise."""
+    return imagenet_id2label() if num_classes == 1000 else {i: str(i) for i in range(num_classes)}
+
+
+def read_id2label(path: str | Path, num_classes: int) -> dict[int, str]:
+    """Class names from a JSON file: {"0": "tench", ...} or a list with one name per class."""
+    path = Path(path)
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"could not read class names from {path}: {error}") from error
+    if isinstance(names, list):
+        names = dict(enumerate(names))
+    if not isinstance(names, dict):
+        raise ValueError(f"{path} must hold a JSON object {{index: name}} or a list of names")
+    try:
+        id2label = {int(k): str(v) for k, v in names.items()}
+    except ValueError as error:
+        raise ValueError(f"{path}: class indices must be integers ({error})") from error
+    if sorted(id2label) != list(range(num_classes)):
+        raise ValueError(
+            f"{path} names {len(id2label)} classes, but the model has {num_classes} (0..{num_classes - 1})"
+        )
+    return id2label
+
+
+# ------------------------------------------------------------------------------------------------
+# Pipeline folders
+# ------------------------------------------------------------------------------------------------
+
+
+def check_output_folder(out: str | Path, overwrite: bool) -> Path:
+    """Refuse to replace an existing folder unless asked (checked before any slow work)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    return out
+
+
+def save_pipeline(
+    out: str | Path,
+    transformer: SiT,
+    vae=None,
+    id2label: dict[int, str] | None = None,
+    transport: dict[str, str] | None = None,
+    extra: Callable[[Path], None] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a pipeline folder atomically: it is built in a hidden sibling folder (plus whatever `extra`
+    writes there) and renamed into place, so a crash never leaves a folder that looks complete and a
+    failed --overwrite leaves the old folder as it was."""
+    out = check_output_folder(out, overwrite)
+    if id2label is None:
+        id2label = default_id2label(transformer.config.num_classes)
+    pipe = SiTPipeline(
+        transformer=transformer, scheduler=flow_match_scheduler(), vae=vae, id2label=id2label, transport=transport
+    )
+    with atomic_output(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if extra is not None:
+            extra(tmp)
+    return out
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser, transport_default: str) -> None:
+    """The flags of `export` and `convert` that say what goes into the pipeline folder."""
+    parser.add_argument("--out", required=True, type=Path, help="pipeline folder to write")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="export the EMA weights")
+    parser.add_argument("--vae", default=None, help="AutoencoderKL hub id or folder to ship in vae/ (default: none)")
+    parser.add_argument("--id2label", default=None, help="JSON file of class names (default: ImageNet's for 1000)")
+    parser.add_argument("--path", choices=list(PATHS), help=f"transport path (default: {transport_default})")
+    parser.add_argument("--prediction", choices=list(PREDICTIONS), help=f"prediction (default: {transport_default})")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+
+def write_pipeline(
+    args: argparse.Namespace,
+    model: SiT,
+    recorded: dict | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """The last step of `export` and `convert`: the pipeline folder for `model` with the flags of
+    `add_pipeline_arguments`; what the flags leave open comes from `recorded` (a checkpoint's
+    `sampling_defaults`), else linear / velocity and no VAE."""
+    recorded = recorded or {}
     transport = {
         "path": args.path or recorded.get("path", "linear"),
         "prediction": args.prediction or recorded.get("prediction", "velocity"),
     }
-    vae_source = args.vae or recorded.get("vae")
-    vae = load_vae(vae_source, "cpu") if vae_source not in (None, "none") else None
-    if vae is None and model.config.in_channels == 4:
+    vae = autoencoder.vae_for_model(model, args.vae or recorded.get("vae"), "cpu", default=None)
+    if vae is None and autoencoder.is_latent_model(model.config):
         print("note: no --vae, so the pipeline has no vae/ (pass vae= to from_pretrained or --vae to sample.py)")
     id2label = read_id2label(args.id2label, model.config.num_classes) if args.id2label else None
-    out = save_pipeline(args.out, model, vae, id2label, transport, overwrite=args.overwrite)
-    print(
-        f"wrote {out} (transformer{' + vae' if vae is not None else ''}, {transport['path']} {transport['prediction']})"
-    )
+    out = save_pipeline(args.out, model, vae, id2label, transport, extra=extra, overwrite=args.overwrite)
+    print(f"wrote {out} (transformer{' + vae' if vae is not None else ''}, {transport['path']} {transport['prediction']})")
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="training checkpoint (ema/ and model/), model or pipeline folder")
+    add_pipeline_arguments(p, transport_default="the checkpoint's config, else linear / velocity")
+    args = p.parse_args(argv)
+    check_output_folder(args.out, args.overwrite)
+    model = load_model(args.ckpt, ema=args.ema)
+    return write_pipeline(args, model, sampling_defaults(args.ckpt))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,28 @@
-"""Small random models shared by several test modules."""
+"""Small random models shared by the test modules."""
 
 import torch
+
+from sit_atconv.models import create_model
+
+TINY_SIT = dict(depth=2, hidden_size=32, num_heads=2, input_size=8, num_classes=10)
+
+
+def randomise(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Add N(0, std^2) to every parameter: adaLN-Zero makes a fresh SiT output zeros, and perturbed
+    weights make the outputs carry signal."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * std)
+    return model
+
+
+def tiny_sit(name: str = "SiT-Hybrid-S/2", seed: int = 0, std: float = 0.05, **overrides):
+    """A seeded 2-block, 32-wide SiT on 8x8x4 inputs with 10 classes (overrides change any field), in
+    eval mode, its weights perturbed by `std` (0: the fresh adaLN-Zero initialisation)."""
+    torch.manual_seed(seed)
+    model = create_model(name, **{**TINY_SIT, **overrides})
+    return (randomise(model, seed, std) if std else model).eval()
 
 
 def tiny_vae(blocks: int = 2):
@@ -9,6 +31,10 @@ def tiny_vae(blocks: int = 2):
 
     torch.manual_seed(0)
     return AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16)[:blocks], down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=4, norm_num_groups=8, layers_per_block=1,
-    ).eval()  # fmt: skip
+        block_out_channels=(8, 16, 16, 16)[:blocks],
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    ).eval()

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import randomise, tiny_sit
+
 from sit_atconv.models import SiT, create_model, list_models, model_config
 from sit_atconv.models.sit import Attention, sincos_pos_embed_2d, timestep_embedding
 from sit_atconv.ops import ATConv
@@ -22,17 +24,8 @@ TABLE_VIII = {
 
 
 def tiny(name: str = "SiT-Hybrid-S/2", **overrides) -> SiT:
-    config = dict(depth=4, hidden_size=32, num_heads=4, input_size=8, num_classes=10)
-    return create_model(name, **{**config, **overrides})
-
-
-def randomise_zero_init(model: SiT, seed: int = 0) -> SiT:
-    """adaLN-Zero makes a fresh model output zeros; give every parameter a value so outputs carry signal."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
+    """A fresh (adaLN-Zero) 4-block tiny SiT."""
+    return tiny_sit(name, std=0, **{"depth": 4, "num_heads": 4, **overrides})
 
 
 @pytest.mark.parametrize("name,expected", TABLE_VIII.items())
@@ -83,7 +76,7 @@ def test_atconv_family_has_no_position_embedding():
 @pytest.mark.parametrize("name", ["SiT-S/2", "SiT-ATConv-S/4", "SiT-Hybrid-S/2"])
 @pytest.mark.parametrize("size", [(8, 8), (16, 8), (12, 20)])
 def test_forward_shapes_any_divisible_size(name, size):
-    model = randomise_zero_init(tiny(name)).eval()
+    model = randomise(tiny(name)).eval()
     patch = model.config.patch_size
     if size[0] % patch or size[1] % patch:
         pytest.skip("size not divisible by this patch size")
@@ -94,7 +87,7 @@ def test_forward_shapes_any_divisible_size(name, size):
 
 
 def test_unconditional_and_no_learn_sigma():
-    model = randomise_zero_init(tiny(num_classes=0, learn_sigma=False, in_channels=3)).eval()
+    model = randomise(tiny(num_classes=0, learn_sigma=False, in_channels=3)).eval()
     assert model.y_embedder is None and model.null_class is None
     assert model.final_layer.linear.out_features == 2 * 2 * 3
     assert model(torch.randn(2, 3, 8, 8), torch.tensor(0.5)).shape == (2, 3, 8, 8)
@@ -106,7 +99,7 @@ def test_conditional_model_needs_labels():
 
 
 def test_learn_sigma_returns_first_half():
-    model = randomise_zero_init(tiny()).eval()
+    model = randomise(tiny()).eval()
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
     captured = {}
     model.final_layer.register_forward_hook(lambda mod, inp, out: captured.update(out=out))
@@ -126,7 +119,7 @@ def test_fresh_model_blocks_are_identity_and_output_zero():
 
 
 def test_returned_features_are_the_tokens_after_block_k():
-    model = randomise_zero_init(tiny()).eval()
+    model = randomise(tiny()).eval()
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
     seen = []
     model.blocks[1].register_forward_hook(lambda mod, inp, out: seen.append(out))
@@ -139,7 +132,7 @@ def test_returned_features_are_the_tokens_after_block_k():
 
 
 def test_label_dropout_in_training_only():
-    model = tiny(class_dropout_prob=1.0)
+    model = tiny(class_dropout_prob=1.0).train()
     labels = torch.tensor([0, 5, 9])
     model.train()
     torch.testing.assert_close(model.y_embedder(labels), model.y_embedder.embedding_table.weight[[10, 10, 10]])
@@ -204,7 +197,7 @@ def test_config_round_trip_rebuilds_the_same_architecture():
 
 
 def test_bf16_autocast_forward():
-    model = randomise_zero_init(tiny()).eval()
+    model = randomise(tiny()).eval()
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
     with torch.no_grad():
         ref = model(x, t, y)
@@ -214,7 +207,7 @@ def test_bf16_autocast_forward():
 
 
 def test_model_compiles_without_graph_breaks():
-    model = randomise_zero_init(tiny()).eval()
+    model = randomise(tiny()).eval()
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():

@@ -8,29 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_vae
+from helpers import tiny_sit, tiny_vae
 from PIL import Image
 
 import sample as sample_cli
-from sit_atconv import sampling
+from sit_atconv import generation
 from sit_atconv.export import main as export_main
-from sit_atconv.models import create_model
+from sit_atconv.export import save_pipeline
 from sit_atconv.models.loading import load_model, sampling_defaults
-from sit_atconv.pipelines import SiTPipeline, flow_match_scheduler, save_pipeline
+from sit_atconv.pipelines import SiTPipeline, flow_match_scheduler
 from sit_atconv.training import load_config, save_config
 from sit_atconv.transport import SampleNoise, SamplerConfig, Transport, guided_predictor, sample
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_model(seed=0, **overrides):
-    config = dict(depth=2, hidden_size=32, num_heads=2, input_size=8, num_classes=10) | overrides
-    model = create_model("SiT-Hybrid-S/2", **config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +29,8 @@ def assets(tmp_path_factory):
     the pipeline exported from them."""
     root = tmp_path_factory.mktemp("pipeline")
     ckpt = root / "run" / "checkpoints" / "step_00000010"
-    tiny_model(0).save_pretrained(ckpt / "ema")
-    tiny_model(1).save_pretrained(ckpt / "model")
+    tiny_sit(seed=0).save_pretrained(ckpt / "ema")
+    tiny_sit(seed=1).save_pretrained(ckpt / "model")
     save_config(load_config(ROOT / "configs" / "demo" / "digits.yaml", ["transport.path=cosine"]), ckpt / "config.yaml")
     tiny_vae().save_pretrained(root / "vae")
     export_main(["--ckpt", str(ckpt), "--out", str(root / "exported"), "--vae", str(root / "vae")])
@@ -87,7 +77,7 @@ def test_export_no_ema_no_vae_and_imagenet_names(tmp_path, assets, capsys):
     x, t, y = inputs()
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "online")(x, t, y), load_model(ckpt, ema=False)(x, t, y))
-    model = tiny_model(num_classes=1000)
+    model = tiny_sit(num_classes=1000)
     save_pipeline(tmp_path / "imagenet", model)
     assert SiTPipeline.from_pretrained(tmp_path / "imagenet").get_label_ids(["golden retriever", "Otter", 5]) == [
         207, 360, 5,
@@ -116,7 +106,7 @@ def predictor(model, labels, cfg=1.0, low=0.0, high=1.0):
 
 @pytest.mark.parametrize("path", ["linear", "cosine"])
 def test_scheduler_reproduces_the_euler_sampler(path):
-    model = tiny_model()
+    model = tiny_sit()
     pipe = SiTPipeline(model, flow_match_scheduler(), transport={"path": path})
     labels = torch.tensor([1, 2, 3])
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -131,10 +121,10 @@ def test_scheduler_reproduces_the_euler_sampler(path):
 
 
 def test_pipeline_matches_sample_py_generation(pipe):
-    """The pipeline's images are sample.py's (`sampling.generate`) given the same initial noise."""
-    config = sampling.GenerationConfig(sampler=SamplerConfig(num_steps=4), cfg_scale=1.8, seed=7, path="cosine")
+    """The pipeline's images are sample.py's (`generation.generate`) given the same initial noise."""
+    config = generation.GenerationConfig(sampler=SamplerConfig(num_steps=4), cfg_scale=1.8, seed=7, path="cosine")
     labels = torch.tensor([4, 5])
-    expected, _ = sampling.generate(pipe.transformer, pipe.vae, [0, 1], labels, config, torch.device("cpu"))
+    expected, _ = generation.generate(pipe.transformer, pipe.vae, [0, 1], labels, config, torch.device("cpu"))
     latents = SampleNoise(7, [0, 1]).randn((4, 8, 8))
     got = pipe(class_labels=[4, 5], guidance_scale=1.8, num_inference_steps=4, latents=latents, output_type="pt")
     assert (got.images - (expected / 2 + 0.5)).abs().max() < 1e-5
@@ -157,7 +147,7 @@ def test_project_samplers_through_the_pipeline(pipe):
 
 
 def test_unconditional_and_pixel_models(tmp_path):
-    model = tiny_model(num_classes=0, in_channels=3)
+    model = tiny_sit(num_classes=0, in_channels=3)
     save_pipeline(tmp_path / "pixels", model)
     pipe = SiTPipeline.from_pretrained(tmp_path / "pixels")
     assert pipe.vae is None and pipe.id2label == {}
@@ -167,7 +157,7 @@ def test_unconditional_and_pixel_models(tmp_path):
         pipe(class_labels=[1])
     with pytest.raises(ValueError, match="needs a class-conditional model"):
         pipe(batch_size=1, guidance_scale=2.0)
-    single = SiTPipeline(tiny_model(num_classes=1, class_dropout_prob=0.0), flow_match_scheduler())
+    single = SiTPipeline(tiny_sit(num_classes=1, class_dropout_prob=0.0), flow_match_scheduler())
     assert single(batch_size=2, num_inference_steps=2, output_type="latent").images.shape == (2, 4, 8, 8)
 
 
@@ -182,7 +172,7 @@ def test_bad_arguments(pipe):
         pipe(class_labels=[1], latents=torch.zeros(1, 4, 4, 4))
     with pytest.raises(ValueError, match="unknown sampler 'ddim'"):
         pipe(class_labels=[1], sampler="ddim")
-    with pytest.raises(ValueError, match="output_type must be"):
+    with pytest.raises(ValueError, match="output_type must be one of"):
         pipe(class_labels=[1], output_type="jpeg")
 
 
@@ -250,11 +240,11 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        save_pipeline(tmp_path / "out", tiny_model(), extra=crash)
+        save_pipeline(tmp_path / "out", tiny_sit(), extra=crash)
     assert list(tmp_path.iterdir()) == []
-    first = tiny_model()
+    first = tiny_sit()
     save_pipeline(tmp_path / "out", first)
     with pytest.raises(OSError, match="disk full"):  # an existing folder survives a failed overwrite
-        save_pipeline(tmp_path / "out", tiny_model(seed=1), extra=crash, overwrite=True)
+        save_pipeline(tmp_path / "out", tiny_sit(seed=1), extra=crash, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert torch.equal(load_model(tmp_path / "out").blocks[0].mlp.fc1.weight, first.blocks[0].mlp.fc1.weight)

@@ -10,32 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_vae
+from helpers import tiny_sit, tiny_vae
 from PIL import Image
 
 import sample as sample_cli
-from sit_atconv import sampling
-from sit_atconv.models import create_model
+from sit_atconv import generation
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_model(num_classes=10, **overrides):
-    model = create_model(
-        "SiT-Hybrid-S/2", depth=2, hidden_size=32, num_heads=2, input_size=8, num_classes=num_classes, **overrides
-    )
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # leave adaLN-Zero's identity start so the samples carry signal
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    tiny_model().save_pretrained(root / "model")
-    tiny_model(num_classes=0).save_pretrained(root / "uncond")
+    tiny_sit().save_pretrained(root / "model")
+    tiny_sit(num_classes=0).save_pretrained(root / "uncond")
     tiny_vae().save_pretrained(root / "vae")
     return root
 
@@ -69,7 +57,7 @@ def test_crash_then_rerun_finishes_without_recomputing(assets, tmp_path, monkeyp
     reference = tmp_path / "reference.npz"
     run(assets, "--num-samples", "12", "--batch-size", "4", "--out", str(reference))
 
-    real_generate = sampling.generate
+    real_generate = generation.generate
     calls = []
 
     def crashing_generate(*args, **kwargs):
@@ -78,14 +66,14 @@ def test_crash_then_rerun_finishes_without_recomputing(assets, tmp_path, monkeyp
         calls.append(list(args[2]))
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(sampling, "generate", crashing_generate)
+    monkeypatch.setattr(generation, "generate", crashing_generate)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(assets, "--num-samples", "12", "--batch-size", "4", "--out", str(out))
     assert not out.exists()  # nothing that looks complete
     assert len(list((tmp_path / "samples.npz.shards").glob("shard_*.npz"))) == 2
 
     calls.clear()
-    monkeypatch.setattr(sampling, "generate", lambda *a, **k: (calls.append(list(a[2])), real_generate(*a, **k))[1])
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: (calls.append(list(a[2])), real_generate(*a, **k))[1])
     run(assets, "--num-samples", "12", "--batch-size", "4", "--out", str(out))
     assert calls == [[8, 9, 10, 11]]  # only the unfinished shard
     with np.load(out) as a, np.load(reference) as b:
@@ -127,8 +115,9 @@ def test_bad_inputs_fail_before_any_work(assets, tmp_path, capsys):
                          "--out", str(out)])  # fmt: skip
     with pytest.raises(ValueError, match=r"class labels \[10, -1\] are outside \[0, 10\)"):
         run(assets, "--classes", "3", "10", "-1", "--out", str(tmp_path / "g.png"))
-    with pytest.raises(ValueError, match="unknown sde sampler 'dopri5'"):
+    with pytest.raises(SystemExit):  # SamplerConfig's own check, reported as a usage error
         run(assets, "--mode", "sde", "--sampler", "dopri5", "--num-samples", "4", "--out", str(out))
+    assert "unknown sde sampler 'dopri5'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="the checkpoint is not a SiT-XL/2"):
         run(assets, "--model", "SiT-XL/2", "--num-samples", "4", "--out", str(out))
     for bad in (["--num-samples", "0"], ["--num-samples", "2.5"], ["--num-steps", "-3"], ["--sampler", "rk4"]):
@@ -155,3 +144,13 @@ def test_shards_of_another_run_are_not_mixed(assets, tmp_path):
     with pytest.raises(ValueError, match="holds shards of a different run"):
         run(assets, "--num-samples", "4", "--batch-size", "2", "--out", str(out), "--seed", "5", "--vae", "none")
     shutil.rmtree(tmp_path / "s.npz.shards")
+
+
+def test_old_sampling_module_still_imports_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("sit_atconv.sampling", None)
+    with pytest.warns(DeprecationWarning, match="use sit_atconv.generation"):
+        old = importlib.import_module("sit_atconv.sampling")
+    assert old.generate is generation.generate and old.sample_to_npz is generation.sample_to_npz

@@ -6,12 +6,15 @@ import pytest
 import torch
 
 from sit_atconv.transport import (
+    MODES,
     PATHS,
+    SAMPLERS,
     SampleNoise,
     SamplerConfig,
     Transport,
     guided_predictor,
     sample,
+    sampling_grid,
 )
 
 
@@ -63,12 +66,18 @@ MEAN = torch.tensor([1.0, -2.0, 0.5])
 VAR = torch.tensor([0.25, 1.0, 2.25])
 
 
+def seeded_randn_like(seed):
+    """One generator for the whole batch: the distribution tests need no per-sample streams."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+
 def run_sampler(transport, config, n=4000, seed=0, model=None, labels=None, cfg_scale=1.0, null=None):
     model = model or MixtureModel(transport, {0: [(1.0, MEAN.double(), VAR.double())]})
-    noise = SampleNoise(seed, range(n))
-    x = noise.randn((MEAN.numel(),), torch.float64)
+    randn_like = seeded_randn_like(seed)
+    x = randn_like(torch.empty(n, MEAN.numel(), dtype=torch.float64))
     predict = guided_predictor(model, labels, cfg_scale=cfg_scale, null_class=null)
-    return sample(predict, transport, x, config, noise)
+    return sample(predict, transport, x, config, randn_like)
 
 
 def assert_gaussian(samples, tol_mean=0.08, tol_var=0.15):
@@ -135,10 +144,9 @@ def test_cfg_moves_samples_towards_the_class_mode():
     labels = torch.tensor([0, 1] * 1000)
 
     def own_mode_fraction(cfg_scale):
-        noise = SampleNoise(1, range(2000))
-        x = noise.randn((1,), torch.float64)
+        x = torch.randn(2000, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         predict = guided_predictor(model, labels, cfg_scale=cfg_scale, null_class=2)
-        out, _ = sample(predict, transport, x, SamplerConfig(sampler="heun", num_steps=60), noise)
+        out, _ = sample(predict, transport, x, SamplerConfig(sampler="heun", num_steps=60))
         sign = torch.where(labels == 0, -1.0, 1.0)
         return ((out[:, 0] * sign) > 1.5).double().mean().item()
 
@@ -237,6 +245,44 @@ def test_same_sample_index_gives_same_noise_whatever_the_batch():
     assert not torch.equal(SampleNoise(8, [2]).randn((2, 3)), b[:1])
 
 
+def test_every_caller_reads_the_one_sampler_table(monkeypatch):
+    """sample() dispatches through SAMPLERS (a replaced entry is what runs), names map both ways, and
+    each sampler's keyword-only options are SamplerConfig fields (sample.py's flags come from those)."""
+    import dataclasses
+    import inspect
+
+    fields = {f.name for f in dataclasses.fields(SamplerConfig)}
+    for name, function in SAMPLERS.items():
+        config = SamplerConfig.from_name(name)
+        assert config.name == name and config.sampler in MODES[config.mode]
+        keywords = [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        assert set(keywords) <= fields, name
+        assert list(inspect.signature(function).parameters)[:5] == ["predict", "transport", "x", "ts", "randn_like"]
+    seen = []
+
+    def spy(predict, transport, x, ts, randn_like, *, diffusion_form, diffusion_norm, last_step):
+        seen.append({"diffusion_form": diffusion_form, "diffusion_norm": diffusion_norm, "last_step": last_step})
+        return x
+
+    monkeypatch.setitem(SAMPLERS, "sde-heun", spy)
+    x = torch.zeros(2, 3)
+    out, calls = sample(lambda x, t: x, Transport(), x, SamplerConfig(mode="sde", sampler="heun", last_step="none"))
+    assert out is x and calls == 0
+    assert seen == [{"diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "none"}]
+
+
+def test_sampling_grids():
+    transport = Transport()
+    torch.testing.assert_close(sampling_grid(transport, SamplerConfig(num_steps=4)), torch.linspace(1, 0, 5).double())
+    assert sampling_grid(transport, SamplerConfig(sampler="dopri5")).tolist() == [1.0, 0.0]
+    sde = sampling_grid(transport, SamplerConfig(mode="sde", num_steps=5))
+    torch.testing.assert_close(sde[:-1], torch.linspace(1, 0.04, 5).double())  # REPA's grid, then the last step
+    assert sde[-1] == 0.0
+    noise_model = Transport(prediction="noise")  # singular at both ends: SiT keeps sample_eps from them
+    ends = sampling_grid(noise_model, SamplerConfig(mode="sde", num_steps=5, last_step="none"))
+    assert len(ends) == 5 and ends[0] == 1 - noise_model.sample_eps and ends[-1] == noise_model.sample_eps
+
+
 def test_bad_sampler_configs():
     with pytest.raises(ValueError, match="unknown sampling mode 'pde'"):
         SamplerConfig(mode="pde")
@@ -244,6 +290,12 @@ def test_bad_sampler_configs():
         SamplerConfig(mode="sde", sampler="dopri5")
     with pytest.raises(ValueError, match="num_steps must be a positive integer, got -3"):
         SamplerConfig(num_steps=-3)
+    with pytest.raises(ValueError, match="unknown sampler 'rk4'; expected one of"):
+        SamplerConfig.from_name("rk4")
+    with pytest.raises(ValueError, match="unknown last_step 'midpoint'"):
+        SamplerConfig(mode="sde", last_step="midpoint")
+    with pytest.raises(ValueError, match="unknown diffusion_form 'cubic'"):
+        SamplerConfig(mode="sde", diffusion_form="cubic")
     with pytest.raises(ValueError, match="unknown path 'sine'"):
         Transport(path="sine")
     with pytest.raises(ValueError, match="unknown prediction 'x0'"):

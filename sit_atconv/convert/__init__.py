@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from sit_atconv.models.registry import model_config
+from sit_atconv.models.registry import check_architecture, model_config, name_fields
 from sit_atconv.models.sit import SiT
 
 SOURCES = ("sit", "repa", "atconv-official")
@@ -144,36 +144,24 @@ def infer_architecture(state: dict, path: Path, num_classes: int | None = None) 
     return arch
 
 
-def _layout_name(mixers: list[str]) -> str:
-    kinds = set(mixers)
-    if kinds == {"attention"}:
-        return "attention in every block"
-    if kinds == {"atconv"}:
-        return "ATConv in every block"
-    return "ATConv in blocks " + ",".join(str(i) for i, m in enumerate(mixers) if m == "atconv")
-
-
 def target_config(arch: dict, model_name: str, path: Path, convention: str, **overrides) -> dict:
-    """Our SiT config for `model_name`, adapted to what the checkpoint holds; raises when the sizes or
-    mixers of the checkpoint are not those of `model_name`."""
+    """Our SiT config for `model_name`, adapted to what the checkpoint holds: the fields the name fixes
+    (size, patch, mixer layout) must match the weights; the rest (classes, channels, learn_sigma, ...)
+    are taken from them unless overridden."""
     expected = model_config(model_name, **overrides)
-    wrong = [k for k in ("hidden_size", "depth", "patch_size", "in_channels") if arch[k] != expected[k]]
-    if wrong:
-        found = ", ".join(f"{k}={arch[k]}" for k in ("hidden_size", "depth", "patch_size", "in_channels"))
-        want = ", ".join(f"{k}={expected[k]}" for k in ("hidden_size", "depth", "patch_size", "in_channels"))
-        raise ValueError(f"{path} holds a model with {found}, but --model {model_name} expects {want}")
-    if list(arch["mixers"]) != list(expected["mixers"]):
-        hint = ""
+    compared = [k for k in name_fields(model_name) if k in arch]
+    try:
+        check_architecture(arch, expected, f"{path} does not hold a {model_name}", compared)
+    except ValueError as error:
         if set(arch["mixers"]) == {"attention"} and "ATConv" in model_name:
-            hint = (" (the official REPA code's non-hybrid ATConv entries build attention only, so such a "
-                    "checkpoint converts as the plain SiT model)")  # fmt: skip
-        raise ValueError(
-            f"{path} has {_layout_name(arch['mixers'])}, but --model {model_name} has "
-            f"{_layout_name(expected['mixers'])}{hint}"
-        )
+            raise ValueError(
+                f"{error} (the official REPA code's non-hybrid ATConv entries build attention only, so such a "
+                "checkpoint converts as the plain SiT model)"
+            ) from None
+        raise
     config = dict(expected)
-    for key in ("num_classes", "class_dropout_prob", "learn_sigma", "qk_norm", "pos_embed", "input_size"):
-        if key in arch and key not in overrides:
+    for key in ("in_channels", "num_classes", "class_dropout_prob", "learn_sigma", "qk_norm", "pos_embed", "input_size"):
+        if key in arch and key not in overrides and key not in compared:
             config[key] = arch[key]
     config["atconv_context_pool"] = "raster"
     config["atconv_kernel_act"] = "gelu_tanh" if convention == "sit" else "silu"

@@ -17,11 +17,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from sit_atconv.convert import SOURCES, convert_checkpoint
+from sit_atconv.export import add_pipeline_arguments, check_output_folder, write_pipeline
 from sit_atconv.io import run_cli
 from sit_atconv.models import list_models
-from sit_atconv.pipelines import check_output_folder, read_id2label, save_pipeline
-from sit_atconv.sampling import load_vae
-from sit_atconv.transport import PATHS, PREDICTIONS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,17 +27,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="which project wrote the file")
     p.add_argument("checkpoint", type=Path, help="the .pt file")
     p.add_argument("--model", required=True, choices=list_models(), help="architecture of the checkpoint")
-    p.add_argument("--out", required=True, type=Path, help="pipeline folder to write")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="export the EMA weights")
-    p.add_argument("--input-size", type=int, help="latent size when the file has no position embedding "
-                   "(pure ATConv; default 32 = 256 px)")  # fmt: skip
-    p.add_argument("--num-classes", type=int, help="classes of the label table (default: the checkpoint's args; "
-                   "else rows - 1 with a null class)")  # fmt: skip
-    p.add_argument("--path", choices=list(PATHS), default="linear", help="transport path (SiT's GVP is cosine)")
-    p.add_argument("--prediction", choices=list(PREDICTIONS), default="velocity")
-    p.add_argument("--vae", default=None, help="AutoencoderKL hub id or folder to ship in vae/ (default: none)")
-    p.add_argument("--id2label", default=None, help="JSON file of class names (default: ImageNet's for 1000)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument(
+        "--input-size", type=int, help="latent size when the file has no position embedding (pure ATConv; default 32)"
+    )
+    p.add_argument(
+        "--num-classes", type=int, help="classes of the label table (default: the checkpoint's args, else rows - 1)"
+    )
+    add_pipeline_arguments(p, transport_default="linear / velocity; SiT's GVP is cosine")
     return p.parse_args(argv)
 
 
@@ -52,26 +46,22 @@ def main(argv=None) -> Path:
         args.source,
         args.model,
         ema=args.ema,
-        prediction=args.prediction,
+        prediction=args.prediction or "velocity",
         num_classes=args.num_classes,
         **overrides,
     )
-    model = converted.model
-    vae = load_vae(args.vae, "cpu") if args.vae not in (None, "none") else None
-    id2label = read_id2label(args.id2label, model.config.num_classes) if args.id2label else None
 
     def keep_training_state(folder: Path) -> None:
         if converted.online is not None:
             converted.online.save_pretrained(folder / "model")
         if converted.projector_state is not None:
-            save_file({k: v.contiguous() for k, v in converted.projector_state.items()},
-                      folder / "projector.safetensors")  # fmt: skip
+            projector = {k: v.contiguous() for k, v in converted.projector_state.items()}
+            save_file(projector, folder / "projector.safetensors")
 
-    transport = {"path": args.path, "prediction": args.prediction}
-    out = save_pipeline(args.out, model, vae, id2label, transport, extra=keep_training_state, overwrite=args.overwrite)
+    out = write_pipeline(args, converted.model, extra=keep_training_state)
     for note in converted.notes:
         print(f"note: {note}")
-    print(f"wrote {out} from {args.checkpoint} ({args.source}, {converted.convention} convention)")
+    print(f"converted {args.checkpoint} ({args.source}, {converted.convention} convention)")
     return out
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -23,7 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from sit_atconv import vae as autoencoder
 from sit_atconv.data.images import ImageFolderDataset, collate_skipping_bad
+from sit_atconv.io import atomic_output, write_json_atomic
 
 MANIFEST = "manifest.json"
 
@@ -66,18 +67,17 @@ def extract_latents(
             pixels = images.to(accelerator.device).float() / 127.5 - 1  # [-1, 1]
             encoded = {"": pixels, "_flipped": pixels.flip(-1)} if flip else {"": pixels}
             for suffix, x in encoded.items():
-                posterior = vae.encode(x.to(vae.dtype)).latent_dist
-                parts.setdefault("mean" + suffix, []).append(posterior.mean.half().cpu())
-                parts.setdefault("std" + suffix, []).append(posterior.std.half().cpu())
+                mean, std = autoencoder.encode(vae, x)
+                parts.setdefault("mean" + suffix, []).append(mean.half().cpu())
+                parts.setdefault("std" + suffix, []).append(std.half().cpu())
             parts.setdefault("labels", []).append(labels)
             parts.setdefault("indices", []).append(indices)
             parts.setdefault("images", []).append(images)
         tensors = {key: torch.cat(value).contiguous() for key, value in parts.items()}
         if not tensors:  # every image of the shard was unreadable
             tensors = {"labels": torch.zeros(0, dtype=torch.long), "indices": torch.zeros(0, dtype=torch.long)}
-        tmp = out / f".{shard_name(k)}.tmp"
-        save_file(tensors, tmp)
-        os.replace(tmp, out / shard_name(k))
+        with atomic_output(out / shard_name(k)) as tmp:
+            save_file(tensors, tmp)
         bar.update(1)
     bar.close()
     if skipped_paths:
@@ -101,9 +101,7 @@ def extract_latents(
             "total_rows": sum(s["rows"] for s in shards),
             "skipped_images": skipped,
         }
-        tmp = out / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, out / MANIFEST)
+        write_json_atomic(out / MANIFEST, manifest)
         print(f"wrote {manifest['total_rows']} latents in {num_shards} shards to {out}; skipped {skipped} images")
     accelerator.wait_for_everyone()
     return manifest
@@ -167,14 +165,11 @@ class LatentDataset(Dataset):
 def main(argv=None) -> None:
     from accelerate import Accelerator
 
-    from sit_atconv.constants import SD_VAE_DEFAULT
-    from sit_atconv.sampling import load_vae
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="image folder (ImageNet layout, or --unconditional)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--vae", default=SD_VAE_DEFAULT)
+    p.add_argument("--vae", default=autoencoder.SD_VAE_DEFAULT, help="AutoencoderKL hub id or folder")
     p.add_argument("--unconditional", action="store_true", help="one folder of images, label 0 (FFHQ)")
     p.add_argument("--flip", action="store_true", help="also store the latents of mirrored images")
     p.add_argument("--shard-size", type=int, default=1024)
@@ -184,7 +179,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     dataset = ImageFolderDataset(args.data, args.resolution, args.unconditional, args.on_error)
-    vae = load_vae(args.vae, accelerator.device)
+    vae = autoencoder.load_vae(args.vae, accelerator.device)
     extract_latents(accelerator, dataset, vae, args.out, args.shard_size, args.batch_size, args.flip, args.num_workers)
 
 

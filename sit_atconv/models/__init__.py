@@ -1,4 +1,26 @@
-from sit_atconv.models.registry import MODELS, create_model, list_models, mixer_layout, model_config
+from sit_atconv.models.registry import (
+    MODELS,
+    architecture_differences,
+    architecture_fields,
+    check_architecture,
+    create_model,
+    list_models,
+    mixer_layout,
+    model_config,
+    name_fields,
+)
 from sit_atconv.models.sit import SiT, build_mixer
 
-__all__ = ["MODELS", "SiT", "build_mixer", "create_model", "list_models", "mixer_layout", "model_config"]
+__all__ = [
+    "MODELS",
+    "SiT",
+    "architecture_differences",
+    "architecture_fields",
+    "build_mixer",
+    "check_architecture",
+    "create_model",
+    "list_models",
+    "mixer_layout",
+    "model_config",
+    "name_fields",
+]

@@ -8,6 +8,7 @@ block, no position embedding, as in the official ATConv generation code) and `Si
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sit_atconv.models.sit import SiT
@@ -74,6 +75,63 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     if config.get("mixers") is None:
         config["mixers"] = mixer_layout(layout, config["depth"])
     return config
+
+
+def name_fields(name: str) -> tuple[str, ...]:
+    """The config fields a registry name fixes: its size, patch, mixer layout and family defaults (the
+    other fields, such as input_size or num_classes, are overrides the name says nothing about)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    _, config = MODELS[name]
+    return (*(k for k in config if k not in DEFAULTS), "mixers")
+
+
+# SiT config fields that do not change what the weights compute: the position embedding follows the
+# input size, and label dropout acts in training only (whether a null-class row exists is in the weights).
+NOT_ARCHITECTURE = ("input_size", "class_dropout_prob")
+
+
+def architecture_fields() -> tuple[str, ...]:
+    """Every SiT config field that changes what the weights compute."""
+    return tuple(p for p in inspect.signature(SiT.__init__).parameters if p not in ("self", *NOT_ARCHITECTURE))
+
+
+def architecture_differences(
+    found: Mapping[str, Any], expected: Mapping[str, Any], fields: Iterable[str] | None = None
+) -> dict[str, tuple[Any, Any]]:
+    """{field: (found, expected)} where two SiT configs (config.json dicts, `model.config`, `model_config`
+    results) differ in `fields` (default: all `architecture_fields`). Lists and tuples compare by value."""
+
+    def plain(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    fields = architecture_fields() if fields is None else fields
+    return {k: (found[k], expected[k]) for k in fields if plain(found[k]) != plain(expected[k])}
+
+
+def describe_mixers(mixers: Iterable[str]) -> str:
+    """'attention in all 12 blocks' or 'atconv in blocks 1,3,5 of 6' (the other blocks attention)."""
+    mixers = list(mixers)
+    if len(set(mixers)) == 1:
+        return f"{mixers[0]} in all {len(mixers)} blocks"
+    kinds = dict.fromkeys(m for m in mixers if m != "attention")
+    where = [f"{kind} in blocks " + ",".join(str(i) for i, m in enumerate(mixers) if m == kind) for kind in kinds]
+    return f"{'; '.join(where)} of {len(mixers)}"
+
+
+def check_architecture(
+    found: Mapping[str, Any], expected: Mapping[str, Any], what: str, fields: Iterable[str] | None = None
+) -> None:
+    """Raise ValueError naming every field in which `found` differs from `expected`; `what` starts the
+    message (e.g. "the checkpoint is not a SiT-XL/2")."""
+    differences = architecture_differences(found, expected, fields)
+    if differences:
+
+        def show(key, value):
+            return describe_mixers(value) if key == "mixers" else repr(value)
+
+        detail = "; ".join(f"{k}: {show(k, a)} there, {show(k, b)} expected" for k, (a, b) in differences.items())
+        raise ValueError(f"{what}: {detail}")
 
 
 def create_model(name: str, **overrides: Any) -> SiT:

@@ -12,6 +12,7 @@ N = h * w tokens in raster order.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import torch
@@ -24,7 +25,6 @@ from timm.layers import Mlp
 
 from sit_atconv.ops import ATConv
 
-MIXERS = ("attention", "atconv")
 POS_EMBEDS = ("sincos", "none")
 
 
@@ -133,21 +133,32 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
-def build_mixer(
-    kind: str,
-    dim: int,
-    num_heads: int,
-    qk_norm: bool = False,
-    kernel_size: int = 3,
-    context_pool: str = "2d",
-    kernel_act: str = "gelu_tanh",
-) -> nn.Module:
-    """The one place a mixer name becomes a module. Both take (B, N, C) tokens and the (h, w) grid."""
-    if kind == "attention":
-        return Attention(dim, num_heads, qk_norm=qk_norm)
-    if kind == "atconv":
-        return ATConv(dim, kernel_size=kernel_size, context_pool=context_pool, kernel_act=kernel_act)
-    raise ValueError(f"unknown mixer {kind!r}; expected one of {list(MIXERS)}")
+def _attention(dim: int, num_heads: int, config: Mapping) -> nn.Module:
+    return Attention(dim, num_heads, qk_norm=config["qk_norm"])
+
+
+def _atconv(dim: int, num_heads: int, config: Mapping) -> nn.Module:
+    return ATConv(
+        dim,
+        kernel_size=config["atconv_kernel_size"],
+        context_pool=config["atconv_context_pool"],
+        kernel_act=config["atconv_kernel_act"],
+    )
+
+
+# The one mixer table: name -> builder(hidden_size, num_heads, SiT config). Every mixer takes (B, N, C)
+# tokens and the (h, w) grid; its options are SiT arguments named `<mixer>_<option>`.
+MIXERS: dict[str, Callable[[int, int, Mapping], nn.Module]] = {
+    "attention": _attention,
+    "atconv": _atconv,
+}
+
+
+def build_mixer(kind: str, dim: int, num_heads: int, config: Mapping) -> nn.Module:
+    """The module of mixer `kind` for a SiT with config `config` (a SiT config or a dict of its fields)."""
+    if kind not in MIXERS:
+        raise ValueError(f"unknown mixer {kind!r}; expected one of {list(MIXERS)}")
+    return MIXERS[kind](dim, num_heads, config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,20 +285,7 @@ class SiT(ModelMixin, ConfigMixin):
         else:
             self.fixed_pos_embed = None
         self.blocks = nn.ModuleList(
-            SiTBlock(
-                hidden_size,
-                mlp_ratio,
-                build_mixer(
-                    kind,
-                    hidden_size,
-                    num_heads,
-                    qk_norm=qk_norm,
-                    kernel_size=atconv_kernel_size,
-                    context_pool=atconv_context_pool,
-                    kernel_act=atconv_kernel_act,
-                ),
-            )
-            for kind in mixers
+            SiTBlock(hidden_size, mlp_ratio, build_mixer(kind, hidden_size, num_heads, self.config)) for kind in mixers
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()

@@ -1,23 +1,5 @@
-"""diffusers integration: `SiTPipeline` and writing pipeline folders (`save_pipeline`)."""
+"""diffusers integration: `SiTPipeline` (folders are written by `sit_atconv.export`)."""
 
-from sit_atconv.pipelines.pipeline_sit import (
-    SAMPLERS,
-    SiTPipeline,
-    check_output_folder,
-    default_id2label,
-    flow_match_scheduler,
-    imagenet_id2label,
-    read_id2label,
-    save_pipeline,
-)
+from sit_atconv.pipelines.pipeline_sit import SiTPipeline, flow_match_scheduler
 
-__all__ = [
-    "SAMPLERS",
-    "SiTPipeline",
-    "check_output_folder",
-    "default_id2label",
-    "flow_match_scheduler",
-    "imagenet_id2label",
-    "read_id2label",
-    "save_pipeline",
-]
+__all__ = ["SiTPipeline", "flow_match_scheduler"]

@@ -8,12 +8,12 @@
 A pipeline folder holds model_index.json (with `id2label` and the `transport` the model was trained
 on), transformer/ (SiT config.json + diffusion_pytorch_model.safetensors), scheduler/
 (FlowMatchEulerDiscreteScheduler) and, for latent models, vae/. Converted checkpoints may also keep
-model/ (non-EMA weights) and projector.safetensors (REPA) for continued training.
+model/ (non-EMA weights) and projector.safetensors (REPA) for continued training. `sit_atconv.export`
+writes such folders.
 
 Sampling runs through the project's own code: guidance from `guided_predictor`, the default Euler
-steps from the diffusers scheduler on the project's time grid (identical to `sample_euler`), and
-`sampler="heun" | "dopri5" | "sde-euler" | "sde-heun"` (or a `SamplerConfig`) through
-`sit_atconv.transport.sample`.
+steps from the diffusers scheduler on the project's time grid (identical to `sample_euler`), and any
+name of `sit_atconv.transport.SAMPLERS` (or a `SamplerConfig`) through `sit_atconv.transport.sample`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import difflib
 import inspect
 import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,19 +30,14 @@ from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteSc
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from sit_atconv import vae as autoencoder
+from sit_atconv.generation import GenerationConfig, check_generation
 from sit_atconv.models.loading import from_pretrained_strict
 from sit_atconv.models.sit import SiT
-from sit_atconv.sampling import GenerationConfig, check_generation, decode_latents
-from sit_atconv.transport import SamplerConfig, Transport, guided_predictor, sample, time_grid
+from sit_atconv.transport import SAMPLERS, SamplerConfig, Transport, guided_predictor, sample, sampling_grid
 
 DEFAULT_TRANSPORT = {"path": "linear", "prediction": "velocity"}
-SAMPLERS = {
-    "euler": ("ode", "euler"),
-    "heun": ("ode", "heun"),
-    "dopri5": ("ode", "dopri5"),
-    "sde-euler": ("sde", "euler"),
-    "sde-heun": ("sde", "heun"),
-}
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Files of a pipeline folder that sampling does not need (skipped when fetching from the hub).
 TRAINING_ONLY = ["model/*", "projector.safetensors"]
 
@@ -52,51 +46,6 @@ def flow_match_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """The scheduler whose steps are the project's Euler ODE sampler: no shift, and the pipeline hands
     it the project's time grid as `sigmas` (its own default grid stops at 1/1000, not 0)."""
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-
-
-def imagenet_id2label() -> dict[int, str]:
-    """ImageNet-1k class names (torchvision's list, available offline)."""
-    from torchvision.models import ResNet50_Weights
-
-    return dict(enumerate(ResNet50_Weights.IMAGENET1K_V1.meta["categories"]))
-
-
-def default_id2label(num_classes: int) -> dict[int, str]:
-    """ImageNet names for 1000-class models, the class index as a string otherwise."""
-    return imagenet_id2label() if num_classes == 1000 else {i: str(i) for i in range(num_classes)}
-
-
-def read_id2label(path: str | Path, num_classes: int) -> dict[int, str]:
-    """Class names from a JSON file: {"0": "tench", ...} or a list with one name per class."""
-    path = Path(path)
-    try:
-        names = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"could not read class names from {path}: {error}") from error
-    if isinstance(names, list):
-        names = dict(enumerate(names))
-    if not isinstance(names, dict):
-        raise ValueError(f"{path} must hold a JSON object {{index: name}} or a list of names")
-    try:
-        id2label = {int(k): str(v) for k, v in names.items()}
-    except ValueError as error:
-        raise ValueError(f"{path}: class indices must be integers ({error})") from error
-    if sorted(id2label) != list(range(num_classes)):
-        raise ValueError(
-            f"{path} names {len(id2label)} classes, but the model has {num_classes} (0..{num_classes - 1})"
-        )
-    return id2label
-
-
-class GeneratorNoise:
-    """SDE noise drawn like diffusers draws latents: from one generator, one per sample (a list), or the
-    global RNG. Stands in for `SampleNoise` in the samplers, which only call `randn_like`."""
-
-    def __init__(self, generator: torch.Generator | list[torch.Generator] | None):
-        self.generator = generator
-
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        return randn_tensor(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
 
 
 class SiTPipeline(DiffusionPipeline):
@@ -136,7 +85,7 @@ class SiTPipeline(DiffusionPipeline):
             for name in names.split(",")
             if name.strip()
         }
-        self.image_processor = VaeImageProcessor(vae_scale_factor=8, do_normalize=True)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=autoencoder.downsample_factor(vae))
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -211,75 +160,135 @@ class SiTPipeline(DiffusionPipeline):
                 "latent" (the sampler's output, not decoded).
             guidance_interval: (low, high) times in [0, 1] where guidance applies (REPA: (0, 0.7)).
             cfg_channels: guide only the first N channels (3 reproduces SiT/DiT's published sampler).
-            sampler: None for the scheduler's Euler steps; one of "euler", "heun", "dopri5",
-                "sde-euler", "sde-heun", or a `SamplerConfig`, to run the project's samplers.
+            sampler: None for the scheduler's Euler steps; a name of `sit_atconv.transport.SAMPLERS`
+                ("euler", "heun", "dopri5", "sde-euler", "sde-heun") or a `SamplerConfig`, to run the
+                project's samplers.
             batch_size: number of images of an unconditional or single-class model (default 1).
         Returns:
             `ImagePipelineOutput` with `.images`, or a one-element tuple when return_dict is False.
+
+        Example:
+            >>> pipe = SiTPipeline.from_pretrained("path/to/exported-model")
+            >>> pipe(class_labels=["golden retriever"], guidance_scale=1.8, sampler="sde-euler").images[0]
         """
-        model = self.transformer
-        device = self._execution_device
-        conditional = model.config.num_classes > 0
-        if conditional:
-            if class_labels is None and model.config.num_classes == 1:  # a single class, e.g. FFHQ
-                class_labels = [0] * (batch_size or (len(latents) if latents is not None else 1))
-            if class_labels is None:
-                raise ValueError("this model is class-conditional: pass class_labels (indices or names)")
-            labels = torch.tensor(self.get_label_ids(class_labels), device=device)
-            count = len(labels)
-        else:
+        labels = self.prepare_labels(class_labels, batch_size, latents)
+        count = len(labels) if labels is not None else batch_size or (len(latents) if latents is not None else 1)
+        config = self.check_inputs(
+            labels, count, guidance_scale, guidance_interval, cfg_channels, num_inference_steps, sampler, latents,
+            output_type,
+        )
+        x = self.prepare_latents(count, generator, latents)
+        x = self.denoise(x, labels, config, use_scheduler=sampler is None, generator=generator)
+        images = self.decode(x, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def prepare_labels(
+        self, class_labels: int | str | Sequence[int | str] | None, batch_size: int | None, latents: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The (B,) label tensor of a class-conditional model (None for unconditional ones)."""
+        num_classes = self.transformer.config.num_classes
+        if not num_classes:
             if class_labels is not None:
                 raise ValueError("this model is unconditional: leave class_labels out and set batch_size")
-            labels = None
-            count = batch_size or (len(latents) if latents is not None else 1)
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        low, high = guidance_interval
-        sampler_config = _sampler_config(sampler, num_inference_steps)
-        config = GenerationConfig(
-            sampler=sampler_config or SamplerConfig(num_steps=num_inference_steps), cfg_scale=guidance_scale,
-            guidance_low=low, guidance_high=high, cfg_channels=cfg_channels, **self.config.transport,
-        )  # fmt: skip
-        check_generation(model, config, labels.tolist() if labels is not None else None)
+            return None
+        if class_labels is None and num_classes == 1:  # a single class, e.g. FFHQ
+            class_labels = [0] * (batch_size or (len(latents) if latents is not None else 1))
+        if class_labels is None:
+            raise ValueError("this model is class-conditional: pass class_labels (indices or names)")
+        return torch.tensor(self.get_label_ids(class_labels), device=self._execution_device)
 
-        size = model.config.input_size
-        shape = (count, model.config.in_channels, size, size)
-        if latents is None:
-            x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-            x = latents.to(device=device, dtype=torch.float32)
+    def check_inputs(
+        self,
+        labels: torch.Tensor | None,
+        count: int,
+        guidance_scale: float,
+        guidance_interval: tuple[float, float],
+        cfg_channels: int | None,
+        num_inference_steps: int,
+        sampler: str | SamplerConfig | None,
+        latents: torch.Tensor | None,
+        output_type: str,
+    ) -> GenerationConfig:
+        """Reject what the model cannot do before any work; returns the generation settings."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        if not isinstance(sampler, SamplerConfig):
+            if sampler is not None and sampler not in SAMPLERS:
+                raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)} or a SamplerConfig")
+            sampler = SamplerConfig.from_name(sampler or "euler", num_steps=num_inference_steps)
+        low, high = guidance_interval
+        config = GenerationConfig(
+            sampler=sampler, cfg_scale=guidance_scale, guidance_low=low, guidance_high=high, cfg_channels=cfg_channels,
+            **self.config.transport,
+        )
+        check_generation(self.transformer, config, labels.tolist() if labels is not None else None)
+        if latents is not None and tuple(latents.shape) != self.latent_shape(count):
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {self.latent_shape(count)}")
+        return config
+
+    def latent_shape(self, count: int) -> tuple[int, int, int, int]:
+        model_config = self.transformer.config
+        return (count, model_config.in_channels, model_config.input_size, model_config.input_size)
+
+    def prepare_latents(
+        self, count: int, generator: torch.Generator | list[torch.Generator] | None, latents: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The initial noise at t = 1, float32: `latents`, or drawn from `generator` like diffusers does."""
+        if latents is not None:
+            return latents.to(device=self._execution_device, dtype=torch.float32)
+        shape = self.latent_shape(count)
+        return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=torch.float32)
+
+    def denoise(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None,
+        config: GenerationConfig,
+        use_scheduler: bool = True,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """Integrate x from t = 1 to 0 with guidance: the scheduler's Euler steps where it can (it always
+        ends at t = 0), else `config.sampler` (SDE noise drawn from `generator`)."""
+        model = self.transformer
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
             return model(x_t.to(model.dtype), t, y).float()  # t stays float32 for its embedding
 
-        predict = guided_predictor(model_fn, labels, guidance_scale, model.null_class, low, high, cfg_channels)
-        transport = Transport(**self.config.transport)
-        t_min, t_max = transport.time_interval(transport.sample_eps)
-        if sampler_config is None and t_min == 0.0:  # the scheduler always ends at t = 0
-            x = self._scheduler_loop(predict, transport, x, time_grid(t_max, t_min, num_inference_steps + 1), device)
-        else:
-            x, _ = sample(predict, transport, x, sampler_config or config.sampler, GeneratorNoise(generator))
+        predict = guided_predictor(
+            model_fn, labels, config.cfg_scale, model.null_class, config.guidance_low, config.guidance_high,
+            config.cfg_channels,
+        )
+        transport = Transport(path=config.path, prediction=config.prediction)
+        grid = sampling_grid(transport, config.sampler)
+        if use_scheduler and grid[-1] == 0.0:
+            return self._scheduler_loop(predict, transport, x, grid)
 
+        def randn_like(like: torch.Tensor) -> torch.Tensor:
+            return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+        return sample(predict, transport, x, config.sampler, randn_like)[0]
+
+    def decode(self, x: torch.Tensor, output_type: str):
+        """Samples -> images of `output_type` (latent models through the VAE)."""
         if output_type == "latent":
-            images = x
-        elif self.vae is not None:
-            images = self.image_processor.postprocess(decode_latents(self.vae, x), output_type=output_type)
-        elif model.config.in_channels in (1, 3):
-            images = self.image_processor.postprocess(x.clamp(-1, 1), output_type=output_type)
+            return x
+        if self.vae is not None:
+            images = autoencoder.decode(self.vae, x)
+        elif not autoencoder.is_latent_model(self.transformer.config):
+            images = x.clamp(-1, 1)
         else:
             raise ValueError(
-                f"this pipeline has no vae to decode its {model.config.in_channels}-channel latents: "
+                f"this pipeline has no vae to decode its {self.transformer.config.in_channels}-channel latents: "
                 "pass vae=AutoencoderKL... to from_pretrained, or output_type='latent'"
             )
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return self.image_processor.postprocess(images, output_type=output_type)
 
     def _scheduler_loop(
-        self, predict: Callable, transport: Transport, x: torch.Tensor, grid: torch.Tensor, device: torch.device
+        self, predict: Callable, transport: Transport, x: torch.Tensor, grid: torch.Tensor
     ) -> torch.Tensor:
         """Euler steps of the scheduler over `grid` (decreasing, ending at 0)."""
+        device = self._execution_device
         if "sigmas" in inspect.signature(self.scheduler.set_timesteps).parameters:
             self.scheduler.set_timesteps(sigmas=grid[:-1].tolist(), device=device)
         else:  # a scheduler swapped in by the user: its own grid
@@ -293,17 +302,8 @@ class SiTPipeline(DiffusionPipeline):
 
 
 # ------------------------------------------------------------------------------------------------
-# Helpers
+# Loading
 # ------------------------------------------------------------------------------------------------
-
-
-def _sampler_config(sampler: str | SamplerConfig | None, num_steps: int) -> SamplerConfig | None:
-    if sampler is None or isinstance(sampler, SamplerConfig):
-        return sampler
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)} or a SamplerConfig")
-    mode, name = SAMPLERS[sampler]
-    return SamplerConfig(mode=mode, sampler=name, num_steps=num_steps)
 
 
 def _local_pipeline_folder(name_or_path: str | os.PathLike, kwargs: dict) -> Path:
@@ -328,48 +328,3 @@ def _local_pipeline_folder(name_or_path: str | os.PathLike, kwargs: dict) -> Pat
             "(python -m sit_atconv.export turns a training checkpoint into one)"
         )
     return path
-
-
-def check_output_folder(out: str | Path, overwrite: bool) -> Path:
-    """Refuse to replace an existing folder unless asked (checked before any slow work)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    return out
-
-
-def save_pipeline(
-    out: str | Path,
-    transformer: SiT,
-    vae: AutoencoderKL | None = None,
-    id2label: dict[int, str] | None = None,
-    transport: dict[str, str] | None = None,
-    extra: Callable[[Path], None] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a pipeline folder atomically: it is built in a hidden sibling folder (plus whatever `extra`
-    writes there) and renamed into place, so a crash never leaves a folder that looks complete."""
-    out = check_output_folder(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if id2label is None:
-        id2label = default_id2label(transformer.config.num_classes)
-    pipe = SiTPipeline(transformer=transformer, scheduler=flow_match_scheduler(), vae=vae, id2label=id2label,
-                       transport=transport)  # fmt: skip
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if extra is not None:
-            extra(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-    return out

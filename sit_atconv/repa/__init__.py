@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sit_atconv.constants import SD_VAE_DOWNSAMPLE
+from sit_atconv.vae import SD_VAE_DOWNSAMPLE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,21 +1,18 @@
-from sit_atconv.training.config import load_config, save_config
-from sit_atconv.training.trainer import (
-    NonFiniteError,
-    TrainResult,
-    complete_checkpoints,
-    find_resume,
-    param_groups,
-    train,
-    update_ema,
-)
+from sit_atconv.training.checkpoint import complete_checkpoints, find_resume, init_weights
+from sit_atconv.training.config import load_config, model_overrides, save_config
+from sit_atconv.training.logs import plot_losses
+from sit_atconv.training.trainer import NonFiniteError, TrainResult, param_groups, train, update_ema
 
 __all__ = [
     "NonFiniteError",
     "TrainResult",
     "complete_checkpoints",
     "find_resume",
+    "init_weights",
     "load_config",
+    "model_overrides",
     "param_groups",
+    "plot_losses",
     "save_config",
     "train",
     "update_ema",

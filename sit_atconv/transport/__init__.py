@@ -1,4 +1,6 @@
 from sit_atconv.transport.samplers import (
+    MODES,
+    SAMPLERS,
     SampleNoise,
     SamplerConfig,
     SDEDrift,
@@ -10,13 +12,16 @@ from sit_atconv.transport.samplers import (
     sample_heun,
     sample_seed,
     sample_stochastic_heun,
+    sampling_grid,
     time_grid,
 )
 from sit_atconv.transport.transport import PATHS, PREDICTIONS, Path, Transport
 
 __all__ = [
+    "MODES",
     "PATHS",
     "PREDICTIONS",
+    "SAMPLERS",
     "Path",
     "SDEDrift",
     "SampleNoise",
@@ -30,5 +35,6 @@ __all__ = [
     "sample_heun",
     "sample_seed",
     "sample_stochastic_heun",
+    "sampling_grid",
     "time_grid",
 ]

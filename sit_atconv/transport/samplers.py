@@ -1,9 +1,14 @@
-"""Samplers: small functions over a prediction function, in the style of k-diffusion.
+"""Samplers: small functions with one signature, in the style of k-diffusion, and one table of them.
 
-Every sampler integrates from t = 1 (noise) towards t = 0 (data) and takes
-`predict(x, t) -> model prediction` (guidance already applied, see `guided_predictor`), the
-`Transport` that converts predictions to velocity/score, the initial noise x (B, ...), a decreasing
-time grid, and, for SDEs, a `SampleNoise` that draws each sample's noise from its own generator.
+Every sampler integrates from t = 1 (noise) towards t = 0 (data) as
+
+    sampler(predict, transport, x, ts, randn_like, **options) -> x
+
+with `predict(x, t) -> model prediction` (guidance already applied, see `guided_predictor`), the
+`Transport` that converts predictions to velocity and score, the initial noise x (B, ...) at ts[0],
+a decreasing float64 time grid `ts` (from `sampling_grid`), and `randn_like(x)` for the noise of SDE
+samplers (EDM's `randn_like`; `SampleNoise.randn_like` gives every sample its own generator). The
+keyword-only `options` are fields of `SamplerConfig` with the same names, which `sample` passes on.
 
 The reverse-time SDE with diffusion coefficient D(t) (g^2 = 2 D) is
     dx = [u(x, t) - D(t) score(x, t)] dt + sqrt(2 D(t)) dW,      dt < 0,
@@ -13,15 +18,16 @@ which has the marginals of the ODE dx = u dt for every D >= 0.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from sit_atconv.transport.transport import Transport
+from sit_atconv.transport.transport import DIFFUSION_FORMS, Transport
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-MODES = {"ode": ("euler", "heun", "dopri5"), "sde": ("euler", "heun")}
+RandnLike = Callable[[torch.Tensor], torch.Tensor]
 LAST_STEPS = ("mean", "tweedie", "euler", "none")
 
 
@@ -96,16 +102,6 @@ def guided_predictor(
 
 
 # ------------------------------------------------------------------------------------------------
-# Time grids
-# ------------------------------------------------------------------------------------------------
-
-
-def time_grid(t_start: float, t_end: float, points: int) -> torch.Tensor:
-    """`points` equally spaced times from t_start down to t_end, float64."""
-    return torch.linspace(t_start, t_end, points, dtype=torch.float64)
-
-
-# ------------------------------------------------------------------------------------------------
 # ODE samplers
 # ------------------------------------------------------------------------------------------------
 
@@ -114,32 +110,34 @@ def _velocity(predict: Predictor, transport: Transport, x: torch.Tensor, t: torc
     return transport.velocity(predict(x, t), x, t)
 
 
-def sample_euler(predict: Predictor, transport: Transport, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-    """Euler on the probability-flow ODE over the grid ts (len(ts) - 1 model calls)."""
+def _steps(ts: torch.Tensor):
+    """(t_cur, t_next, dt) of each interval of the grid; dt as a Python float (no device sync)."""
     for t_cur, t_next in zip(ts[:-1], ts[1:], strict=True):
-        x = x + (t_next - t_cur).item() * _velocity(predict, transport, x, t_cur)
+        yield t_cur, t_next, (t_next - t_cur).item()
+
+
+def sample_euler(predict, transport, x, ts, randn_like=None):
+    """Euler on the probability-flow ODE over the grid ts (len(ts) - 1 model calls)."""
+    for t_cur, _, dt in _steps(ts):
+        x = x + dt * _velocity(predict, transport, x, t_cur)
     return x
 
 
-def sample_heun(predict: Predictor, transport: Transport, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+def sample_heun(predict, transport, x, ts, randn_like=None):
     """Heun's second-order method; the final step is plain Euler, as in EDM and REPA (2N - 1 calls)."""
-    steps = len(ts) - 1
-    for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:], strict=True)):
-        dt = (t_next - t_cur).item()
+    last = len(ts) - 2
+    for i, (t_cur, t_next, dt) in enumerate(_steps(ts)):
         d_cur = _velocity(predict, transport, x, t_cur)
         x_euler = x + dt * d_cur
-        if i == steps - 1:
-            x = x_euler
-        else:
-            x = x + 0.5 * dt * (d_cur + _velocity(predict, transport, x_euler, t_next))
+        x = x_euler if i == last else x + 0.5 * dt * (d_cur + _velocity(predict, transport, x_euler, t_next))
     return x
 
 
-def sample_dopri5(
-    predict: Predictor, transport: Transport, x: torch.Tensor, t_start: float, t_end: float, atol: float, rtol: float
-) -> torch.Tensor:
-    """Adaptive Dormand-Prince 5(4) (torchdiffeq) from t_start down to t_end."""
+def sample_dopri5(predict, transport, x, ts, randn_like=None, *, atol: float = 1e-6, rtol: float = 1e-3):
+    """Adaptive Dormand-Prince 5(4) (torchdiffeq) from ts[0] down to ts[-1]; the steps are its own."""
     from torchdiffeq import odeint
+
+    t_start, t_end = ts[0].item(), ts[-1].item()
 
     def drift(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # Trial steps may overshoot t_end, where a path can be undefined (vp below t = 0); the
@@ -174,13 +172,16 @@ class SDEDrift:
         return velocity - self.diffusion(t) * score, prediction
 
 
-def _last_step(
-    kind: str, drift: SDEDrift, predict: Predictor, x: torch.Tensor, t_cur: torch.Tensor, t_end: float
-) -> torch.Tensor:
-    """The final deterministic step from t_cur to t_end (SiT's last-step options)."""
-    dt = t_end - t_cur.item()
+def _stochastic_part(ts: torch.Tensor, last_step: str) -> torch.Tensor:
+    """The grid of an SDE sampler without its final deterministic interval (which `last_step` takes)."""
+    return ts if last_step == "none" else ts[:-1]
+
+
+def _last_step(kind: str, drift: SDEDrift, predict: Predictor, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """The final deterministic step from ts[-2] to ts[-1] (SiT's last-step options), or none."""
     if kind == "none":
         return x
+    t_cur, dt = ts[-2], ts[-1].item() - ts[-2].item()
     if kind == "euler":
         return x + dt * _velocity(predict, drift.transport, x, t_cur)
     d_cur, prediction = drift(predict, x, t_cur)
@@ -190,61 +191,99 @@ def _last_step(
 
 
 def sample_euler_maruyama(
-    predict: Predictor,
-    drift: SDEDrift,
-    x: torch.Tensor,
-    ts: torch.Tensor,
-    noise: SampleNoise,
+    predict,
+    transport,
+    x,
+    ts,
+    randn_like: RandnLike = torch.randn_like,
+    *,
+    diffusion_form: str = "sigma",
+    diffusion_norm: float = 1.0,
     last_step: str = "mean",
-    t_end: float = 0.0,
-) -> torch.Tensor:
-    """Euler-Maruyama over ts, then one deterministic `last_step` from ts[-1] to t_end."""
-    for t_cur, t_next in zip(ts[:-1], ts[1:], strict=True):
-        dt = (t_next - t_cur).item()
+):
+    """Euler-Maruyama over ts, the last interval being the deterministic `last_step` (unless "none")."""
+    drift = SDEDrift(transport, diffusion_form, diffusion_norm)
+    for t_cur, _, dt in _steps(_stochastic_part(ts, last_step)):
         d_cur, _ = drift(predict, x, t_cur)
-        x = x + dt * d_cur + (2 * drift.diffusion(t_cur) * abs(dt)) ** 0.5 * noise.randn_like(x)
-    return _last_step(last_step, drift, predict, x, ts[-1], t_end)
+        x = x + dt * d_cur + (2 * drift.diffusion(t_cur) * abs(dt)) ** 0.5 * randn_like(x)
+    return _last_step(last_step, drift, predict, x, ts)
 
 
 def sample_stochastic_heun(
-    predict: Predictor,
-    drift: SDEDrift,
-    x: torch.Tensor,
-    ts: torch.Tensor,
-    noise: SampleNoise,
+    predict,
+    transport,
+    x,
+    ts,
+    randn_like: RandnLike = torch.randn_like,
+    *,
+    diffusion_form: str = "sigma",
+    diffusion_norm: float = 1.0,
     last_step: str = "mean",
-    t_end: float = 0.0,
-) -> torch.Tensor:
-    """SiT's stochastic Heun: add the step's noise, then a Heun step on the drift."""
-    for t_cur, t_next in zip(ts[:-1], ts[1:], strict=True):
-        dt = (t_next - t_cur).item()
-        x_hat = x + (2 * drift.diffusion(t_cur) * abs(dt)) ** 0.5 * noise.randn_like(x)
+):
+    """SiT's stochastic Heun: add the step's noise, then a Heun step on the drift; `last_step` as above."""
+    drift = SDEDrift(transport, diffusion_form, diffusion_norm)
+    for t_cur, t_next, dt in _steps(_stochastic_part(ts, last_step)):
+        x_hat = x + (2 * drift.diffusion(t_cur) * abs(dt)) ** 0.5 * randn_like(x)
         k1, _ = drift(predict, x_hat, t_cur)
-        x_pred = x_hat + dt * k1
-        k2, _ = drift(predict, x_pred, t_next)
+        k2, _ = drift(predict, x_hat + dt * k1, t_next)
         x = x_hat + 0.5 * dt * (k1 + k2)
-    return _last_step(last_step, drift, predict, x, ts[-1], t_end)
+    return _last_step(last_step, drift, predict, x, ts)
 
 
 # ------------------------------------------------------------------------------------------------
-# One entry point
+# The table every caller reads: sample(), SamplerConfig, SiTPipeline(sampler=...) and sample.py
 # ------------------------------------------------------------------------------------------------
+
+# name -> function. ODE samplers have bare names, SDE samplers are "sde-<name>" (sample.py: --mode sde
+# --sampler <name>). A sampler's keyword-only options must be SamplerConfig fields.
+SAMPLERS: dict[str, Callable] = {
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "dopri5": sample_dopri5,
+    "sde-euler": sample_euler_maruyama,
+    "sde-heun": sample_stochastic_heun,
+}
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """"sde-heun" -> ("sde", "heun"); "euler" -> ("ode", "euler")."""
+    mode, _, short = name.rpartition("-")
+    return mode or "ode", short
+
+
+def _modes() -> dict[str, tuple[str, ...]]:
+    modes: dict[str, tuple[str, ...]] = {}
+    for name in SAMPLERS:
+        mode, short = split_name(name)
+        modes[mode] = (*modes.get(mode, ()), short)
+    return modes
+
+
+MODES = _modes()  # mode -> its samplers' short names: {"ode": ("euler", "heun", "dopri5"), "sde": (...)}
 
 
 @dataclass
 class SamplerConfig:
     """What `sample` runs. Defaults: Euler ODE, 50 steps. SDE defaults follow REPA: grid from 1 to
-    `last_step_size` = 0.04, diffusion "sigma" (g^2 = 2t on the linear path), a final "mean" step to 0."""
+    `last_step_size` = 0.04, diffusion "sigma" (g^2 = 2t on the linear path), a final "mean" step to 0.
+    sample.py's flags are these fields (`help` and `choices` below)."""
 
-    mode: str = "ode"
-    sampler: str = "euler"
-    num_steps: int = 50
-    atol: float = 1e-6
-    rtol: float = 1e-3
-    diffusion_form: str = "sigma"
-    diffusion_norm: float = 1.0
-    last_step: str = "mean"
-    last_step_size: float = 0.04
+    mode: str = field(default="ode", metadata={"help": "ODE or SDE sampling", "choices": tuple(MODES)})
+    sampler: str = field(
+        default="euler",
+        metadata={"help": "integrator of the mode", "choices": tuple(dict.fromkeys(s for v in MODES.values() for s in v))},
+    )
+    num_steps: int = field(default=50, metadata={"help": "steps of the time grid (dopri5: ignored)"})
+    atol: float = field(default=1e-6, metadata={"help": "dopri5 absolute tolerance"})
+    rtol: float = field(default=1e-3, metadata={"help": "dopri5 relative tolerance"})
+    diffusion_form: str = field(
+        default="sigma", metadata={"help": "SDE diffusion coefficient D(t)", "choices": DIFFUSION_FORMS}
+    )
+    diffusion_norm: float = field(default=1.0, metadata={"help": "SDE: scale of D(t)"})
+    last_step: str = field(
+        default="mean", metadata={"help": "SDE: final deterministic step to t = 0", "choices": LAST_STEPS}
+    )
+    last_step_size: float = field(default=0.04, metadata={"help": "SDE: length of that final step"})
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -253,16 +292,75 @@ class SamplerConfig:
             raise ValueError(f"unknown {self.mode} sampler {self.sampler!r}; expected one of {list(MODES[self.mode])}")
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {self.num_steps!r}")
-        if self.last_step not in LAST_STEPS:
-            raise ValueError(f"unknown last_step {self.last_step!r}; expected one of {list(LAST_STEPS)}")
+        for option in ("diffusion_form", "last_step"):
+            choices = type(self).__dataclass_fields__[option].metadata["choices"]
+            if getattr(self, option) not in choices:
+                raise ValueError(f"unknown {option} {getattr(self, option)!r}; expected one of {list(choices)}")
         if self.mode == "sde" and self.last_step != "none" and not 0 < self.last_step_size < 1:
             raise ValueError(f"last_step_size must be in (0, 1), got {self.last_step_size}")
 
+    @classmethod
+    def from_name(cls, name: str, **options) -> SamplerConfig:
+        """A config for a name of the SAMPLERS table, e.g. `SamplerConfig.from_name("sde-heun", num_steps=100)`."""
+        if name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {name!r}; expected one of {list(SAMPLERS)} or a SamplerConfig")
+        mode, sampler = split_name(name)
+        return cls(mode=mode, sampler=sampler, **options)
+
+    @property
+    def name(self) -> str:
+        return self.sampler if self.mode == "ode" else f"{self.mode}-{self.sampler}"
+
+    @property
+    def options(self) -> dict:
+        """The keyword-only options of this config's sampler, taken from the fields of the same name."""
+        function = SAMPLERS[self.name]
+        keywords = [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        return {key: getattr(self, key) for key in keywords}
+
+
+# ------------------------------------------------------------------------------------------------
+# Time grids and the one entry point
+# ------------------------------------------------------------------------------------------------
+
+
+def time_grid(t_start: float, t_end: float, points: int) -> torch.Tensor:
+    """`points` equally spaced times from t_start down to t_end, float64."""
+    return torch.linspace(t_start, t_end, points, dtype=torch.float64)
+
+
+def sampling_grid(transport: Transport, config: SamplerConfig) -> torch.Tensor:
+    """The decreasing time grid `config`'s sampler integrates over, inside the transport's interval.
+
+    ODE: num_steps + 1 points (dopri5: the two ends). SDE: num_steps points from t = 1 (or 1 - eps) to
+    `last_step_size`, then the end of the final deterministic step (0, or eps where the path or the
+    prediction is singular there) unless last_step is "none"."""
+    sde = config.mode == "sde"
+    last = config.last_step if sde else "none"
+    t_min, t_max = transport.time_interval(
+        transport.sample_eps,
+        sde=sde,
+        last_step_size=0.0 if last == "none" else config.last_step_size,
+        diffusion_form=config.diffusion_form,
+    )
+    if not sde:
+        return time_grid(t_max, t_min, 2 if config.sampler == "dopri5" else config.num_steps + 1)
+    ts = time_grid(t_max, t_min, config.num_steps)
+    if last == "none":
+        return ts
+    t_end = 0.0 if transport.path.name != "vp" and transport.prediction == "velocity" else transport.sample_eps
+    return torch.cat([ts, torch.tensor([t_end], dtype=torch.float64)])
+
 
 def sample(
-    predict: Predictor, transport: Transport, x: torch.Tensor, config: SamplerConfig, noise: SampleNoise | None = None
+    predict: Predictor,
+    transport: Transport,
+    x: torch.Tensor,
+    config: SamplerConfig,
+    randn_like: RandnLike = torch.randn_like,
 ) -> tuple[torch.Tensor, int]:
-    """Integrate from the noise x at t = 1 to data at t = 0. Returns (samples, number of model calls)."""
+    """Integrate from the noise x at t = 1 to data at t = 0 with `config`'s sampler. `randn_like` draws
+    the SDE noise (default: the global RNG). Returns (samples, number of model calls)."""
     calls = 0
 
     def counted(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -270,22 +368,6 @@ def sample(
         calls += 1
         return predict(x_in, t)
 
-    sde = config.mode == "sde"
-    last = config.last_step if sde else "none"
-    t_min, t_max = transport.time_interval(
-        transport.sample_eps, sde=sde, last_step_size=0.0 if last == "none" else config.last_step_size,
-        diffusion_form=config.diffusion_form,
-    )  # fmt: skip
-    if not sde:
-        if config.sampler == "dopri5":
-            return sample_dopri5(counted, transport, x, t_max, t_min, config.atol, config.rtol), calls
-        ts = time_grid(t_max, t_min, config.num_steps + 1)
-        step = sample_euler if config.sampler == "euler" else sample_heun
-        return step(counted, transport, x, ts), calls
-    if noise is None:
-        raise ValueError("SDE sampling needs a SampleNoise for its per-sample noise")
-    drift = SDEDrift(transport, config.diffusion_form, config.diffusion_norm)
-    ts = time_grid(t_max, t_min, config.num_steps)
-    step = sample_euler_maruyama if config.sampler == "euler" else sample_stochastic_heun
-    t_end = 0.0 if transport.path.name != "vp" and transport.prediction == "velocity" else transport.sample_eps
-    return step(counted, drift, x, ts, noise, last_step=last, t_end=t_end), calls
+    sampler = SAMPLERS[config.name]
+    x = sampler(counted, transport, x, sampling_grid(transport, config), randn_like, **config.options)
+    return x, calls

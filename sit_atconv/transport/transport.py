@@ -31,6 +31,7 @@ PATHS = ("linear", "cosine", "vp")
 PREDICTIONS = ("velocity", "noise", "score")
 TIME_SAMPLINGS = ("uniform", "lognormal")
 LOSS_WEIGHTS = ("none", "velocity", "likelihood")
+DIFFUSION_FORMS = ("sigma", "constant", "linear", "SBDM")
 
 
 def _expand(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -268,4 +269,4 @@ class Transport:
             return norm * sigma
         if form == "SBDM":
             return norm * (sigma * d_sigma - d_alpha / alpha * sigma**2)
-        raise ValueError(f"unknown diffusion form {form!r}; expected 'sigma', 'constant', 'linear' or 'SBDM'")
+        raise ValueError(f"unknown diffusion form {form!r}; expected one of {list(DIFFUSION_FORMS)}")

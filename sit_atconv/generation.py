@@ -1,0 +1,220 @@
+"""Generating images with a SiT: one batch (`generate`), a labelled grid, and sharded .npz runs.
+
+Every sample's noise comes from (seed, sample index) and, in an .npz run, its label from a table
+fixed by the seed, so a sample does not depend on its batch or on the number of processes. sample.py,
+the trainer's previews and the pipeline's tests all go through `generate`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sit_atconv import vae as autoencoder
+from sit_atconv.constants import to_uint8_nhwc
+from sit_atconv.io import atomic_output
+from sit_atconv.sharded_npz import ShardedNpz
+from sit_atconv.transport import SampleNoise, SamplerConfig, Transport, guided_predictor, sample
+
+IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
+
+
+@dataclass
+class GenerationConfig:
+    """Everything besides the weights that decides the pixels of a sample."""
+
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    cfg_scale: float = 1.0
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+    cfg_channels: int | None = None
+    seed: int = 0
+    path: str = "linear"
+    prediction: str = "velocity"
+
+
+def check_generation(model, config: GenerationConfig, labels: Sequence[int] | None) -> None:
+    """Reject settings the model cannot honour, before any work starts."""
+    num_classes = model.config.num_classes
+    if config.cfg_scale != 1.0 and model.null_class is None:
+        raise ValueError(
+            f"--cfg {config.cfg_scale} needs a class-conditional model trained with label dropout; this model has "
+            f"num_classes={num_classes}, class_dropout_prob={model.config.class_dropout_prob}"
+        )
+    if config.cfg_scale < 0:
+        raise ValueError(f"cfg scale must be >= 0, got {config.cfg_scale}")
+    if labels is not None and num_classes > 0:
+        bad = [int(c) for c in labels if not 0 <= int(c) < num_classes]
+        if bad:
+            raise ValueError(f"class labels {bad[:10]} are outside [0, {num_classes})")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    vae,
+    indices: Sequence[int],
+    labels: torch.Tensor | None,
+    config: GenerationConfig,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Samples for the given global indices: images in [-1, 1] (B, C, H, W) and the model calls used.
+
+    Latent models are decoded with the VAE; pixel models (vae None) are returned as they are.
+    """
+    transport = Transport(path=config.path, prediction=config.prediction)
+    size = model.config.input_size
+    noise = SampleNoise(config.seed, indices, device)
+    x = noise.randn((model.config.in_channels, size, size))
+    labels = labels.to(device) if labels is not None else None
+
+    def model_fn(x_t, t, y):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            return model(x_t, t, y).float()
+
+    predict = guided_predictor(
+        model_fn, labels, config.cfg_scale, model.null_class, config.guidance_low, config.guidance_high,
+        config.cfg_channels,
+    )
+    samples, calls = sample(predict, transport, x, config.sampler, noise.randn_like)
+    if vae is not None:
+        samples = autoencoder.decode(vae, samples)
+    return samples.clamp(-1, 1), calls
+
+
+# ------------------------------------------------------------------------------------------------
+# Grids
+# ------------------------------------------------------------------------------------------------
+
+
+def grid_classes(num_classes: int, classes: Sequence[int] | None = None) -> list[int] | None:
+    """The labels of a grid: `classes` if given; else DiT's 8 classes for ImageNet, or the first classes
+    (up to 10, repeated to at least 8 tiles); None for unconditional models."""
+    if not num_classes:
+        return None
+    if classes:
+        return [int(c) for c in classes]
+    if num_classes == 1000:
+        return list(IMAGENET_GRID_CLASSES)
+    return [i % num_classes for i in range(max(8, min(num_classes, 10)))]
+
+
+def save_labelled_grid(images: torch.Tensor, captions: Sequence[str], path: str | Path, columns: int = 8) -> Path:
+    """Tile images (B, 3, H, W) in [-1, 1] into a PNG with a caption above each tile; written atomically."""
+    from PIL import Image, ImageDraw
+
+    pixels = to_uint8_nhwc(images).cpu().numpy()
+    count, height, width, _ = pixels.shape
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    caption_h, pad = 14, 2
+    canvas = Image.new("RGB", (columns * (width + pad) + pad, rows * (height + caption_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (tile, caption) in enumerate(zip(pixels, captions, strict=True)):
+        x0 = pad + (i % columns) * (width + pad)
+        y0 = pad + (i // columns) * (height + caption_h + pad)
+        draw.text((x0 + 1, y0), str(caption)[: max(1, width // 6)], fill="black")
+        canvas.paste(Image.fromarray(tile), (x0, y0 + caption_h))
+    with atomic_output(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return Path(path)
+
+
+def sample_grid(
+    model,
+    vae,
+    config: GenerationConfig,
+    path: str | Path,
+    classes: Sequence[int] | None = None,
+    columns: int = 8,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[int, int]:
+    """Sample a labelled grid PNG (samples 0..B-1 of `config.seed`; see `grid_classes` for the labels).
+    Returns (number of samples, model calls per sample)."""
+    labels = grid_classes(model.config.num_classes, classes)
+    check_generation(model, config, labels)
+    count = len(labels) if labels else 8
+    tensor = torch.tensor(labels) if labels else None
+    images, calls = generate(model, vae, range(count), tensor, config, torch.device(device), autocast_dtype)
+    save_labelled_grid(images, [str(c) for c in labels] if labels else [""] * count, path, columns)
+    return count, calls
+
+
+# ------------------------------------------------------------------------------------------------
+# .npz runs
+# ------------------------------------------------------------------------------------------------
+
+
+def class_labels(num_samples: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
+    """Labels of samples 0..N-1: "balanced" (N / num_classes per class when it divides, in a seeded
+    random order) or "random" (uniform with the seed). All zeros for unconditional models."""
+    if num_classes == 0:
+        return np.zeros(num_samples, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    if mode == "random":
+        return rng.integers(0, num_classes, num_samples, dtype=np.int64)
+    if mode != "balanced":
+        raise ValueError(f"unknown label mode {mode!r}; expected 'balanced' or 'random'")
+    labels = np.arange(num_samples, dtype=np.int64) % num_classes
+    return rng.permutation(labels)
+
+
+def sample_to_npz(
+    accelerator,
+    model,
+    vae,
+    out: Path,
+    num_samples: int,
+    batch_size: int,
+    config: GenerationConfig,
+    label_mode: str = "balanced",
+    settings: dict | None = None,
+    keep_shards: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> dict:
+    """Sample indices 0..num_samples-1 across the processes of `accelerator` into `out` (.npz, resumable)."""
+    from tqdm import tqdm
+
+    labels_all = class_labels(num_samples, model.config.num_classes, label_mode, config.seed)
+    check_generation(model, config, labels_all if model.config.num_classes else None)
+    settings = dict(
+        settings or {}, num_samples=num_samples, batch_size=batch_size, label_mode=label_mode,
+        generation=asdict(config),
+    )
+    run = ShardedNpz(out, num_samples, batch_size, settings)
+    if accelerator.is_main_process:
+        run.prepare()
+    accelerator.wait_for_everyone()
+
+    mine = run.shards_of(accelerator.process_index, accelerator.num_processes)
+    todo = [shard for shard in mine if not run.is_done(*shard)]
+    bar = tqdm(
+        total=sum(e - s for s, e in mine), initial=sum(e - s for s, e in mine) - sum(e - s for s, e in todo),
+        unit="img", desc=f"sampling (process {accelerator.process_index})",
+        disable=not (progress and accelerator.is_main_process),
+    )
+    conditional = model.config.num_classes > 0
+    calls, started = 0, time.perf_counter()
+    for start, end in todo:
+        labels = torch.from_numpy(labels_all[start:end]) if conditional else None
+        images, calls = generate(model, vae, range(start, end), labels, config, accelerator.device, autocast_dtype)
+        run.write(start, end, to_uint8_nhwc(images).cpu().numpy(), labels_all[start:end])
+        bar.update(end - start)
+        bar.set_postfix(img_per_s=f"{bar.n / max(time.perf_counter() - started, 1e-9):.2f}")
+    bar.close()
+    accelerator.wait_for_everyone()
+
+    info = {"out": str(out), "world_size": accelerator.num_processes, "model_calls_per_batch": calls}
+    if accelerator.is_main_process:
+        info = run.assemble(info, keep_shards)
+    accelerator.wait_for_everyone()
+    return info

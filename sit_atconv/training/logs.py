@@ -1,0 +1,145 @@
+"""What a training run reports: metrics.csv, the Accelerate trackers (TensorBoard, wandb), the progress
+bar and loss.png."""
+
+from __future__ import annotations
+
+import csv
+import resource
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sit_atconv.io import atomic_output
+
+METRIC_FIELDS = (
+    "step",
+    "loss",
+    "repa_loss",
+    "grad_norm",
+    "lr",
+    "images_per_s",
+    "steps_per_s",
+    "peak_memory_mib",
+    "skipped",
+)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, for the trackers' hyper-parameter tables."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class TrainingLog:
+    """Per-step losses (returned by `train`), the progress bar, and every `log.every` steps a row of
+    METRIC_FIELDS to metrics.csv and the trackers. On resume, rows after the resumed step are dropped
+    (the run logs them again)."""
+
+    def __init__(self, accelerator, config: DictConfig, run_dir: Path, start_step: int, progress: bool = True):
+        from tqdm import tqdm
+
+        self.accelerator, self.config = accelerator, config
+        self.metrics_path = run_dir / "metrics.csv"
+        self.tracking = config.log.tracker != "none"
+        if accelerator.is_main_process:
+            if self.tracking:
+                flat = {k: str(v) for k, v in flatten(OmegaConf.to_container(config, resolve=True)).items()}
+                accelerator.init_trackers("train", config=flat)
+            self._truncate(start_step)
+        self.losses: list[tuple[int, float]] = []
+        self.skipped = 0
+        show = progress and accelerator.is_main_process
+        self.bar = tqdm(total=config.train.max_steps, initial=start_step, desc="train", disable=not show)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def step(self, step: int, loss: torch.Tensor, repa_loss: torch.Tensor | None, grad_norm, lr: float) -> None:
+        """Record a finished optimizer step (every process calls this: the losses are averaged over them)."""
+        mean_loss = self.accelerator.reduce(loss, "mean").item()
+        mean_repa = self.accelerator.reduce(repa_loss, "mean").item() if repa_loss is not None else float("nan")
+        self.losses.append((step, mean_loss))
+        self.bar.update(1)
+        self.window_steps += 1
+        if step % self.config.log.every and step != self.config.train.max_steps:
+            return
+        elapsed = time.perf_counter() - self.window_start
+        row = {
+            "step": step,
+            "loss": mean_loss,
+            "repa_loss": mean_repa,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": lr,
+            "images_per_s": self.window_steps * self.config.train.global_batch_size / elapsed,
+            "steps_per_s": self.window_steps / elapsed,
+            "peak_memory_mib": peak_memory_mib(self.accelerator.device),
+            "skipped": self.skipped,
+        }
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['images_per_s']:.1f}")
+        if self.tracking:
+            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        if self.accelerator.is_main_process:
+            self._append(row)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def close(self, plot_path: Path | None = None) -> None:
+        self.bar.close()
+        if plot_path is not None and self.accelerator.is_main_process:
+            plot_losses(self.metrics_path, plot_path)
+
+    def _append(self, row: dict) -> None:
+        new = not self.metrics_path.exists()
+        with open(self.metrics_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _truncate(self, step: int) -> None:
+        if not self.metrics_path.exists():
+            return
+        with open(self.metrics_path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        with atomic_output(self.metrics_path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def plot_losses(metrics_path: Path, path: Path) -> Path | None:
+    """loss.png from metrics.csv (skipped when matplotlib is missing or nothing was logged)."""
+    if not metrics_path.exists():
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with open(metrics_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows]
+    values = [float(r["loss"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, values)
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_yscale("log" if values and min(values) > 0 and max(values) / min(values) > 10 else "linear")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
