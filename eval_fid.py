@@ -18,6 +18,8 @@ import torch
 from sit_atconv.evaluation.evaluator import evaluate, save_results
 from sit_atconv.io import run_cli
 
+NOT_PRINTED = ("samples", "reference")  # bookkeeping entries of the results; every other entry is printed
+
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,13 +34,18 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, help="JSON results (default: <samples>.metrics.json)")
     args = p.parse_args(argv)
     results = evaluate(
-        args.samples, args.ref, args.inception_weights, args.batch_size, args.device, args.cache_dir,
-        use_cache=not args.no_cache, download=not args.no_download,
-    )  # fmt: skip
+        args.samples,
+        args.ref,
+        inception_weights=args.inception_weights,
+        batch_size=args.batch_size,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        download=not args.no_download,
+    )
     out = args.out or args.samples.with_name(args.samples.name + ".metrics.json")
     save_results(results, out)
-    print(json.dumps({k: results[k] for k in ("fid", "sfid", "inception_score", "precision", "recall",
-                                              "num_samples")}, indent=2))  # fmt: skip
+    print(json.dumps({key: value for key, value in results.items() if key not in NOT_PRINTED}, indent=2))
     print(f"wrote {out}")
     return results
 

@@ -53,7 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg-channels", type=positive_int, default=None, help="guide only the first N channels (3: SiT)")
     add_dataclass_arguments(p, SamplerConfig)  # --mode, --sampler, --num-steps, ...
     p.add_argument(
-        "--path", choices=list(PATHS), help="interpolant the model was trained on (default: the checkpoint's, else linear)"
+        "--path",
+        choices=list(PATHS),
+        help="interpolant the model was trained on (default: the checkpoint's, else linear)",
     )
     p.add_argument("--prediction", choices=list(PREDICTIONS), help="default: the checkpoint's, else velocity")
     p.add_argument("--seed", type=int, default=0)
@@ -103,7 +105,13 @@ def main(argv=None) -> None:
         vae = vae_for_model(model, vae_choice, accelerator.device)
         if accelerator.is_main_process:
             count, calls = sample_grid(
-                model, vae, config, args.out, args.classes, args.grid_columns, accelerator.device,
+                model,
+                vae,
+                config,
+                args.out,
+                args.classes,
+                args.grid_columns,
+                accelerator.device,
                 PRECISIONS[args.precision],
             )
             print(f"wrote {args.out} ({count} samples, {calls} model calls each)")
@@ -119,8 +127,17 @@ def main(argv=None) -> None:
         "precision": args.precision,
     }
     info = sample_to_npz(
-        accelerator, model, vae, args.out, args.num_samples, args.batch_size, config, label_mode=args.label_mode,
-        settings=settings, keep_shards=args.keep_shards, autocast_dtype=PRECISIONS[args.precision],
+        accelerator,
+        model,
+        vae,
+        args.out,
+        args.num_samples,
+        args.batch_size,
+        config,
+        label_mode=args.label_mode,
+        settings=settings,
+        keep_shards=args.keep_shards,
+        autocast_dtype=PRECISIONS[args.precision],
     )
     if accelerator.is_main_process:
         print(json.dumps({"out": info["out"], "arr_0": info["arr_0_shape"], "world_size": info["world_size"]}))

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from sit_atconv.io import atomic_output, write_json_atomic
+
 OP_VARIANTS = ("atconv", "atconv_unoptimised", "attention")
 MODEL_VARIANTS = ("SiT-XL/2", "SiT-ATConv-XL/2", "SiT-Hybrid-XL/2")
 
@@ -158,6 +160,59 @@ def machine_description(device: str) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def measured_rows(specs: list[dict], variants: tuple[str, ...], memory: bool):
+    """For each spec (one size), {variant: timings (+ peak memory)} from interleaved runs in a subprocess."""
+    for spec in specs:
+        row = measure(spec, "group")
+        for variant in variants:
+            extra = measure(dict(spec, variants=[variant]), "memory") if memory else {}
+            row[variant].update(extra, variant=variant, size=spec["size"])
+        yield row
+
+
+def operator_table(args: argparse.Namespace, common: dict) -> list[dict]:
+    """Time and measure every operator variant per grid size; prints the markdown table row by row."""
+    print(f"## Operator: B={args.op_batch}, C={args.channels}, attention with {args.heads} heads\n")
+    print(
+        "| grid | ATConv ms | unoptimised ms | attention ms | unopt./ATConv | attention/ATConv "
+        "| ATConv MiB | unopt. MiB | attention MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    spec = dict(common, kind="op", batch=args.op_batch, channels=args.channels, heads=args.heads)
+    specs = [dict(spec, size=size, repeats=args.repeats, variants=OP_VARIANTS) for size in args.op_sizes]
+    results = []
+    for row in measured_rows(specs, OP_VARIANTS, memory=True):
+        results.extend(row.values())
+        a, u, s = (row[v] for v in OP_VARIANTS)
+        print(
+            f"| {a['size']}x{a['size']} | {timing(a)} | {timing(u)} | {timing(s)} | {ratio(u, a)} | {ratio(s, a)} "
+            f"| {a['peak_mib']:.0f} | {u['peak_mib']:.0f} | {s['peak_mib']:.0f} |",
+            flush=True,
+        )
+    print()
+    return results
+
+
+def model_table(args: argparse.Namespace, common: dict) -> list[dict]:
+    """Time the three XL/2 models per latent size; prints the markdown table row by row."""
+    print(f"## Model forward: batch {args.model_batch}\n")
+    print("| latent (image) | SiT-XL/2 ms | SiT-ATConv-XL/2 ms | SiT-Hybrid-XL/2 ms | SiT/ATConv | SiT/Hybrid |")
+    print("|---|---|---|---|---|---|")
+    spec = dict(common, kind="model", batch=args.model_batch, repeats=args.model_repeats, variants=MODEL_VARIANTS)
+    results = []
+    for row in measured_rows([dict(spec, size=size) for size in args.model_sizes], MODEL_VARIANTS, memory=False):
+        results.extend(row.values())
+        s, a, h = (row[v] for v in MODEL_VARIANTS)
+        size = s["size"]
+        print(
+            f"| {size}x{size} ({size * 8} px) | {timing(s, 0)} | {timing(a, 0)} | {timing(h, 0)} "
+            f"| {ratio(s, a)} | {ratio(s, h)} |",
+            flush=True,
+        )
+    print()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -189,65 +244,12 @@ def main() -> None:
     print("Times: median (fastest) of the interleaved runs, in ms. Ratios: of medians (of the fastest runs).")
     print("Memory: peak growth during one forward beyond inputs and weights.\n")
     results = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "ops": [], "models": []}
-
     if not args.skip_ops:
-        print(f"## Operator: B={args.op_batch}, C={args.channels}, attention with {args.heads} heads\n")
-        print(
-            "| grid | ATConv ms | unoptimised ms | attention ms | unopt./ATConv | attention/ATConv "
-            "| ATConv MiB | unopt. MiB | attention MiB |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|")
-        for size in args.op_sizes:
-            spec = dict(
-                common,
-                kind="op",
-                batch=args.op_batch,
-                channels=args.channels,
-                heads=args.heads,
-                size=size,
-                repeats=args.repeats,
-                variants=OP_VARIANTS,
-            )
-            row = measure(spec, "group")
-            for variant in OP_VARIANTS:
-                row[variant].update(measure(dict(spec, variants=[variant]), "memory"), variant=variant, size=size)
-            results["ops"].extend(row.values())
-            a, u, s = (row[v] for v in OP_VARIANTS)
-            print(
-                f"| {size}x{size} | {timing(a)} | {timing(u)} | {timing(s)} | {ratio(u, a)} | {ratio(s, a)} "
-                f"| {a['peak_mib']:.0f} | {u['peak_mib']:.0f} | {s['peak_mib']:.0f} |",
-                flush=True,
-            )
-        print()
-
+        results["ops"] = operator_table(args, common)
     if not args.skip_models:
-        print(f"## Model forward: batch {args.model_batch}\n")
-        print("| latent (image) | SiT-XL/2 ms | SiT-ATConv-XL/2 ms | SiT-Hybrid-XL/2 ms | SiT/ATConv | SiT/Hybrid |")
-        print("|---|---|---|---|---|---|")
-        for size in args.model_sizes:
-            spec = dict(
-                common,
-                kind="model",
-                batch=args.model_batch,
-                size=size,
-                repeats=args.model_repeats,
-                variants=MODEL_VARIANTS,
-            )
-            row = measure(spec, "group")
-            for variant in MODEL_VARIANTS:
-                row[variant].update(variant=variant, size=size)
-            results["models"].extend(row.values())
-            s, a, h = (row[v] for v in MODEL_VARIANTS)
-            print(
-                f"| {size}x{size} ({size * 8} px) | {timing(s, 0)} | {timing(a, 0)} | {timing(h, 0)} "
-                f"| {ratio(s, a)} | {ratio(s, h)} |",
-                flush=True,
-            )
-        print()
-
-    args.out.mkdir(parents=True, exist_ok=True)
+        results["models"] = model_table(args, common)
     stem = f"atconv_{args.device}_{args.dtype}{'_compiled' if args.compile else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    write_json_atomic(args.out / f"{stem}.json", results)
     print(f"wrote {args.out / f'{stem}.json'}")
     if results["ops"]:
         plot(results, args.out / f"{stem}.png")
@@ -275,7 +277,8 @@ def plot(results: dict, path: Path) -> None:
         ax.legend()
     fig.suptitle(results["machine"], fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     print(f"wrote {path}")
 
 

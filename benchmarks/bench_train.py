@@ -63,8 +63,10 @@ def main() -> None:
     base = statistics.median(times[args.models[0]])
     for name, ts in times.items():
         median = statistics.median(ts)
-        print(f"| {name} | {1e3 * median:.0f} | {1 / median:.2f} | {args.batch / median:.1f} |"
-              f" {base / median:.2f}x vs {args.models[0]}")  # fmt: skip
+        print(
+            f"| {name} | {1e3 * median:.0f} | {1 / median:.2f} | {args.batch / median:.1f} |"
+            f" {base / median:.2f}x vs {args.models[0]}"
+        )
 
 
 if __name__ == "__main__":

@@ -133,7 +133,9 @@ def write_pipeline(
         print("note: no --vae, so the pipeline has no vae/ (pass vae= to from_pretrained or --vae to sample.py)")
     id2label = read_id2label(args.id2label, model.config.num_classes) if args.id2label else None
     out = save_pipeline(args.out, model, vae, id2label, transport, extra=extra, overwrite=args.overwrite)
-    print(f"wrote {out} (transformer{' + vae' if vae is not None else ''}, {transport['path']} {transport['prediction']})")
+    print(
+        f"wrote {out} (transformer{' + vae' if vae is not None else ''}, {transport['path']} {transport['prediction']})"
+    )
     return out
 
 

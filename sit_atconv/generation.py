@@ -38,6 +38,12 @@ class GenerationConfig:
     path: str = "linear"
     prediction: str = "velocity"
 
+    def predictor(self, model_fn, labels: torch.Tensor | None, null_class: int | None):
+        """`model_fn(x, t, y)` wrapped into `predict(x, t)` with this config's guidance."""
+        return guided_predictor(
+            model_fn, labels, self.cfg_scale, null_class, self.guidance_low, self.guidance_high, self.cfg_channels
+        )
+
 
 def check_generation(model, config: GenerationConfig, labels: Sequence[int] | None) -> None:
     """Reject settings the model cannot honour, before any work starts."""
@@ -79,10 +85,7 @@ def generate(
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             return model(x_t, t, y).float()
 
-    predict = guided_predictor(
-        model_fn, labels, config.cfg_scale, model.null_class, config.guidance_low, config.guidance_high,
-        config.cfg_channels,
-    )
+    predict = config.predictor(model_fn, labels, model.null_class)
     samples, calls = sample(predict, transport, x, config.sampler, noise.randn_like)
     if vae is not None:
         samples = autoencoder.decode(vae, samples)
@@ -187,7 +190,10 @@ def sample_to_npz(
     labels_all = class_labels(num_samples, model.config.num_classes, label_mode, config.seed)
     check_generation(model, config, labels_all if model.config.num_classes else None)
     settings = dict(
-        settings or {}, num_samples=num_samples, batch_size=batch_size, label_mode=label_mode,
+        settings or {},
+        num_samples=num_samples,
+        batch_size=batch_size,
+        label_mode=label_mode,
         generation=asdict(config),
     )
     run = ShardedNpz(out, num_samples, batch_size, settings)
@@ -198,8 +204,10 @@ def sample_to_npz(
     mine = run.shards_of(accelerator.process_index, accelerator.num_processes)
     todo = [shard for shard in mine if not run.is_done(*shard)]
     bar = tqdm(
-        total=sum(e - s for s, e in mine), initial=sum(e - s for s, e in mine) - sum(e - s for s, e in todo),
-        unit="img", desc=f"sampling (process {accelerator.process_index})",
+        total=sum(e - s for s, e in mine),
+        initial=sum(e - s for s, e in mine) - sum(e - s for s, e in todo),
+        unit="img",
+        desc=f"sampling (process {accelerator.process_index})",
         disable=not (progress and accelerator.is_main_process),
     )
     conditional = model.config.num_classes > 0

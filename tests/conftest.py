@@ -8,3 +8,9 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="sit-atconv-hf-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# pytest-xdist runs one worker per core: give each worker its share of the cores, since more intra-op
+# threads than cores makes torch's small CPU kernels many times slower (threads spin waiting for a core).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))

@@ -38,3 +38,23 @@ def tiny_vae(blocks: int = 2):
         norm_num_groups=8,
         layers_per_block=1,
     ).eval()
+
+
+def single_thread_env(**extra: str) -> dict[str, str]:
+    """The environment of CPU subprocesses with one intra-op thread: runs with different thread counts may
+    sum floats in different orders, so process-count comparisons pin it."""
+    import os
+
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **extra}
+
+
+def launch_two_processes(args: list[str], cwd, port: int, env: dict[str, str] | None = None):
+    """`accelerate launch` of `args` (a script and its arguments) as a real 2-process gloo group on the CPU
+    (see DESIGN.md: --multi_gpu with Accelerator(cpu=True)); returns the finished process."""
+    import subprocess
+    import sys
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(port), *args]
+    return subprocess.run(launch, capture_output=True, text=True, env=env or single_thread_env(), cwd=cwd, timeout=600)

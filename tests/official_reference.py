@@ -109,10 +109,20 @@ class OfficialSiT(nn.Module):
     The label table has a null-class row when trained with label dropout (`null_class`)."""
 
     def __init__(
-        self, input_size: int, patch: int, in_channels: int, hidden: int, heads: int, num_classes: int,
-        mixers: list[str], flavour: str, pos_embed: bool = True, z_dim: int = 0, projector_dim: int = 16,
+        self,
+        input_size: int,
+        patch: int,
+        in_channels: int,
+        hidden: int,
+        heads: int,
+        num_classes: int,
+        mixers: list[str],
+        flavour: str,
+        pos_embed: bool = True,
+        z_dim: int = 0,
+        projector_dim: int = 16,
         null_class: bool = True,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.patch, self.in_channels, self.flavour = patch, in_channels, flavour
         self.out_channels = 2 * in_channels if flavour == "sit" else in_channels
@@ -130,8 +140,13 @@ class OfficialSiT(nn.Module):
         self.y_embedder.embedding_table = nn.Embedding(num_classes + int(null_class), hidden)
         self.blocks = nn.ModuleList(OfficialBlock(hidden, heads, m, flavour) for m in mixers)
         if z_dim:
-            mlp = nn.Sequential(nn.Linear(hidden, projector_dim), nn.SiLU(), nn.Linear(projector_dim, projector_dim),
-                                nn.SiLU(), nn.Linear(projector_dim, z_dim))  # fmt: skip
+            mlp = nn.Sequential(
+                nn.Linear(hidden, projector_dim),
+                nn.SiLU(),
+                nn.Linear(projector_dim, projector_dim),
+                nn.SiLU(),
+                nn.Linear(projector_dim, z_dim),
+            )
             self.projectors = nn.ModuleList([mlp])
         self.final_layer = nn.Module()
         self.final_layer.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)

@@ -7,9 +7,18 @@ from benchmarks.bench_atconv import OP_VARIANTS, ratio, run_group, run_memory, t
 
 def test_operator_group_reports_every_variant():
     spec = dict(
-        kind="op", device="cpu", dtype="fp32", threads=0, compile=False, batch=2, channels=8, heads=2, size=4,
-        repeats=2, variants=OP_VARIANTS,
-    )  # fmt: skip
+        kind="op",
+        device="cpu",
+        dtype="fp32",
+        threads=0,
+        compile=False,
+        batch=2,
+        channels=8,
+        heads=2,
+        size=4,
+        repeats=2,
+        variants=OP_VARIANTS,
+    )
     result = run_group(spec)
     assert set(result) == set(OP_VARIANTS)
     for variant in OP_VARIANTS:

@@ -20,9 +20,9 @@ from sit_atconv.training import init_weights
 TINY = dict(hidden_size=32, depth=2, num_heads=2)
 
 
-def official(flavour, mixers, pos_embed=True, z_dim=0, seed=0):
-    model = OfficialSiT(input_size=8, patch=2, in_channels=4, hidden=32, heads=2, num_classes=10, mixers=mixers,
-                        flavour=flavour, pos_embed=pos_embed, z_dim=z_dim)  # fmt: skip
+def official(flavour, mixers, pos_embed=True, z_dim=0, seed=0, **options):
+    size = dict(input_size=8, patch=2, in_channels=4, hidden=32, heads=2, num_classes=10)
+    model = OfficialSiT(**{**size, **options}, mixers=mixers, flavour=flavour, pos_embed=pos_embed, z_dim=z_dim)
     return randomise(model, seed).eval()
 
 
@@ -35,8 +35,16 @@ def inputs(seed=1):
 
 
 def trainer_checkpoint(path, ema, online):
-    torch.save({"model": online.state_dict(), "ema": ema.state_dict(), "opt": {"state": {}},
-                "args": argparse.Namespace(model="SiT-S/2", lr=1e-4), "steps": 7}, path)  # fmt: skip
+    torch.save(
+        {
+            "model": online.state_dict(),
+            "ema": ema.state_dict(),
+            "opt": {"state": {}},
+            "args": argparse.Namespace(model="SiT-S/2", lr=1e-4),
+            "steps": 7,
+        },
+        path,
+    )
 
 
 @torch.no_grad()
@@ -120,9 +128,7 @@ def test_official_atconv_sit_code_pure_and_hybrid(tmp_path):
 
 def test_label_tables_with_and_without_a_null_class(tmp_path):
     """The official ATConv SiT code trains without label dropout by default (FFHQ: one class, one row)."""
-    ffhq = OfficialSiT(input_size=8, patch=2, in_channels=4, hidden=32, heads=2, num_classes=1,
-                       mixers=["atconv"] * 2, flavour="sit", pos_embed=False, null_class=False)  # fmt: skip
-    randomise(ffhq).eval()
+    ffhq = official("sit", ["atconv"] * 2, pos_embed=False, num_classes=1, null_class=False)
     trainer_checkpoint(tmp_path / "ffhq.pt", ffhq, ffhq)
     converted = convert_checkpoint(tmp_path / "ffhq.pt", "atconv-official", "SiT-ATConv-S/2", input_size=8, **TINY)
     config = converted.model.config
@@ -152,7 +158,10 @@ def test_official_atconv_repa_code(tmp_path):
 
 def test_wrong_model_size_names_the_file_and_the_expectation(tmp_path):
     torch.save(official("sit", ["attention"] * 2).state_dict(), tmp_path / "small.pt")
-    with pytest.raises(ValueError, match=r"small\.pt does not hold a SiT-B/2: depth: 2 there, 12 expected; hidden_size: 32 there, 768 expected"):
+    with pytest.raises(
+        ValueError,
+        match=r"small\.pt does not hold a SiT-B/2: depth: 2 there, 12 expected; hidden_size: 32 there, 768 expected",
+    ):
         convert_checkpoint(tmp_path / "small.pt", "sit", "SiT-B/2")
     with pytest.raises(ValueError, match="mixers: attention in all 2 blocks there, atconv in all 2 blocks expected"):
         convert_checkpoint(tmp_path / "small.pt", "sit", "SiT-ATConv-S/2", **TINY)
@@ -194,12 +203,19 @@ def test_cli_writes_a_pipeline_that_samples_and_continues_training(tmp_path, cap
     with open(tmp_path / "names.json", "w") as f:
         json.dump([f"class {i}" for i in range(10)], f)
     out = tmp_path / "converted"
-    convert_main(["--from", "atconv-official", str(tmp_path / "last.pt"), "--model", "SiT-Hybrid-S/2",
-                  "--out", str(out), "--id2label", str(tmp_path / "names.json")])  # fmt: skip
+    names = str(tmp_path / "names.json")
+    convert_main(
+        ["--from", "atconv-official", str(tmp_path / "last.pt"), "--model", "SiT-Hybrid-S/2", "--out", str(out)]
+        + ["--id2label", names]
+    )
     assert "REPA" not in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [
-        "model", "model_index.json", "projector.safetensors", "scheduler", "transformer",
-    ]  # fmt: skip
+        "model",
+        "model_index.json",
+        "projector.safetensors",
+        "scheduler",
+        "transformer",
+    ]
     assert load_file(out / "projector.safetensors")["4.weight"].shape == (24, 16)
 
     pipe = SiTPipeline.from_pretrained(out)
@@ -220,8 +236,12 @@ def test_cli_writes_a_pipeline_that_samples_and_continues_training(tmp_path, cap
         assert torch.allclose(ema_copy.eval()(x, t, y), ema(x, t, y), atol=2e-5, rtol=1e-4)
     assert torch.equal(projector[4].weight, online.projectors[0][4].weight)
     with pytest.raises(ValueError, match="atconv_context_pool: 'raster' there, '2d' expected"):
-        init_weights(out, create_model("SiT-Hybrid-S/2", input_size=8, num_classes=10, learn_sigma=False,
-                                       atconv_kernel_act="silu"), ema_copy, None)  # fmt: skip
+        init_weights(
+            out,
+            create_model("SiT-Hybrid-S/2", input_size=8, num_classes=10, learn_sigma=False, atconv_kernel_act="silu"),
+            ema_copy,
+            None,
+        )
 
     with pytest.raises(SystemExit):  # unknown --from: argparse names the choices
         convert_main(["--from", "dit", str(tmp_path / "last.pt"), "--model", "SiT-S/2", "--out", str(tmp_path / "x")])

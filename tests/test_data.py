@@ -78,8 +78,9 @@ def test_extract_and_read_latents(folder, tiny_vae, tmp_path):
     accelerator = Accelerator(cpu=True)
     dataset = ImageFolderDataset(folder, 16)
     out = tmp_path / "latents"
-    manifest = extract_latents(accelerator, dataset, tiny_vae, out, shard_size=3, batch_size=2, flip=True,
-                               num_workers=0, progress=False)  # fmt: skip
+    manifest = extract_latents(
+        accelerator, dataset, tiny_vae, out, shard_size=3, batch_size=2, flip=True, num_workers=0, progress=False
+    )
     assert manifest["total_rows"] == 6 and manifest["skipped_images"] == 1 and len(manifest["shards"]) == 3
     assert "corrupt.jpg" in (out / "skipped_0.txt").read_text()
 
@@ -97,8 +98,9 @@ def test_extract_and_read_latents(folder, tiny_vae, tmp_path):
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*.safetensors")}
     (out / "shard_000001.safetensors").unlink()
     (out / "manifest.json").unlink()
-    extract_latents(accelerator, dataset, tiny_vae, out, shard_size=3, batch_size=2, flip=True, num_workers=0,
-                    progress=False)  # fmt: skip
+    extract_latents(
+        accelerator, dataset, tiny_vae, out, shard_size=3, batch_size=2, flip=True, num_workers=0, progress=False
+    )
     assert (out / "shard_000000.safetensors").stat().st_mtime_ns == stamps["shard_000000.safetensors"]
     assert len(LatentDataset(out)) == 12
 
@@ -109,8 +111,16 @@ def test_latent_folder_errors(folder, tiny_vae, tmp_path):
     with pytest.raises(FileNotFoundError, match="has no manifest.json"):
         LatentDataset(tmp_path)
     out = tmp_path / "latents"
-    extract_latents(Accelerator(cpu=True), ImageFolderDataset(folder, 16), tiny_vae, out, shard_size=4,
-                    batch_size=4, num_workers=0, progress=False)  # fmt: skip
+    extract_latents(
+        Accelerator(cpu=True),
+        ImageFolderDataset(folder, 16),
+        tiny_vae,
+        out,
+        shard_size=4,
+        batch_size=4,
+        num_workers=0,
+        progress=False,
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["shards"][0]["rows"] = 99
     (out / "manifest.json").write_text(json.dumps(manifest))

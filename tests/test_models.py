@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from helpers import randomise, tiny_sit
 
 from sit_atconv.models import SiT, create_model, list_models, model_config

@@ -80,8 +80,10 @@ def test_export_no_ema_no_vae_and_imagenet_names(tmp_path, assets, capsys):
     model = tiny_sit(num_classes=1000)
     save_pipeline(tmp_path / "imagenet", model)
     assert SiTPipeline.from_pretrained(tmp_path / "imagenet").get_label_ids(["golden retriever", "Otter", 5]) == [
-        207, 360, 5,
-    ]  # fmt: skip
+        207,
+        360,
+        5,
+    ]
 
 
 def test_output_types(pipe):
@@ -114,8 +116,14 @@ def test_scheduler_reproduces_the_euler_sampler(path):
         ours, calls = sample(
             predictor(model, labels, cfg, 0.0, high), Transport(path=path), x, SamplerConfig(num_steps=steps)
         )
-        got = pipe(class_labels=labels.tolist(), guidance_scale=cfg, guidance_interval=(0.0, high),
-                   num_inference_steps=steps, latents=x, output_type="latent").images  # fmt: skip
+        got = pipe(
+            class_labels=labels.tolist(),
+            guidance_scale=cfg,
+            guidance_interval=(0.0, high),
+            num_inference_steps=steps,
+            latents=x,
+            output_type="latent",
+        ).images
         assert calls == steps and (got - ours).abs().max() < 1e-5
         assert torch.allclose(pipe.scheduler.sigmas, torch.linspace(1, 0, steps + 1), atol=1e-7)
 
@@ -133,14 +141,23 @@ def test_pipeline_matches_sample_py_generation(pipe):
 def test_project_samplers_through_the_pipeline(pipe):
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     heun = pipe(class_labels=[1, 2], num_inference_steps=5, latents=x, output_type="latent", sampler="heun").images
-    expected, calls = sample(predictor(pipe.transformer, torch.tensor([1, 2])), Transport(path="cosine"), x,
-                             SamplerConfig(sampler="heun", num_steps=5))  # fmt: skip
+    expected, calls = sample(
+        predictor(pipe.transformer, torch.tensor([1, 2])),
+        Transport(path="cosine"),
+        x,
+        SamplerConfig(sampler="heun", num_steps=5),
+    )
     assert torch.equal(heun, expected) and calls == 9
 
     def sde(seeds):
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        return pipe(class_labels=[1, 2], num_inference_steps=6, generator=gens, output_type="latent",
-                    sampler=SamplerConfig(mode="sde", num_steps=6)).images  # fmt: skip
+        return pipe(
+            class_labels=[1, 2],
+            num_inference_steps=6,
+            generator=gens,
+            output_type="latent",
+            sampler=SamplerConfig(mode="sde", num_steps=6),
+        ).images
 
     assert torch.equal(sde([0, 1]), sde([0, 1]))
     assert torch.equal(sde([0, 1])[0], sde([0, 5])[0]) and not torch.equal(sde([0, 1])[1], sde([0, 5])[1])

@@ -29,9 +29,14 @@ def test_projector_shape():
 
 def tiny_vit(img_size=56):
     return timm.create_model(
-        "vit_small_patch14_dinov2", pretrained=False, img_size=img_size, depth=1, embed_dim=24, num_heads=2,
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        img_size=img_size,
+        depth=1,
+        embed_dim=24,
+        num_heads=2,
         num_classes=0,
-    )  # fmt: skip
+    )
 
 
 def test_tiny_vit_repa_end_to_end():

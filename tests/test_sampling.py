@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from helpers import tiny_sit, tiny_vae
+from helpers import launch_two_processes, single_thread_env, tiny_sit, tiny_vae
 from PIL import Image
 
 import sample as sample_cli
@@ -82,17 +81,13 @@ def test_crash_then_rerun_finishes_without_recomputing(assets, tmp_path, monkeyp
 
 def test_two_processes_give_identical_bytes(assets, tmp_path):
     single, double = tmp_path / "single.npz", tmp_path / "double.npz"
-    common = ["--ckpt", str(assets / "model"), "--vae", str(assets / "vae"), "--num-steps", "3",
-              "--num-samples", "10", "--batch-size", "3", "--cfg", "2.0"]  # fmt: skip
-    # Same threads in both runs: a different intra-op thread count may change float summation order.
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    common = ["--ckpt", str(assets / "model"), "--vae", str(assets / "vae")]
+    common += "--num-steps 3 --num-samples 10 --batch-size 3 --cfg 2.0".split()
+    env = single_thread_env()
     one = [sys.executable, str(ROOT / "sample.py"), *common, "--out", str(single)]
     proc = subprocess.run(one, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29517", str(ROOT / "sample.py"), *common, "--out", str(double)]  # fmt: skip
-    proc = subprocess.run(launch, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = launch_two_processes([str(ROOT / "sample.py"), *common, "--out", str(double)], tmp_path, 29517, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(double.with_suffix(".json").read_text())["world_size"] == 2
     with np.load(single) as a, np.load(double) as b:
@@ -111,8 +106,9 @@ def test_samples_do_not_depend_on_batch_size(assets, tmp_path):
 def test_bad_inputs_fail_before_any_work(assets, tmp_path, capsys):
     out = tmp_path / "bad.npz"
     with pytest.raises(ValueError, match="needs a class-conditional model"):
-        sample_cli.main(["--ckpt", str(assets / "uncond"), "--vae", "none", "--cfg", "2", "--num-samples", "4",
-                         "--out", str(out)])  # fmt: skip
+        sample_cli.main(
+            ["--ckpt", str(assets / "uncond"), "--vae", "none", "--cfg", "2", "--num-samples", "4", "--out", str(out)]
+        )
     with pytest.raises(ValueError, match=r"class labels \[10, -1\] are outside \[0, 10\)"):
         run(assets, "--classes", "3", "10", "-1", "--out", str(tmp_path / "g.png"))
     with pytest.raises(SystemExit):  # SamplerConfig's own check, reported as a usage error

@@ -2,18 +2,14 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_vae
+from helpers import launch_two_processes, single_thread_env, tiny_vae
 
 from sit_atconv.data import StepBatchSampler
 from sit_atconv.models import create_model
-from sit_atconv.training.trainer import build_model
 from sit_atconv.training import (
     NonFiniteError,
     complete_checkpoints,
@@ -23,6 +19,7 @@ from sit_atconv.training import (
     train,
     update_ema,
 )
+from sit_atconv.training.trainer import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "digits.yaml"
@@ -119,8 +116,11 @@ def test_non_finite_loss_stops_with_the_step_and_saves_nothing_poisoned(tmp_path
         train(load_config(DEMO, tiny_overrides(run)), resume="none", progress=False)
     assert [p.name for p in complete_checkpoints(run)] == ["step_00000003"]
     calls["n"] = 0
-    result = train(load_config(DEMO, tiny_overrides(tmp_path / "skip", **{"train.on_nonfinite": "skip"})),
-                   resume="none", progress=False)  # fmt: skip
+    result = train(
+        load_config(DEMO, tiny_overrides(tmp_path / "skip", **{"train.on_nonfinite": "skip"})),
+        resume="none",
+        progress=False,
+    )
     assert [s for s, _ in result.losses] == [1, 2, 3, 4, 6]
     assert all(math.isfinite(loss) for _, loss in result.losses)
 
@@ -146,12 +146,9 @@ torch.save({"world": state.num_processes, "losses": result.losses}, f"{sys.argv[
 def test_two_process_data_parallel_equals_one_process(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     common = tiny_overrides(tmp_path / "ddp", steps=3, **{"checkpoint.every": 3})
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29519", str(script), str(DEMO), str(tmp_path / "rank"), *common]  # fmt: skip
-    proc = subprocess.run(launch, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    args = [str(script), str(DEMO), str(tmp_path / "rank"), *common]
+    proc = launch_two_processes(args, tmp_path, 29519, single_thread_env(PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank_{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["world"] == 2 and ranks[0]["losses"] == ranks[1]["losses"]
@@ -188,18 +185,38 @@ def test_latent_training_with_repa(tmp_path):
                 tmp_path / "images" / label / f"{i}.png"
             )
     vae = tiny_vae(blocks=4)  # f8, like SD-VAE
-    extract_latents(Accelerator(cpu=True), ImageFolderDataset(tmp_path / "images", 64), vae, tmp_path / "latents",
-                    shard_size=4, batch_size=4, flip=True, num_workers=0, progress=False)  # fmt: skip
+    extract_latents(
+        Accelerator(cpu=True),
+        ImageFolderDataset(tmp_path / "images", 64),
+        vae,
+        tmp_path / "latents",
+        shard_size=4,
+        batch_size=4,
+        flip=True,
+        num_workers=0,
+        progress=False,
+    )
     weights = tmp_path / "dinov2_s.safetensors"
     save_file(timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224).state_dict(), weights)
 
     def overrides(steps):
-        return tiny_overrides(tmp_path / "run", steps=steps, **{
-            "data.kind": "latents", "data.path": str(tmp_path / "latents"), "model.in_channels": 4,
-            "model.num_classes": 2, "train.global_batch_size": 4, "checkpoint.every": 2, "repa.enabled": True,
-            "repa.encoder": "dinov2-vit-s", "repa.encoder_weights": str(weights), "repa.encoder_depth": 1,
-            "repa.projector_dim": 32,
-        })  # fmt: skip
+        return tiny_overrides(
+            tmp_path / "run",
+            steps=steps,
+            **{
+                "data.kind": "latents",
+                "data.path": str(tmp_path / "latents"),
+                "model.in_channels": 4,
+                "model.num_classes": 2,
+                "train.global_batch_size": 4,
+                "checkpoint.every": 2,
+                "repa.enabled": True,
+                "repa.encoder": "dinov2-vit-s",
+                "repa.encoder_weights": str(weights),
+                "repa.encoder_depth": 1,
+                "repa.projector_dim": 32,
+            },
+        )
 
     first = train(load_config(DEMO, overrides(2)), resume="none", progress=False)
     assert (first.checkpoint / "projector.safetensors").is_file()

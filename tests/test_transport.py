@@ -89,9 +89,7 @@ def assert_gaussian(samples, tol_mean=0.08, tol_var=0.15):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize(
-    "sampler,steps", [("euler", 200), ("heun", 40), ("dopri5", 1)]
-)  # fmt: skip
+@pytest.mark.parametrize("sampler,steps", [("euler", 200), ("heun", 40), ("dopri5", 1)])
 def test_ode_samplers_reproduce_gaussian(path, sampler, steps):
     transport = Transport(path=path)
     samples, calls = run_sampler(transport, SamplerConfig(mode="ode", sampler=sampler, num_steps=steps))

@@ -160,7 +160,15 @@ def target_config(arch: dict, model_name: str, path: Path, convention: str, **ov
             ) from None
         raise
     config = dict(expected)
-    for key in ("in_channels", "num_classes", "class_dropout_prob", "learn_sigma", "qk_norm", "pos_embed", "input_size"):
+    for key in (
+        "in_channels",
+        "num_classes",
+        "class_dropout_prob",
+        "learn_sigma",
+        "qk_norm",
+        "pos_embed",
+        "input_size",
+    ):
         if key in arch and key not in overrides and key not in compared:
             config[key] = arch[key]
     config["atconv_context_pool"] = "raster"
@@ -231,8 +239,11 @@ def load_into(model: SiT, state: dict, path: Path) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} expected"
-              for k in own if k in state and state[k].shape != own[k].shape]  # fmt: skip
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} expected"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:

@@ -16,8 +16,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG", ".JPG", ".PNG")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # lower case; compared case-insensitively
 log = logging.getLogger(__name__)
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether `path` has an image suffix, in any case (a.JPEG, b.Png)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
@@ -47,7 +52,7 @@ class ImageFolderDataset(Dataset):
         self.resolution, self.on_error = resolution, on_error
         if unconditional:
             self.classes = []
-            self.files = sorted(p for p in self.root.rglob("*") if p.suffix in IMAGE_EXTENSIONS)
+            self.files = sorted(p for p in self.root.rglob("*") if is_image_file(p))
             self.labels = [0] * len(self.files)
         else:
             self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
@@ -58,11 +63,11 @@ class ImageFolderDataset(Dataset):
                 )
             self.files, self.labels = [], []
             for label, name in enumerate(self.classes):
-                files = sorted(p for p in (self.root / name).rglob("*") if p.suffix in IMAGE_EXTENSIONS)
+                files = sorted(p for p in (self.root / name).rglob("*") if is_image_file(p))
                 self.files += files
                 self.labels += [label] * len(files)
         if not self.files:
-            raise ValueError(f"{self.root} contains no images ({', '.join(IMAGE_EXTENSIONS[:5])}, ...)")
+            raise ValueError(f"{self.root} contains no images ({', '.join(IMAGE_EXTENSIONS)}, any case)")
 
     @property
     def num_classes(self) -> int:

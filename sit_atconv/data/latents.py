@@ -52,58 +52,73 @@ def extract_latents(
     num_shards = (len(dataset) + shard_size - 1) // shard_size
     mine = [k for k in range(num_shards) if k % accelerator.num_processes == accelerator.process_index]
     todo = [k for k in mine if not (out / shard_name(k)).exists()]
-    bar = tqdm(total=len(todo), unit="shard", disable=not (progress and accelerator.is_main_process))
     skipped_paths = []
-    for k in todo:
+    for k in tqdm(todo, unit="shard", disable=not (progress and accelerator.is_main_process)):
         rows = list(range(k * shard_size, min((k + 1) * shard_size, len(dataset))))
-        loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=num_workers,
-                            collate_fn=collate_skipping_bad)  # fmt: skip
-        parts: dict[str, list[torch.Tensor]] = {}
-        for batch, bad in loader:
-            skipped_paths += [str(dataset.files[i]) for i in bad]
-            if batch is None:
-                continue
-            images, labels, indices = batch
-            pixels = images.to(accelerator.device).float() / 127.5 - 1  # [-1, 1]
-            encoded = {"": pixels, "_flipped": pixels.flip(-1)} if flip else {"": pixels}
-            for suffix, x in encoded.items():
-                mean, std = autoencoder.encode(vae, x)
-                parts.setdefault("mean" + suffix, []).append(mean.half().cpu())
-                parts.setdefault("std" + suffix, []).append(std.half().cpu())
-            parts.setdefault("labels", []).append(labels)
-            parts.setdefault("indices", []).append(indices)
-            parts.setdefault("images", []).append(images)
-        tensors = {key: torch.cat(value).contiguous() for key, value in parts.items()}
-        if not tensors:  # every image of the shard was unreadable
-            tensors = {"labels": torch.zeros(0, dtype=torch.long), "indices": torch.zeros(0, dtype=torch.long)}
+        loader = DataLoader(
+            Subset(dataset, rows), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_bad
+        )
+        tensors, skipped = encode_shard(loader, vae, accelerator.device, flip)
+        skipped_paths += [str(dataset.files[i]) for i in skipped]
         with atomic_output(out / shard_name(k)) as tmp:
             save_file(tensors, tmp)
-        bar.update(1)
-    bar.close()
     if skipped_paths:
         with open(out / f"skipped_{accelerator.process_index}.txt", "a") as f:
             f.writelines(p + "\n" for p in skipped_paths)
     accelerator.wait_for_everyone()
-    manifest = {}
-    if accelerator.is_main_process:
-        shards = []
-        for k in range(num_shards):
-            with safe_open(out / shard_name(k), "pt") as f:
-                shards.append({"file": shard_name(k), "rows": f.get_slice("labels").get_shape()[0]})
-        skipped = sum(len((out / f"skipped_{r}.txt").read_text().splitlines())
-                      for r in range(accelerator.num_processes) if (out / f"skipped_{r}.txt").exists())  # fmt: skip
-        manifest = {
-            "resolution": dataset.resolution,
-            "classes": dataset.classes,
-            "num_classes": dataset.num_classes,
-            "flip": flip,
-            "shards": shards,
-            "total_rows": sum(s["rows"] for s in shards),
-            "skipped_images": skipped,
-        }
-        write_json_atomic(out / MANIFEST, manifest)
-        print(f"wrote {manifest['total_rows']} latents in {num_shards} shards to {out}; skipped {skipped} images")
+    manifest = (
+        write_manifest(out, dataset, num_shards, flip, accelerator.num_processes) if accelerator.is_main_process else {}
+    )
     accelerator.wait_for_everyone()
+    return manifest
+
+
+def encode_shard(
+    loader: DataLoader, vae, device: torch.device, flip: bool
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The tensors of one shard file (posterior mean/std in float16, labels, indices, uint8 images; the
+    mirrored images' posteriors with `flip`) and the dataset indices of the unreadable images."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    skipped = []
+    for batch, bad in loader:
+        skipped += bad
+        if batch is None:
+            continue
+        images, labels, indices = batch
+        pixels = images.to(device).float() / 127.5 - 1  # [-1, 1]
+        encoded = {"": pixels, "_flipped": pixels.flip(-1)} if flip else {"": pixels}
+        for suffix, x in encoded.items():
+            mean, std = autoencoder.encode(vae, x)
+            parts.setdefault("mean" + suffix, []).append(mean.half().cpu())
+            parts.setdefault("std" + suffix, []).append(std.half().cpu())
+        parts.setdefault("labels", []).append(labels)
+        parts.setdefault("indices", []).append(indices)
+        parts.setdefault("images", []).append(images)
+    tensors = {key: torch.cat(value).contiguous() for key, value in parts.items()}
+    if not tensors:  # every image of the shard was unreadable
+        tensors = {"labels": torch.zeros(0, dtype=torch.long), "indices": torch.zeros(0, dtype=torch.long)}
+    return tensors, skipped
+
+
+def write_manifest(out: Path, dataset: ImageFolderDataset, num_shards: int, flip: bool, world_size: int) -> dict:
+    """manifest.json, written last: the shards and their row counts (main process, once all are written)."""
+    shards = []
+    for k in range(num_shards):
+        with safe_open(out / shard_name(k), "pt") as f:
+            shards.append({"file": shard_name(k), "rows": f.get_slice("labels").get_shape()[0]})
+    skipped_files = [out / f"skipped_{rank}.txt" for rank in range(world_size)]
+    skipped = sum(len(path.read_text().splitlines()) for path in skipped_files if path.exists())
+    manifest = {
+        "resolution": dataset.resolution,
+        "classes": dataset.classes,
+        "num_classes": dataset.num_classes,
+        "flip": flip,
+        "shards": shards,
+        "total_rows": sum(s["rows"] for s in shards),
+        "skipped_images": skipped,
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    print(f"wrote {manifest['total_rows']} latents in {num_shards} shards to {out}; skipped {skipped} images")
     return manifest
 
 

@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sit_atconv.data.images import is_image_file
 from sit_atconv.evaluation.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
-from sit_atconv.io import write_json_atomic, write_npz_atomic
+from sit_atconv.io import file_sha256, write_json_atomic, write_npz_atomic
 
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Version of what the reference cache holds (its keys and their meaning); it is part of the cache file's name, so
+# raise it whenever that changes and old caches are ignored rather than read.
+FEATURES_FORMAT = 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,7 +141,7 @@ def _check_images(images: np.ndarray, source) -> np.ndarray:
 def _load_folder(folder: Path) -> np.ndarray:
     from PIL import Image
 
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if is_image_file(p))
     if not files:
         raise ValueError(f"{folder} contains no images")
     images = []
@@ -174,31 +177,33 @@ def compute_features(
 
 
 def file_digest(path: Path) -> str:
+    """sha256 (first 20 hex digits) of a file, or of a folder's files in sorted order: each one's relative
+    name and size (so no two folders give the same byte stream) followed by its contents."""
+    if not path.is_dir():
+        return file_sha256(path)[:20]
     digest = hashlib.sha256()
-    if path.is_dir():
-        for file in sorted(path.rglob("*")):
-            if file.is_file():
-                digest.update(str(file.relative_to(path)).encode())
-                digest.update(file.read_bytes())
-    else:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path)}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as f:
+            hashlib.file_digest(f, lambda: digest)  # streams the file's bytes into the running `digest`
     return digest.hexdigest()[:20]
+
+
+def reference_cache_file(path: Path, cache_dir: Path | None) -> Path:
+    """Where the features of reference `path` are cached: keyed by its content and by FEATURES_FORMAT."""
+    folder = cache_dir or (path.parent if path.is_file() else path)
+    return Path(folder) / f".{path.name}.{file_digest(path)}.features-v{FEATURES_FORMAT}.npz"
 
 
 def reference_features(
     path: Path, extractor: InceptionFeatures, cache_dir: Path | None, use_cache: bool, **kwargs
 ) -> dict[str, np.ndarray]:
     """Features and statistics of a reference (.npz, folder, or ADM batch with mu/sigma/mu_s/sigma_s), cached
-    under a key derived from the file's hash so the 10K/50K reference is processed once."""
-    cache_file = None
-    if use_cache:
-        folder = cache_dir or (path.parent if path.is_file() else path)
-        cache_file = Path(folder) / f".{path.name}.{file_digest(path)}.features.npz"
-        if cache_file.is_file():
-            with np.load(cache_file) as cached:
-                return dict(cached)
+    under a key derived from the file's hash (and the cache format) so the 10K/50K reference is processed once."""
+    cache_file = reference_cache_file(path, cache_dir) if use_cache else None
+    if cache_file is not None and cache_file.is_file():
+        with np.load(cache_file) as cached:
+            return dict(cached)
     reference = {}
     if path.is_file():
         with np.load(path) as data:
@@ -234,15 +239,15 @@ def evaluate(
     """FID, sFID, IS, precision and recall of `samples` against `reference` (ADM definitions)."""
     extractor = InceptionFeatures(inception_weights, download).eval()
     samples, reference = Path(samples), Path(reference)
-    ref = reference_features(reference, extractor, Path(cache_dir) if cache_dir else None, use_cache,
-                             batch_size=batch_size, device=device, progress=progress)  # fmt: skip
+    options = {"batch_size": batch_size, "device": device, "progress": progress}
+    ref = reference_features(reference, extractor, Path(cache_dir) if cache_dir else None, use_cache, **options)
     images = load_images(samples)
     if tuple(images.shape[1:3]) != tuple(ref["image_size"]):
         raise ValueError(
             f"{samples} images are {tuple(images.shape[1:3])} but the reference {reference} is "
             f"{tuple(ref['image_size'])}; resize one of them (ADM compares same-size images)"
         )
-    fake = compute_features(images, extractor, batch_size=batch_size, device=device, progress=progress)
+    fake = compute_features(images, extractor, **options)
     mu, sigma = feature_statistics(fake["pool"])
     mu_s, sigma_s = feature_statistics(fake["spatial"])
     precision, recall = precision_recall(ref["pool"], fake["pool"], device=device)

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 import torch
-from scipy import linalg
+from scipy.linalg import sqrtm
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -30,14 +30,9 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def _sqrtm(matrix: np.ndarray) -> np.ndarray:
-    """Matrix square root on any SciPy: 1.18 removed sqrtm(disp=...), older versions return a tuple with it."""
-    return linalg.sqrtm(matrix)
-
-
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), with the ADM evaluator's eps-offset retry and its
-    check that the square root is (numerically) real."""
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) with scipy.linalg.sqrtm, the ADM evaluator's eps-offset
+    retry and its check that the square root is (numerically) real."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -46,11 +41,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         if not np.isfinite(value).all():
             raise ValueError(f"statistics contain NaN or inf ({name})")
     diff = mu1 - mu2
-    covmean = _sqrtm(sigma1.dot(sigma2))
+    covmean = sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         warnings.warn(f"singular product of covariances; adding {eps} to the diagonals", stacklevel=2)
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        covmean = sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the covariance square root")
@@ -82,8 +77,8 @@ def knn_radii(features: torch.Tensor, k: int = 3, block: int = 10000) -> torch.T
     radii = torch.empty(features.shape[0], dtype=features.dtype, device=features.device)
     for start in range(0, features.shape[0], block):
         rows = features[start : start + block]
-        dists = torch.cat([_pairwise_sq_distances(rows, features[c : c + block])
-                           for c in range(0, features.shape[0], block)], dim=1)  # fmt: skip
+        columns = [features[c : c + block] for c in range(0, features.shape[0], block)]
+        dists = torch.cat([_pairwise_sq_distances(rows, column) for column in columns], dim=1)
         radii[start : start + block] = dists.kthvalue(k + 1, dim=1).values  # the 0 to itself is the 1st
     return radii
 

@@ -34,7 +34,7 @@ from sit_atconv import vae as autoencoder
 from sit_atconv.generation import GenerationConfig, check_generation
 from sit_atconv.models.loading import from_pretrained_strict
 from sit_atconv.models.sit import SiT
-from sit_atconv.transport import SAMPLERS, SamplerConfig, Transport, guided_predictor, sample, sampling_grid
+from sit_atconv.transport import SAMPLERS, SamplerConfig, Transport, sample, sampling_grid
 
 DEFAULT_TRANSPORT = {"path": "linear", "prediction": "velocity"}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -174,7 +174,14 @@ class SiTPipeline(DiffusionPipeline):
         labels = self.prepare_labels(class_labels, batch_size, latents)
         count = len(labels) if labels is not None else batch_size or (len(latents) if latents is not None else 1)
         config = self.check_inputs(
-            labels, count, guidance_scale, guidance_interval, cfg_channels, num_inference_steps, sampler, latents,
+            labels,
+            count,
+            guidance_scale,
+            guidance_interval,
+            cfg_channels,
+            num_inference_steps,
+            sampler,
+            latents,
             output_type,
         )
         x = self.prepare_latents(count, generator, latents)
@@ -219,7 +226,11 @@ class SiTPipeline(DiffusionPipeline):
             sampler = SamplerConfig.from_name(sampler or "euler", num_steps=num_inference_steps)
         low, high = guidance_interval
         config = GenerationConfig(
-            sampler=sampler, cfg_scale=guidance_scale, guidance_low=low, guidance_high=high, cfg_channels=cfg_channels,
+            sampler=sampler,
+            cfg_scale=guidance_scale,
+            guidance_low=low,
+            guidance_high=high,
+            cfg_channels=cfg_channels,
             **self.config.transport,
         )
         check_generation(self.transformer, config, labels.tolist() if labels is not None else None)
@@ -255,10 +266,7 @@ class SiTPipeline(DiffusionPipeline):
         def model_fn(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
             return model(x_t.to(model.dtype), t, y).float()  # t stays float32 for its embedding
 
-        predict = guided_predictor(
-            model_fn, labels, config.cfg_scale, model.null_class, config.guidance_low, config.guidance_high,
-            config.cfg_channels,
-        )
+        predict = config.predictor(model_fn, labels, model.null_class)
         transport = Transport(path=config.path, prediction=config.prediction)
         grid = sampling_grid(transport, config.sampler)
         if use_scheduler and grid[-1] == 0.0:

@@ -153,9 +153,13 @@ def train_step(
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 per_sample, projected = transport.loss(
-                    model, x, {"y": labels, "drop_labels": noise["drop"][rows]},
-                    t=noise["t"][rows], eps=noise["eps"][rows], return_all=True,
-                )  # fmt: skip
+                    model,
+                    x,
+                    {"y": labels, "drop_labels": noise["drop"][rows]},
+                    t=noise["t"][rows],
+                    eps=noise["eps"][rows],
+                    return_all=True,
+                )
                 loss = per_sample.mean()
                 if encoder is not None:
                     repa_loss = alignment_loss(projected, encoder(pixels)).mean()
@@ -227,17 +231,16 @@ class TrainResult:
     checkpoint: Path | None
 
 
-def train(config: DictConfig, resume: str | None = "auto", progress: bool = True) -> TrainResult:
-    """Train until config.train.max_steps; returns the run folder, final step and per-step losses."""
+def start_run(config: DictConfig, run_dir: Path):
+    """The Accelerator of a run (one process or DDP; CPU-only machines join their process group too),
+    the seeds, and the run folder with the resolved config."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    tc = config.train
-    run_dir = Path(config.run.output_dir)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision=tc.mixed_precision,
-        gradient_accumulation_steps=tc.grad_accumulation,
+        mixed_precision=config.train.mixed_precision,
+        gradient_accumulation_steps=config.train.grad_accumulation,
         log_with=None if config.log.tracker == "none" else config.log.tracker,
         project_dir=str(run_dir / "logs"),
     )
@@ -245,8 +248,16 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
+    return accelerator
 
-    # Set-up: data, model, EMA, REPA, optimizer, state to resume or initialise from.
+
+def train(config: DictConfig, resume: str | None = "auto", progress: bool = True) -> TrainResult:
+    """Train until config.train.max_steps; returns the run folder, final step and per-step losses."""
+    tc = config.train
+    run_dir = Path(config.run.output_dir)
+    accelerator = start_run(config, run_dir)
+
+    # Set-up: data, model, EMA, REPA, optimizer, the state to resume or initialise from.
     dataset = build_dataset(config)
     sit = build_model(config)
     ema = copy.deepcopy(sit).requires_grad_(False).eval()
@@ -262,9 +273,14 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
     ema.to(accelerator.device)
     start_step = load_checkpoint(accelerator, resume_from, model, ema, optimizer) if resume_from else 0
     sampler = StepBatchSampler(
-        len(dataset), tc.global_batch_size, accelerator.num_processes, accelerator.process_index,
-        tc.grad_accumulation, config.run.seed, start_step,
-    )  # fmt: skip
+        len(dataset),
+        tc.global_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        tc.grad_accumulation,
+        config.run.seed,
+        start_step,
+    )
     loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers))
     log = TrainingLog(accelerator, config, run_dir, start_step, progress)
     preview_vae = preview_autoencoder(config, accelerator)

@@ -7,7 +7,8 @@ Every sampler integrates from t = 1 (noise) towards t = 0 (data) as
 with `predict(x, t) -> model prediction` (guidance already applied, see `guided_predictor`), the
 `Transport` that converts predictions to velocity and score, the initial noise x (B, ...) at ts[0],
 a decreasing float64 time grid `ts` (from `sampling_grid`), and `randn_like(x)` for the noise of SDE
-samplers (EDM's `randn_like`; `SampleNoise.randn_like` gives every sample its own generator). The
+samplers (EDM's `randn_like`; `SampleNoise.randn_like` gives every sample its own generator; None: the
+global RNG). The
 keyword-only `options` are fields of `SamplerConfig` with the same names, which `sample` passes on.
 
 The reverse-time SDE with diffusion coefficient D(t) (g^2 = 2 D) is
@@ -191,17 +192,10 @@ def _last_step(kind: str, drift: SDEDrift, predict: Predictor, x: torch.Tensor, 
 
 
 def sample_euler_maruyama(
-    predict,
-    transport,
-    x,
-    ts,
-    randn_like: RandnLike = torch.randn_like,
-    *,
-    diffusion_form: str = "sigma",
-    diffusion_norm: float = 1.0,
-    last_step: str = "mean",
+    predict, transport, x, ts, randn_like=None, *, diffusion_form="sigma", diffusion_norm=1.0, last_step="mean"
 ):
     """Euler-Maruyama over ts, the last interval being the deterministic `last_step` (unless "none")."""
+    randn_like = randn_like or torch.randn_like
     drift = SDEDrift(transport, diffusion_form, diffusion_norm)
     for t_cur, _, dt in _steps(_stochastic_part(ts, last_step)):
         d_cur, _ = drift(predict, x, t_cur)
@@ -210,17 +204,10 @@ def sample_euler_maruyama(
 
 
 def sample_stochastic_heun(
-    predict,
-    transport,
-    x,
-    ts,
-    randn_like: RandnLike = torch.randn_like,
-    *,
-    diffusion_form: str = "sigma",
-    diffusion_norm: float = 1.0,
-    last_step: str = "mean",
+    predict, transport, x, ts, randn_like=None, *, diffusion_form="sigma", diffusion_norm=1.0, last_step="mean"
 ):
     """SiT's stochastic Heun: add the step's noise, then a Heun step on the drift; `last_step` as above."""
+    randn_like = randn_like or torch.randn_like
     drift = SDEDrift(transport, diffusion_form, diffusion_norm)
     for t_cur, t_next, dt in _steps(_stochastic_part(ts, last_step)):
         x_hat = x + (2 * drift.diffusion(t_cur) * abs(dt)) ** 0.5 * randn_like(x)
@@ -246,7 +233,7 @@ SAMPLERS: dict[str, Callable] = {
 
 
 def split_name(name: str) -> tuple[str, str]:
-    """"sde-heun" -> ("sde", "heun"); "euler" -> ("ode", "euler")."""
+    """ "sde-heun" -> ("sde", "heun"); "euler" -> ("ode", "euler")."""
     mode, _, short = name.rpartition("-")
     return mode or "ode", short
 
@@ -271,7 +258,10 @@ class SamplerConfig:
     mode: str = field(default="ode", metadata={"help": "ODE or SDE sampling", "choices": tuple(MODES)})
     sampler: str = field(
         default="euler",
-        metadata={"help": "integrator of the mode", "choices": tuple(dict.fromkeys(s for v in MODES.values() for s in v))},
+        metadata={
+            "help": "integrator of the mode",
+            "choices": tuple(dict.fromkeys(s for v in MODES.values() for s in v)),
+        },
     )
     num_steps: int = field(default=50, metadata={"help": "steps of the time grid (dopri5: ignored)"})
     atol: float = field(default=1e-6, metadata={"help": "dopri5 absolute tolerance"})
@@ -357,7 +347,7 @@ def sample(
     transport: Transport,
     x: torch.Tensor,
     config: SamplerConfig,
-    randn_like: RandnLike = torch.randn_like,
+    randn_like: RandnLike | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Integrate from the noise x at t = 1 to data at t = 0 with `config`'s sampler. `randn_like` draws
     the SDE noise (default: the global RNG). Returns (samples, number of model calls)."""
