@@ -1,4 +1,4 @@
-"""Deprecated alias of `sit_atconv.generation` (renamed in 0.2; this module goes away in the next release).
+"""Deprecated alias of `sit_atconv.generation` (renamed in 0.2.0; this module goes away in 0.3.0).
 
 Generation lives in `sit_atconv.generation`, the sharded .npz writer in `sit_atconv.sharded_npz` and
 the autoencoder in `sit_atconv.vae`; the old names below keep working meanwhile.

@@ -1,5 +1,6 @@
 """SiT family: registry, parameter counts (paper Table VIII), forward contract, embeddings, init, errors."""
 
+import inspect
 import math
 
 import numpy as np
@@ -230,3 +231,41 @@ def test_bad_configs_raise_clear_errors():
         tiny(atconv_kernel_size=4)
     with pytest.raises(ValueError, match=r"input size 9x8 is not divisible by patch_size=2"):
         tiny()(torch.randn(1, 4, 9, 8), torch.rand(1), torch.tensor([0]))
+
+
+def test_one_architecture_comparison_from_sits_config():
+    from sit_atconv.models import architecture_differences, architecture_fields, check_architecture, name_fields
+
+    fields = set(architecture_fields())
+    sit_fields = set(inspect.signature(SiT.__init__).parameters) - {"self"}
+    assert fields == sit_fields - {"input_size", "class_dropout_prob"}  # follows SiT's config, nothing hand-kept
+    base = tiny(atconv_context_pool="raster").config
+    assert architecture_differences(base, dict(base, input_size=16, mixers=tuple(base["mixers"]))) == {}
+    changed = dict(base, atconv_context_pool="2d", depth=3)
+    assert architecture_differences(base, changed) == {"depth": (4, 3), "atconv_context_pool": ("raster", "2d")}
+    with pytest.raises(ValueError, match=r"not it: depth: 4 there, 3 expected; atconv_context_pool: 'raster' there"):
+        check_architecture(base, changed, "not it")
+    # A registry name fixes size, patch, mixer layout and family defaults, not options or data fields.
+    assert set(name_fields("SiT-ATConv-XL/2")) == {
+        "depth",
+        "hidden_size",
+        "num_heads",
+        "patch_size",
+        "pos_embed",
+        "mixers",
+    }
+    converted = create_model("SiT-ATConv-S/2", atconv_context_pool="raster", learn_sigma=False, num_classes=0).config
+    check_architecture(converted, model_config("SiT-ATConv-S/2"), "not a SiT-ATConv-S/2", name_fields("SiT-ATConv-S/2"))
+    with pytest.raises(ValueError, match=r"mixers: attention in all 12 blocks there, atconv in blocks 1,3,5,7,9,11 of"):
+        check_architecture(model_config("SiT-S/2"), model_config("SiT-Hybrid-S/2"), "x", name_fields("SiT-Hybrid-S/2"))
+
+
+def test_mixer_table_builds_each_mixer_from_the_sit_config():
+    from sit_atconv.models.sit import MIXERS, build_mixer
+
+    model = tiny(qk_norm=True, atconv_kernel_size=5, mixers=["attention", "atconv", "attention", "atconv"])
+    assert set(MIXERS) == {"attention", "atconv"}
+    assert isinstance(model.blocks[0].mixer, Attention) and model.blocks[0].mixer.q_norm.normalized_shape == (8,)
+    assert isinstance(model.blocks[1].mixer, ATConv) and model.blocks[1].mixer.kernel_size == 5
+    with pytest.raises(ValueError, match="unknown mixer 'conv'; expected one of"):
+        build_mixer("conv", 32, 4, model.config)

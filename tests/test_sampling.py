@@ -150,3 +150,10 @@ def test_old_sampling_module_still_imports_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="use sit_atconv.generation"):
         old = importlib.import_module("sit_atconv.sampling")
     assert old.generate is generation.generate and old.sample_to_npz is generation.sample_to_npz
+
+
+def test_grid_classes_shared_by_sample_py_and_the_trainer_previews():
+    assert generation.grid_classes(0) is None  # unconditional
+    assert generation.grid_classes(1000) == [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's ImageNet grid
+    assert generation.grid_classes(10) == list(range(10)) and generation.grid_classes(4) == [0, 1, 2, 3] * 2
+    assert generation.grid_classes(1) == [0] * 8 and generation.grid_classes(10, [3, 3]) == [3, 3]

@@ -1,0 +1,63 @@
+"""Atomic output: nothing that looks complete after a failure, old files and folders kept until replaced."""
+
+import argparse
+import dataclasses
+
+import pytest
+
+from sit_atconv.io import add_dataclass_arguments, atomic_output, dataclass_from_args, file_sha256, write_json_atomic
+
+
+def test_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(OSError, match="disk full"), atomic_output(target) as tmp:
+        tmp.write_text("half")
+        raise OSError("disk full")
+    assert list(tmp_path.iterdir()) == []
+    write_json_atomic(target, {"a": 1})
+    with pytest.raises(KeyboardInterrupt), atomic_output(target) as tmp:
+        tmp.write_text("{")
+        raise KeyboardInterrupt
+    assert target.read_text() == '{\n  "a": 1\n}' and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_folders_and_symlinks_are_replaced_whole(tmp_path):
+    target = tmp_path / "folder"
+    for content in ("first", "second"):
+        with atomic_output(target) as tmp:
+            tmp.mkdir()
+            (tmp / "file").write_text(content)
+    assert (target / "file").read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+    with atomic_output(tmp_path / "latest") as tmp:
+        tmp.symlink_to("folder")
+    with atomic_output(tmp_path / "latest") as tmp:  # an existing link is replaced, not followed
+        tmp.symlink_to("elsewhere")
+    assert (tmp_path / "latest").readlink().name == "elsewhere" and (target / "file").exists()
+
+
+def test_file_sha256(tmp_path):
+    (tmp_path / "f").write_bytes(b"abc")
+    assert file_sha256(tmp_path / "f") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_dataclass_flags_follow_the_fields_and_their_checks(capsys):
+    @dataclasses.dataclass
+    class Options:
+        num_steps: int = dataclasses.field(default=5, metadata={"help": "steps"})
+        mode: str = dataclasses.field(default="a", metadata={"choices": ("a", "b")})
+
+        def __post_init__(self):
+            if self.num_steps < 1:
+                raise ValueError(f"num_steps must be positive, got {self.num_steps}")
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Options)
+    assert dataclass_from_args(Options, parser.parse_args([]), parser) == Options()
+    assert dataclass_from_args(Options, parser.parse_args(["--num-steps", "7", "--mode", "b"]), parser) == Options(
+        7, "b"
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "c"])
+    with pytest.raises(SystemExit):
+        dataclass_from_args(Options, parser.parse_args(["--num-steps", "0"]), parser)
+    assert "num_steps must be positive, got 0" in capsys.readouterr().err
