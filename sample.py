@@ -77,10 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    recorded = sampling_defaults(args.ckpt)
-    config = GenerationConfig(
+def generation_config(args: argparse.Namespace, recorded: dict) -> GenerationConfig:
+    """The flags as a GenerationConfig; transport settings the flags leave open come from the checkpoint."""
+    return GenerationConfig(
         sampler=args.sampler_config,
         cfg_scale=args.cfg,
         guidance_low=args.guidance_low,
@@ -90,34 +89,34 @@ def main(argv=None) -> None:
         path=args.path or recorded.get("path", "linear"),
         prediction=args.prediction or recorded.get("prediction", "velocity"),
     )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    recorded = sampling_defaults(args.ckpt)
+    config = generation_config(args, recorded)
     vae_choice = args.vae or recorded.get("vae")
+    autocast_dtype = PRECISIONS[args.precision]
 
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model = load_model(args.ckpt, ema=args.ema, device=accelerator.device)
+    device = accelerator.device
+    model = load_model(args.ckpt, ema=args.ema, device=device)
     if args.model:
         expected = model_config(args.model)
         check_architecture(model.config, expected, f"the checkpoint is not a {args.model}", name_fields(args.model))
 
     if args.num_samples is None:  # grid
         check_generation(model, config, grid_classes(model.config.num_classes, args.classes))
-        vae = vae_for_model(model, vae_choice, accelerator.device)
+        vae = vae_for_model(model, vae_choice, device)
         if accelerator.is_main_process:
-            count, calls = sample_grid(
-                model,
-                vae,
-                config,
-                args.out,
-                args.classes,
-                args.grid_columns,
-                accelerator.device,
-                PRECISIONS[args.precision],
-            )
+            columns = args.grid_columns
+            count, calls = sample_grid(model, vae, config, args.out, args.classes, columns, device, autocast_dtype)
             print(f"wrote {args.out} ({count} samples, {calls} model calls each)")
         return
 
-    vae = vae_for_model(model, vae_choice, accelerator.device)
+    vae = vae_for_model(model, vae_choice, device)
     weights = next(resolve_model_folder(args.ckpt, args.ema).glob("*.safetensors"), None)
     settings = {
         "ckpt": str(Path(args.ckpt).resolve()),
@@ -126,19 +125,10 @@ def main(argv=None) -> None:
         "vae": None if vae is None else (vae_choice or SD_VAE_DEFAULT),
         "precision": args.precision,
     }
-    info = sample_to_npz(
-        accelerator,
-        model,
-        vae,
-        args.out,
-        args.num_samples,
-        args.batch_size,
-        config,
-        label_mode=args.label_mode,
-        settings=settings,
-        keep_shards=args.keep_shards,
-        autocast_dtype=PRECISIONS[args.precision],
+    options = dict(
+        label_mode=args.label_mode, settings=settings, keep_shards=args.keep_shards, autocast_dtype=autocast_dtype
     )
+    info = sample_to_npz(accelerator, model, vae, args.out, args.num_samples, args.batch_size, config, **options)
     if accelerator.is_main_process:
         print(json.dumps({"out": info["out"], "arr_0": info["arr_0_shape"], "world_size": info["world_size"]}))
 

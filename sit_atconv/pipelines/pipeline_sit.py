@@ -173,17 +173,8 @@ class SiTPipeline(DiffusionPipeline):
         """
         labels = self.prepare_labels(class_labels, batch_size, latents)
         count = len(labels) if labels is not None else batch_size or (len(latents) if latents is not None else 1)
-        config = self.check_inputs(
-            labels,
-            count,
-            guidance_scale,
-            guidance_interval,
-            cfg_channels,
-            num_inference_steps,
-            sampler,
-            latents,
-            output_type,
-        )
+        config = self.generation_config(guidance_scale, guidance_interval, cfg_channels, sampler, num_inference_steps)
+        self.check_inputs(config, labels, count, latents, output_type)
         x = self.prepare_latents(count, generator, latents)
         x = self.denoise(x, labels, config, use_scheduler=sampler is None, generator=generator)
         images = self.decode(x, output_type)
@@ -205,38 +196,37 @@ class SiTPipeline(DiffusionPipeline):
             raise ValueError("this model is class-conditional: pass class_labels (indices or names)")
         return torch.tensor(self.get_label_ids(class_labels), device=self._execution_device)
 
-    def check_inputs(
+    def generation_config(
         self,
-        labels: torch.Tensor | None,
-        count: int,
         guidance_scale: float,
         guidance_interval: tuple[float, float],
         cfg_channels: int | None,
-        num_inference_steps: int,
         sampler: str | SamplerConfig | None,
-        latents: torch.Tensor | None,
-        output_type: str,
+        num_inference_steps: int,
     ) -> GenerationConfig:
-        """Reject what the model cannot do before any work; returns the generation settings."""
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        """The sampling settings of a call (the transport is the one the model was trained with)."""
         if not isinstance(sampler, SamplerConfig):
             if sampler is not None and sampler not in SAMPLERS:
                 raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)} or a SamplerConfig")
             sampler = SamplerConfig.from_name(sampler or "euler", num_steps=num_inference_steps)
         low, high = guidance_interval
-        config = GenerationConfig(
-            sampler=sampler,
-            cfg_scale=guidance_scale,
-            guidance_low=low,
-            guidance_high=high,
-            cfg_channels=cfg_channels,
-            **self.config.transport,
-        )
+        guidance = dict(cfg_scale=guidance_scale, guidance_low=low, guidance_high=high, cfg_channels=cfg_channels)
+        return GenerationConfig(sampler=sampler, **guidance, **self.config.transport)
+
+    def check_inputs(
+        self,
+        config: GenerationConfig,
+        labels: torch.Tensor | None,
+        count: int,
+        latents: torch.Tensor | None,
+        output_type: str,
+    ) -> None:
+        """Reject what the model cannot do before any work."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
         check_generation(self.transformer, config, labels.tolist() if labels is not None else None)
         if latents is not None and tuple(latents.shape) != self.latent_shape(count):
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {self.latent_shape(count)}")
-        return config
 
     def latent_shape(self, count: int) -> tuple[int, int, int, int]:
         model_config = self.transformer.config
