@@ -1,8 +1,9 @@
 """Generating images with a SiT: one batch (`generate`), a labelled grid, and sharded .npz runs.
 
 Every sample's noise comes from (seed, sample index) and, in an .npz run, its label from a table
-fixed by the seed, so a sample does not depend on its batch or on the number of processes. sample.py,
-the trainer's previews and the pipeline's tests all go through `generate`.
+fixed by the seed, so a sample does not depend on its batch or on the number of processes. sample.py and
+the trainer's previews go through `generate`; SiTPipeline shares its guidance (`GenerationConfig.predictor`),
+its checks and the samplers.
 """
 
 from __future__ import annotations
