@@ -204,9 +204,10 @@ def sample_to_npz(
 
     mine = run.shards_of(accelerator.process_index, accelerator.num_processes)
     todo = [shard for shard in mine if not run.is_done(*shard)]
+    total = sum(end - start for start, end in mine)
     bar = tqdm(
-        total=sum(e - s for s, e in mine),
-        initial=sum(e - s for s, e in mine) - sum(e - s for s, e in todo),
+        total=total,
+        initial=total - sum(end - start for start, end in todo),
         unit="img",
         desc=f"sampling (process {accelerator.process_index})",
         disable=not (progress and accelerator.is_main_process),

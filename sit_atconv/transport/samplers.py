@@ -322,9 +322,9 @@ def time_grid(t_start: float, t_end: float, points: int) -> torch.Tensor:
 def sampling_grid(transport: Transport, config: SamplerConfig) -> torch.Tensor:
     """The decreasing time grid `config`'s sampler integrates over, inside the transport's interval.
 
-    ODE: num_steps + 1 points (dopri5: the two ends). SDE: num_steps points from t = 1 (or 1 - eps) to
-    `last_step_size`, then the end of the final deterministic step (0, or eps where the path or the
-    prediction is singular there) unless last_step is "none"."""
+    ODE: num_steps + 1 points (adaptive solvers such as dopri5 take only its ends). SDE: num_steps
+    points from t = 1 (or 1 - eps) to `last_step_size`, then the end of the final deterministic step (0,
+    or eps where the path or the prediction is singular there) unless last_step is "none"."""
     sde = config.mode == "sde"
     last = config.last_step if sde else "none"
     t_min, t_max = transport.time_interval(
@@ -334,7 +334,7 @@ def sampling_grid(transport: Transport, config: SamplerConfig) -> torch.Tensor:
         diffusion_form=config.diffusion_form,
     )
     if not sde:
-        return time_grid(t_max, t_min, 2 if config.sampler == "dopri5" else config.num_steps + 1)
+        return time_grid(t_max, t_min, config.num_steps + 1)
     ts = time_grid(t_max, t_min, config.num_steps)
     if last == "none":
         return ts
