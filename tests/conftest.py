@@ -14,3 +14,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """`read_only(folder)` makes `folder` read-only until the test ends. Root, whom permissions do not stop,
+    gets an `os.access` that reads the owner's write bit, so the code under test sees what other users would."""
+    import stat
+
+    changed = []
+
+    def make(folder):
+        folder.chmod(0o555)
+        changed.append(folder)
+        if os.geteuid() == 0:
+            real_access = os.access
+
+            def access(path, mode, *args, **kwargs):
+                if mode & os.W_OK and not os.stat(path).st_mode & stat.S_IWUSR:
+                    return False
+                return real_access(path, mode, *args, **kwargs)
+
+            monkeypatch.setattr(os, "access", access)
+        return folder
+
+    yield make
+    for folder in changed:
+        folder.chmod(0o755)
