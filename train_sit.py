@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from sit_atconv.io import run_cli
+from sit_atconv.io import LockedError, run_cli
 from sit_atconv.training import NonFiniteError, load_config, train
 
 
@@ -20,11 +20,12 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", default="auto", help="'auto' (newest checkpoint of the run), 'none', or a folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.depth=6 train.max_steps=100")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may follow the overrides
     config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume, progress=not args.no_progress)
-    print(f"checkpoint: {result.checkpoint}")
+    if result.main_process:
+        print(f"checkpoint: {result.checkpoint}")
 
 
 if __name__ == "__main__":
-    run_cli(main, (ValueError, FileNotFoundError, NonFiniteError))
+    run_cli(main, (ValueError, FileNotFoundError, NonFiniteError, LockedError))

@@ -3,40 +3,55 @@
     checkpoints/step_00001000/
         model/, ema/                 save_pretrained folders (config.json + safetensors), what sample.py reads
         projector.safetensors        REPA's projector, when REPA is on
-        training_state.pt            optimizer, gradient scaler and step (plain tensors: weights_only loading)
+        training_state.pt            optimizer, gradient scaler, step, skipped steps (plain tensors: weights_only)
         rng_<rank>.pt                each process's RNG state
         config.yaml                  the resolved run config
+        checkpoint.json              the completion marker: step and the size of every file, written last
     checkpoints/latest -> step_...   the newest complete checkpoint
 
-A checkpoint is written into a hidden `.tmp_step_N` folder by every process and renamed into place by
-the main process once all have finished, so an interrupted write is never mistaken for a checkpoint.
+A checkpoint is written only when the weights and their EMA are finite. Every process writes into a
+hidden `.tmp_step_N` folder; once all have finished, the main process writes the marker, flushes the
+folder to disk and renames it into place. A `step_N` folder counts as a checkpoint only when its marker
+is there and every file it lists has the size it was written with, so neither an interrupted write, a
+truncated file nor a folder someone else named step_N is ever resumed; resuming takes the newest
+complete checkpoint that reads, and falls back to older ones with a warning.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sit_atconv.io import atomic_output, replace_path
+from sit_atconv.io import atomic_output, fsync_folder, fsync_tree, replace_path
 from sit_atconv.models import check_architecture
 from sit_atconv.models.loading import from_pretrained_strict, resolve_model_folder
 from sit_atconv.training.config import save_config
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})$")
+MARKER = "checkpoint.json"
+
+
+class NonFiniteError(RuntimeError):
+    """The loss, the gradients or the weights are not finite, and the run stops."""
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoints of a run, oldest first (temporary folders of interrupted writes excluded)."""
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_PATTERN.match(path.resolve().name).group(1))
+
+
+def step_folders(run_dir: Path) -> list[Path]:
+    """The `step_N` folders of a run, oldest first, complete or not."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -44,12 +59,46 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(CHECKPOINT_PATTERN.match(path.resolve().name).group(1))
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint, or None when it is."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return f"it has no {MARKER} (an interrupted write, or not a checkpoint of sit-atconv >= 0.3)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+        sizes = {str(name): int(size) for name, size in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"its {MARKER} cannot be read"
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written (truncated or changed)"
+    return None
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, model, ema, optimizer, config: DictConfig) -> Path:
-    """Write checkpoint `step` (all processes call this), point `latest` at it and prune old ones."""
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    return [path for path in step_folders(run_dir) if checkpoint_problem(path) is None]
+
+
+def non_finite_values(module: nn.Module) -> int:
+    """How many parameter values of `module` are NaN or infinite (one device sync)."""
+    counts = [(~torch.isfinite(p.detach())).sum() for p in module.parameters()]
+    return int(torch.stack(counts).sum().item()) if counts else 0
+
+
+def save_checkpoint(
+    accelerator, run_dir: Path, step: int, model, ema, optimizer, config: DictConfig, skipped: int = 0
+) -> Path:
+    """Write checkpoint `step` (all processes call this), point `latest` at it and prune old ones.
+    Raises NonFiniteError, writing nothing, when the weights or the EMA hold a NaN or infinity."""
+    module = accelerator.unwrap_model(model)
+    bad = {name: non_finite_values(part) for name, part in (("weights", module), ("EMA", ema))}
+    if any(bad.values()):  # every process holds the same weights, so all of them stop here together
+        counts = ", ".join(f"{count:,} in the {name}" for name, count in bad.items() if count)
+        raise NonFiniteError(f"step {step}: non-finite values ({counts}); the checkpoint was not written")
     root = run_dir / "checkpoints"
     final = root / checkpoint_name(step)
     tmp = root / f".tmp_{checkpoint_name(step)}"
@@ -58,12 +107,11 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, ema, optimizer
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        module = accelerator.unwrap_model(model)
         module.model.save_pretrained(tmp / "model")
         ema.save_pretrained(tmp / "ema")
         if module.projector is not None:
             save_file(module.projector.state_dict(), tmp / "projector.safetensors")
-        state = {"optimizer": optimizer.state_dict(), "step": step}
+        state = {"optimizer": optimizer.state_dict(), "step": step, "skipped": skipped}
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()
         torch.save(state, tmp / "training_state.pt")
@@ -74,7 +122,11 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, ema, optimizer
     torch.save(rng, tmp / f"rng_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        fsync_tree(tmp)  # the marker must never reach the disk before the files it vouches for
         replace_path(tmp, final)
+        fsync_folder(root)
         with atomic_output(root / "latest") as link:
             link.symlink_to(final.name)
         prune_checkpoints(run_dir, config.checkpoint.keep_last, config.checkpoint.milestone_every)
@@ -83,7 +135,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, ema, optimizer
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, milestone_every: int) -> None:
-    """Keep the newest `keep_last` checkpoints plus every multiple of `milestone_every` steps."""
+    """Keep the newest `keep_last` complete checkpoints plus every multiple of `milestone_every` steps;
+    folders that are not complete checkpoints are left alone."""
     checkpoints = complete_checkpoints(run_dir)
     for path in checkpoints[: max(len(checkpoints) - keep_last, 0)]:
         if milestone_every and checkpoint_step(path) % milestone_every == 0:
@@ -91,21 +144,45 @@ def prune_checkpoints(run_dir: Path, keep_last: int, milestone_every: int) -> No
         shutil.rmtree(path)
 
 
-def find_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """None (fresh start), the newest complete checkpoint for "auto", or an explicit folder."""
+def resume_candidates(run_dir: Path, resume: str | None) -> tuple[list[Path], list[str]]:
+    """The checkpoints to try, newest first: none for a fresh start, the complete ones of the run for
+    "auto", or an explicit folder (which must be complete). Also returns a note per `step_N` folder
+    skipped for being incomplete."""
     if resume in (None, "", "none"):
-        return None
-    if resume == "auto":
-        checkpoints = complete_checkpoints(run_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume)
-    if not (path / "training_state.pt").is_file():
-        raise FileNotFoundError(f"{path} is not a complete training checkpoint (no training_state.pt)")
-    return path
+        return [], []
+    if resume != "auto":
+        path = Path(resume)
+        problem = checkpoint_problem(path) if path.is_dir() else "it does not exist"
+        if problem:
+            raise FileNotFoundError(f"{path} is not a complete training checkpoint: {problem}")
+        return [path], []
+    candidates, notes = [], []
+    for path in step_folders(run_dir):
+        problem = checkpoint_problem(path)
+        if problem:
+            notes.append(f"skipping {path}: {problem}")
+        else:
+            candidates.append(path)
+    return candidates[::-1], notes
 
 
-def load_checkpoint(accelerator, path: Path, model, ema, optimizer) -> int:
-    """Restore weights, EMA, optimizer, scaler and this process's RNG state; returns the step."""
+def find_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """None (fresh start), the newest complete checkpoint for "auto", or an explicit complete folder."""
+    candidates, _ = resume_candidates(run_dir, resume)
+    return candidates[0] if candidates else None
+
+
+def saved_config(path: Path) -> DictConfig:
+    """The run config a checkpoint was written with."""
+    try:
+        return OmegaConf.load(path / "config.yaml")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {path / 'config.yaml'}: {error}") from error
+
+
+def load_checkpoint(accelerator, path: Path, model, ema, optimizer) -> dict:
+    """Restore weights, EMA, optimizer, scaler and this process's RNG state from a complete checkpoint;
+    returns {"step", "skipped"}."""
     module = accelerator.unwrap_model(model)
     module.model.load_state_dict(load_file(path / "model" / "diffusion_pytorch_model.safetensors"))
     if module.projector is not None:
@@ -123,7 +200,29 @@ def load_checkpoint(accelerator, path: Path, model, ema, optimizer) -> int:
             torch.cuda.set_rng_state_all(rng["cuda"])
     else:  # different process count than the saved run: continue deterministically, not bit-exactly
         torch.manual_seed(state["step"] * 1000 + accelerator.process_index)
-    return int(state["step"])
+    return {"step": int(state["step"]), "skipped": int(state.get("skipped", 0))}
+
+
+def load_newest(accelerator, candidates: list[Path], model, ema, optimizer) -> tuple[Path, dict, list[str]]:
+    """Load the first of `candidates` (newest first) that every process reads; returns it, its state and a
+    note per checkpoint that failed. Raises ValueError when none reads, rather than training from
+    half-loaded weights."""
+    notes = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(accelerator, path, model, ema, optimizer)
+            failure = None
+        except Exception as error:  # any unreadable or mismatched file: every process moves on together
+            state, failure = None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        failed = accelerator.reduce(torch.tensor([float(failure is not None)], device=accelerator.device), "sum")
+        if failed.item() == 0:
+            return path, state, notes
+        notes.append(f"checkpoint {path} could not be read ({failure or 'on another process'}); trying an older one")
+    raise ValueError(
+        "no checkpoint of the run could be read:\n  "
+        + "\n  ".join(notes)
+        + "\npass --resume none to start over, or --resume <folder> to pick one"
+    )
 
 
 def init_weights(path: str | Path, sit, ema, projector: nn.Module | None) -> list[str]:

@@ -8,7 +8,8 @@ and the overrides over it, so a misspelt key (`train.maxsteps`) or a value of th
 (`train.lr=abc`, `train.max_steps=ten`) fails at load time with a ValueError naming the dotted key, rather
 than being silently ignored or crashing hours into a run. Fields with a fixed set of values declare it
 next to the field, `metadata={"choices": ...}`, and are checked after the merge. Values stay plain
-strings, numbers and lists: the trainer hands them to Accelerate and Transport as they are.
+strings, numbers and lists: the trainer hands them to Accelerate and Transport as they are. Numbers must
+be finite, and fields with bounds declare them the same way (`at_least(1, 1)`: an int >= 1 defaulting to 1).
 
 `model` holds `name` (a registry name) plus optional overrides of any SiT constructor argument. Its
 dataclass is generated from `SiT.__init__`, so it cannot drift from the model; None means "the registry's
@@ -20,6 +21,7 @@ base file; chains of bases apply the outermost base first.
 
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -31,7 +33,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from sit_atconv.models.registry import list_models
+from sit_atconv.models.registry import list_models, model_config
 from sit_atconv.models.sit import SiT
 from sit_atconv.repa import ENCODERS
 from sit_atconv.transport.transport import LOSS_WEIGHTS, PATHS, PREDICTIONS, TIME_SAMPLINGS
@@ -42,10 +44,23 @@ def choice(default: str, choices: typing.Iterable[str]) -> Any:
     return field(default=default, metadata={"choices": tuple(choices)})
 
 
+def at_least(default: Any, minimum: float, maximum: float | None = None) -> Any:
+    """A number field in [minimum, maximum] (checked by `load_config`); a list default: every element."""
+    bounds = {"min": minimum, "max": maximum}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=bounds)
+    return field(default=default, metadata=bounds)
+
+
+def positive(default: float) -> Any:
+    """A float field > 0."""
+    return field(default=default, metadata={"above": 0})
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"  # run folder: config.yaml, checkpoints/, metrics.csv, samples/, logs/
-    seed: int = 0  # seeds the init, the data order and each step's noise; process i's torch RNG gets seed + i
+    seed: int = at_least(0, 0)  # seeds the init, data order and each step's noise; process i's torch RNG: seed + i
 
 
 def _model_config() -> type:
@@ -73,15 +88,15 @@ class TransportConfig:  # see sit_atconv.transport.Transport
     loss_weight: str = choice("none", LOSS_WEIGHTS)  # SiT's weighting of noise/score losses: none, velocity, likelihood
     time_sampling: str = choice("uniform", TIME_SAMPLINGS)  # training times: uniform, or lognormal (logit-normal t)
     lognormal_mean: float = 0.0  # mean of log(sigma_t / alpha_t) under time_sampling=lognormal
-    lognormal_std: float = 1.0  # its standard deviation
+    lognormal_std: float = positive(1.0)  # its standard deviation
 
 
 @dataclass
 class DataConfig:
     kind: str = choice("digits", ("digits", "latents"))  # digits: scikit-learn's 8x8 digits; latents: see `path`
     path: str | None = None  # folder written by sit_atconv.data.latents (needed by kind=latents)
-    resolution: int = 16  # digits only: side in pixels the 8x8 images are upsampled to
-    num_workers: int = 0  # DataLoader worker processes
+    resolution: int = at_least(16, 1)  # digits only: side in pixels the 8x8 images are upsampled to
+    num_workers: int = at_least(0, 0)  # DataLoader worker processes
     flips: bool = True  # latents: also use the horizontally flipped copies, where the folder stores them
 
 
@@ -90,42 +105,43 @@ class RepaConfig:  # REPA, Yu et al. 2025; needs data.kind=latents (the folder k
     enabled: bool = False  # add the representation-alignment loss
     encoder: str = choice("dinov2-vit-b", ENCODERS)  # frozen encoder whose patch tokens are the targets
     encoder_weights: str | None = None  # local weights file for offline machines; None: timm's hub download
-    encoder_depth: int = 8  # align the tokens after this many blocks (REPA: 4 for B/2, 8 for L/2 and XL/2)
-    proj_coeff: float = 0.5  # lambda, the weight of the alignment loss (REPA: 0.5)
-    projector_dim: int = 2048  # hidden width of the projector MLP (REPA: 2048)
+    encoder_depth: int = at_least(8, 1)  # align the tokens after this many blocks (REPA: 4 for B/2, 8 for L/2 and XL/2)
+    proj_coeff: float = at_least(0.5, 0)  # lambda, the weight of the alignment loss (REPA: 0.5)
+    projector_dim: int = at_least(2048, 1)  # hidden width of the projector MLP (REPA: 2048)
 
 
 @dataclass
 class TrainConfig:
-    global_batch_size: int = 256  # images per optimizer step, over all processes and accumulation steps (SiT: 256)
-    max_steps: int = 400_000  # optimizer steps (the paper's Table VIII: 400K)
-    lr: float = 1e-4  # AdamW learning rate, constant (SiT: 1e-4)
-    weight_decay: float = 0.0  # AdamW weight decay, on matrices and kernels only (SiT: 0)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
-    eps: float = 1e-8  # AdamW epsilon
-    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
-    grad_accumulation: int = 1  # micro-batches per optimizer step (global_batch_size is split over them)
+    global_batch_size: int = at_least(256, 1)  # images per optimizer step, all processes and micro-batches (SiT: 256)
+    max_steps: int = at_least(400_000, 1)  # optimizer steps (the paper's Table VIII: 400K)
+    lr: float = at_least(1e-4, 0)  # AdamW learning rate, constant (SiT: 1e-4)
+    weight_decay: float = at_least(0.0, 0)  # AdamW weight decay, on matrices and kernels only (SiT: 0)
+    betas: list[float] = at_least([0.9, 0.999], 0, 1)  # AdamW (beta1, beta2)
+    eps: float = positive(1e-8)  # AdamW epsilon
+    grad_clip: float = at_least(1.0, 0)  # max global gradient norm; 0: no clipping
+    grad_accumulation: int = at_least(1, 1)  # micro-batches per optimizer step (global_batch_size is split over them)
     mixed_precision: str = choice("no", ("no", "bf16", "fp16"))  # Accelerate's autocast precision
-    ema_decay: float = 0.9999  # decay of the weights' EMA, updated every step (SiT: 0.9999)
+    ema_decay: float = at_least(0.9999, 0, 1)  # decay of the weights' EMA, updated every step (SiT: 0.9999)
     on_nonfinite: str = choice("stop", ("stop", "skip"))  # on a NaN/inf loss or gradient: stop the run or skip the step
+    max_consecutive_skips: int = at_least(10, 1)  # on_nonfinite=skip: stop after this many non-finite steps in a row
     init_from: str | None = None  # weights to start from: pipeline/converted folder, model folder or checkpoint
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 50_000  # steps between checkpoints (the last step always gets one)
-    keep_last: int = 2  # newest checkpoints kept; older ones are deleted...
-    milestone_every: int = 0  # ...except those at multiples of this many steps; 0: none kept
+    every: int = at_least(50_000, 1)  # steps between checkpoints (the last step always gets one)
+    keep_last: int = at_least(2, 1)  # newest checkpoints kept; older ones are deleted...
+    milestone_every: int = at_least(0, 0)  # ...except those at multiples of this many steps; 0: none kept
 
 
 @dataclass
 class LogConfig:
-    every: int = 100  # steps between rows of metrics.csv and tracker logs
+    every: int = at_least(100, 1)  # steps between rows of metrics.csv and tracker logs
     tracker: str = choice("tensorboard", ("tensorboard", "wandb", "none"))  # Accelerate tracker, writing to logs/
-    sample_every: int = 0  # steps between EMA preview grids in samples/; 0: none
+    sample_every: int = at_least(0, 0)  # steps between EMA preview grids in samples/; 0: none
     sample_classes: list[int] | None = None  # labels of the preview grid; None: DiT's 8 for ImageNet, else 0, 1, ...
-    sample_steps: int = 50  # sampler steps per preview
-    sample_cfg: float = 1.0  # classifier-free guidance scale of the previews; 1: no guidance
+    sample_steps: int = at_least(50, 1)  # sampler steps per preview
+    sample_cfg: float = at_least(1.0, 0)  # classifier-free guidance scale of the previews; 1: no guidance
     preview_vae: str | None = None  # VAE (hub id or folder) decoding latent previews; None: no latent previews
 
 
@@ -161,10 +177,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ValueError(_explain(error)) from error
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.type):
-            value = config[section.name][f.name]
-            if "choices" in f.metadata and value not in f.metadata["choices"]:
-                raise ValueError(f"{section.name}.{f.name}={value!r} is not one of {list(f.metadata['choices'])}")
+            _check_value(f"{section.name}.{f.name}", config[section.name][f.name], f.metadata)
     return config
+
+
+def _check_value(key: str, value: Any, rules: typing.Mapping) -> None:
+    """Choices, finiteness and bounds of one merged value (of each element of a list)."""
+    if "choices" in rules and value not in rules["choices"]:
+        raise ValueError(f"{key}={value!r} is not one of {list(rules['choices'])}")
+    if isinstance(value, typing.Sequence) and not isinstance(value, str):
+        for i, element in enumerate(value):
+            _check_value(f"{key}[{i}]", element, rules)
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    if not math.isfinite(value):
+        raise ValueError(f"{key}={value}: expected a finite number")
+    if rules.get("min") is not None and value < rules["min"]:
+        raise ValueError(f"{key}={value}: expected a value >= {rules['min']}")
+    if rules.get("max") is not None and value > rules["max"]:
+        raise ValueError(f"{key}={value}: expected a value <= {rules['max']}")
+    if "above" in rules and value <= rules["above"]:
+        raise ValueError(f"{key}={value}: expected a value > {rules['above']}")
 
 
 def model_overrides(config: DictConfig) -> dict[str, Any]:
@@ -172,6 +206,67 @@ def model_overrides(config: DictConfig) -> dict[str, Any]:
     `create_model(config.model.name, **model_overrides(config))`."""
     model = OmegaConf.to_container(config.model, resolve=True)
     return {key: value for key, value in model.items() if key != "name" and value is not None}
+
+
+# On resume, the config may change how training goes on but not what is trained: a change to the model, the
+# data, the transport, REPA or the seed is refused; every other change (the optimisation: lr, AdamW, batch size,
+# accumulation, steps, clipping, EMA decay, precision; logging and checkpointing) takes effect from the resumed
+# step and is recorded in the run's config_changes.csv.
+REFUSED_ON_RESUME = ("run.seed", "model.", "data.", "transport.", "repa.")
+APPLIED_ON_RESUME = ("data.num_workers", "repa.proj_coeff")  # exceptions: how, not what
+IGNORED_ON_RESUME = ("run.output_dir", "train.init_from")  # where the run is, and what a fresh start loads
+
+
+@dataclass
+class ResumeChanges:
+    refused: list[str]  # "key: <old> in the checkpoint, <new> now"
+    applied: list[tuple[str, Any, Any]]  # (key, old, new)
+
+
+def resume_changes(saved: DictConfig, new: DictConfig) -> ResumeChanges:
+    """Compare the config a checkpoint was written with to the one resuming it (see REFUSED_ON_RESUME).
+    The model sections are compared as the SiT arguments they produce, so naming a registry default
+    explicitly is no change."""
+    before, after = _comparable(saved), _comparable(new)
+    changes = ResumeChanges([], [])
+    for key in sorted(set(before) | set(after)):
+        old, value = before.get(key), after.get(key)
+        if old == value or key in IGNORED_ON_RESUME:
+            continue
+        if key.startswith(REFUSED_ON_RESUME) and key not in APPLIED_ON_RESUME:
+            changes.refused.append(f"{key}: {old!r} in the checkpoint, {value!r} now")
+        else:
+            changes.applied.append((key, old, value))
+    return changes
+
+
+def _comparable(config: DictConfig) -> dict[str, Any]:
+    """A config as {dotted key: value}, over the current defaults (a key added since it was saved is no
+    change) and with the model section expanded to its SiT arguments."""
+    try:
+        config = OmegaConf.merge(OmegaConf.structured(Config), config)
+    except OmegaConfBaseException:  # a key since removed from the schema: compare what is there
+        pass
+    tree = OmegaConf.to_container(config, resolve=True)
+    model = dict(tree.pop("model", None) or {})
+    name = model.pop("name", None)
+    overrides = {k: v for k, v in model.items() if v is not None}
+    try:
+        tree["model"] = model_config(name, **overrides)
+    except (ValueError, TypeError):  # an unknown name or field: compare the section as written
+        tree["model"] = {"name": name, **overrides}
+    return flatten(tree)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def save_config(config: DictConfig, path: str | Path) -> None:

@@ -1,5 +1,5 @@
 """What a training run reports: metrics.csv, the Accelerate trackers (TensorBoard, wandb), the progress
-bar and loss.png."""
+bar, loss.png, and config_changes.csv (settings changed on resume, with the step they took effect)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sit_atconv.io import atomic_output
+from sit_atconv.training.config import flatten
 
 METRIC_FIELDS = (
     "step",
@@ -32,23 +33,38 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}, for the trackers' hyper-parameter tables."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+CHANGE_FIELDS = ("step", "key", "old", "new")
+
+
+def record_config_changes(run_dir: Path, step: int, changes: list[tuple[str, object, object]]) -> None:
+    """Append (key, old, new) rows taking effect at `step` to config_changes.csv (rewritten atomically)."""
+    path = run_dir / "config_changes.csv"
+    rows = []
+    if path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) < step]  # a re-resume replaces its own rows
+    rows += [{"step": step, "key": key, "old": old, "new": new} for key, old, new in changes]
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CHANGE_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 class TrainingLog:
     """Per-step losses (returned by `train`), the progress bar, and every `log.every` steps a row of
-    METRIC_FIELDS to metrics.csv and the trackers. On resume, rows after the resumed step are dropped
-    (the run logs them again)."""
+    METRIC_FIELDS to metrics.csv and the trackers; `skipped` counts the non-finite steps skipped since
+    the run began (resumes included). On resume, rows after the resumed step are dropped (the run logs
+    them again)."""
 
-    def __init__(self, accelerator, config: DictConfig, run_dir: Path, start_step: int, progress: bool = True):
+    def __init__(
+        self,
+        accelerator,
+        config: DictConfig,
+        run_dir: Path,
+        start_step: int,
+        progress: bool = True,
+        skipped: int = 0,
+    ):
         from tqdm import tqdm
 
         self.accelerator, self.config = accelerator, config
@@ -60,7 +76,7 @@ class TrainingLog:
                 accelerator.init_trackers("train", config=flat)
             self._truncate(start_step)
         self.losses: list[tuple[int, float]] = []
-        self.skipped = 0
+        self.skipped = skipped
         show = progress and accelerator.is_main_process
         self.bar = tqdm(total=config.train.max_steps, initial=start_step, desc="train", disable=not show)
         self.window_start, self.window_steps = time.perf_counter(), 0
@@ -70,15 +86,23 @@ class TrainingLog:
         mean_loss = self.accelerator.reduce(loss, "mean").item()
         mean_repa = self.accelerator.reduce(repa_loss, "mean").item() if repa_loss is not None else float("nan")
         self.losses.append((step, mean_loss))
+        self._advance(step, mean_loss, mean_repa, grad_norm, lr)
+
+    def skip(self, step: int, loss: torch.Tensor, grad_norm, lr: float, last: bool = False) -> None:
+        """Record a skipped non-finite step; `last`: the run stops here, so its row is written whatever the step."""
+        self.skipped += 1
+        self._advance(step, self.accelerator.reduce(loss, "mean").item(), float("nan"), grad_norm, lr, last)
+
+    def _advance(self, step: int, loss: float, repa_loss: float, grad_norm, lr: float, force: bool = False) -> None:
         self.bar.update(1)
         self.window_steps += 1
-        if step % self.config.log.every and step != self.config.train.max_steps:
+        if step % self.config.log.every and step != self.config.train.max_steps and not force:
             return
         elapsed = time.perf_counter() - self.window_start
         row = {
             "step": step,
-            "loss": mean_loss,
-            "repa_loss": mean_repa,
+            "loss": loss,
+            "repa_loss": repa_loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": lr,
             "images_per_s": self.window_steps * self.config.train.global_batch_size / elapsed,
@@ -86,7 +110,7 @@ class TrainingLog:
             "peak_memory_mib": peak_memory_mib(self.accelerator.device),
             "skipped": self.skipped,
         }
-        self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['images_per_s']:.1f}")
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['images_per_s']:.1f}")
         if self.tracking:
             self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
         if self.accelerator.is_main_process:

@@ -6,6 +6,12 @@ Run folder layout:
     metrics.csv, loss.png, samples/   logged scalars, the loss plot, periodic EMA grids
     logs/                             tracker output (TensorBoard by default)
 
+A run folder is written by one run at a time (an exclusive lock naming the holder). Before anything is
+written, a resume compares the config with the checkpoint's (`resume_changes`: changes to what is trained
+are refused, optimisation changes are applied and recorded in config_changes.csv). Non-finite losses
+or gradients stop the run, or with train.on_nonfinite=skip skip the step (up to
+train.max_consecutive_skips in a row); weights are checked for finiteness before every checkpoint.
+
 Data order is a function of the step (`StepBatchSampler`), and the times, noise and label dropout of
 a step are drawn for the whole global batch from a generator seeded by (seed, step) (`step_noise`), so
 a resumed run repeats the uninterrupted one and N processes compute what one process does.
@@ -14,6 +20,8 @@ a resumed run repeats the uninterrupted one and N processes compute what one pro
 from __future__ import annotations
 
 import copy
+import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,17 +34,20 @@ from sit_atconv import vae as autoencoder
 from sit_atconv.data import DigitsDataset, StepBatchSampler
 from sit_atconv.data.latents import LatentDataset
 from sit_atconv.generation import GenerationConfig, sample_grid
+from sit_atconv.io import ExclusiveLock, check_output_path, lock_path
 from sit_atconv.models import create_model
 from sit_atconv.repa import alignment_loss, build_projector, check_token_counts, load_encoder
-from sit_atconv.training.checkpoint import find_resume, init_weights, load_checkpoint, save_checkpoint
-from sit_atconv.training.config import model_overrides, save_config
-from sit_atconv.training.logs import TrainingLog
+from sit_atconv.training.checkpoint import (
+    NonFiniteError,
+    init_weights,
+    load_newest,
+    resume_candidates,
+    save_checkpoint,
+    saved_config,
+)
+from sit_atconv.training.config import model_overrides, resume_changes, save_config
+from sit_atconv.training.logs import TrainingLog, record_config_changes
 from sit_atconv.transport import SamplerConfig, Transport, sample_seed
-
-
-class NonFiniteError(RuntimeError):
-    """Raised when the loss or the gradients are not finite and the run is configured to stop."""
-
 
 # ------------------------------------------------------------------------------------------------
 # What is trained
@@ -88,13 +99,18 @@ def build_repa(config: DictConfig, sit, dataset, device: torch.device) -> tuple[
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay only on matrices and kernels (ndim >= 2): never on biases, norms or ATConv's gamma."""
+    """[decay, no decay]: weight decay only on matrices and kernels (ndim >= 2), never on biases, norms or
+    ATConv's gamma. Two groups whatever the decay, so a resume may change it."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if weight_decay == 0:
-        return [{"params": params, "weight_decay": 0.0}]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def apply_optimizer_settings(optimizer, tc: DictConfig) -> None:
+    """The config's AdamW settings over those a checkpoint restored (groups as `param_groups` makes them)."""
+    for group, weight_decay in zip(optimizer.param_groups, (tc.weight_decay, 0.0), strict=True):
+        group.update(lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=weight_decay)
 
 
 @torch.no_grad()
@@ -131,7 +147,7 @@ class StepResult:
     finite: bool  # agreed by every process
     loss: torch.Tensor  # this process's loss, averaged over micro-batches (the last one's when not finite)
     repa_loss: torch.Tensor | None
-    grad_norm: torch.Tensor | None  # before clipping; None without clipping
+    grad_norm: torch.Tensor | None  # the global gradient norm before clipping (None when not reached)
 
 
 def train_step(
@@ -167,8 +183,8 @@ def train_step(
                     step_repa += repa_loss.detach() / accumulation
             accelerator.backward(loss)
             grad_norm = None
-            if accelerator.sync_gradients and config.train.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+            if accelerator.sync_gradients:
+                grad_norm = gradient_norm(accelerator, model, config.train.grad_clip)
             finite = all_finite(accelerator, loss, grad_norm)
             if finite:
                 optimizer.step()
@@ -177,6 +193,15 @@ def train_step(
             return StepResult(False, loss.detach(), None, grad_norm)
         step_loss += loss.detach() / accumulation
     return StepResult(True, step_loss, step_repa if encoder is not None else None, grad_norm)
+
+
+def gradient_norm(accelerator, model, max_norm: float) -> torch.Tensor:
+    """The global gradient norm, clipped to `max_norm` when it is > 0. Measured without clipping too: a
+    finite loss can still have infinite gradients, and those must never reach the weights."""
+    if max_norm > 0:
+        return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    accelerator.unscale_gradients()  # fp16: the norm of the true gradients
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def all_finite(accelerator, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
@@ -229,11 +254,12 @@ class TrainResult:
     step: int
     losses: list[tuple[int, float]]
     checkpoint: Path | None
+    main_process: bool = True  # whether this process reports (the others of a DDP run return the same)
 
 
 def start_run(config: DictConfig, run_dir: Path):
-    """The Accelerator of a run (one process or DDP; CPU-only machines join their process group too),
-    the seeds, and the run folder with the resolved config."""
+    """The Accelerator of a run (one process or DDP; CPU-only machines join their process group too) and
+    the seeds. Writes nothing."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -244,18 +270,54 @@ def start_run(config: DictConfig, run_dir: Path):
         log_with=None if config.log.tracker == "none" else config.log.tracker,
         project_dir=str(run_dir / "logs"),
     )
+    split = accelerator.num_processes * config.train.grad_accumulation
+    if config.train.global_batch_size % split:
+        raise ValueError(
+            f"train.global_batch_size={config.train.global_batch_size} is not divisible by {accelerator.num_processes} "
+            f"processes x train.grad_accumulation={config.train.grad_accumulation}"
+        )
     set_seed(config.run.seed + accelerator.process_index)  # distinct noise per process, reproducible
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
     return accelerator
+
+
+def newest_checkpoint(path: Path | None) -> str:
+    return f"the newest checkpoint is {path}" if path else "no checkpoint was written"
+
+
+def check_resume(config: DictConfig, run_dir: Path, resume: str | None, warn: bool) -> list[Path]:
+    """The checkpoints to resume from, newest first, after refusing a config that changes what is trained
+    (before anything is written). `warn`: report the skipped incomplete folders (main process)."""
+    candidates, notes = resume_candidates(run_dir, resume)
+    for note in notes if warn else []:
+        warnings.warn(note, stacklevel=3)
+    if candidates:
+        refused = resume_changes(saved_config(candidates[0]), config).refused
+        if refused:
+            raise ValueError(
+                f"{candidates[0]} was trained with other settings, which a resume cannot change:\n  "
+                + "\n  ".join(refused)
+                + f"\nstart a new run folder instead (train.init_from={candidates[0]} starts it from these weights), "
+                "or pass --resume none to start this one over"
+            )
+    return candidates
 
 
 def train(config: DictConfig, resume: str | None = "auto", progress: bool = True) -> TrainResult:
     """Train until config.train.max_steps; returns the run folder, final step and per-step losses."""
-    tc = config.train
     run_dir = Path(config.run.output_dir)
+    check_output_path(run_dir, folder=True, what="run folder")
     accelerator = start_run(config, run_dir)
+    main = accelerator.is_main_process
+    lock = ExclusiveLock(lock_path(run_dir, folder=True), f"run folder {run_dir}") if main else nullcontext()
+    with lock:
+        candidates = check_resume(config, run_dir, resume, warn=main)
+        if main:
+            save_config(config, run_dir / "config.yaml")
+        return train_loop(config, accelerator, run_dir, candidates, progress)
+
+
+def train_loop(config: DictConfig, accelerator, run_dir: Path, candidates: list[Path], progress: bool) -> TrainResult:
+    tc = config.train
 
     # Set-up: data, model, EMA, REPA, optimizer, the state to resume or initialise from.
     dataset = build_dataset(config)
@@ -263,15 +325,25 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
     ema = copy.deepcopy(sit).requires_grad_(False).eval()
     encoder, projector = build_repa(config, sit, dataset, accelerator.device)
     module = TrainModule(sit, projector, config.repa.encoder_depth if projector is not None else None)
-    resume_from = find_resume(run_dir, resume)
-    if tc.init_from and resume_from is None:
+    if tc.init_from and not candidates:
         for note in init_weights(tc.init_from, sit, ema, projector):
             accelerator.print(f"note: {note}")
     transport = Transport(**OmegaConf.to_container(config.transport, resolve=True))
     optimizer = torch.optim.AdamW(param_groups(module, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps)
     model, optimizer = accelerator.prepare(module, optimizer)
     ema.to(accelerator.device)
-    start_step = load_checkpoint(accelerator, resume_from, model, ema, optimizer) if resume_from else 0
+    last_checkpoint, state = None, {"step": 0, "skipped": 0}
+    if candidates:
+        last_checkpoint, state, notes = load_newest(accelerator, candidates, model, ema, optimizer)
+        for note in notes if accelerator.is_main_process else []:
+            warnings.warn(note, stacklevel=2)
+        apply_optimizer_settings(optimizer, tc)
+        changes = resume_changes(saved_config(last_checkpoint), config).applied
+        if changes and accelerator.is_main_process:
+            record_config_changes(run_dir, state["step"] + 1, changes)
+            for key, old, new in changes:
+                print(f"config change from step {state['step'] + 1}: {key} {old!r} -> {new!r}")
+    start_step = state["step"]
     sampler = StepBatchSampler(
         len(dataset),
         tc.global_batch_size,
@@ -282,29 +354,44 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
         start_step,
     )
     loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers))
-    log = TrainingLog(accelerator, config, run_dir, start_step, progress)
+    log = TrainingLog(accelerator, config, run_dir, start_step, progress, skipped=state["skipped"])
     preview_vae = preview_autoencoder(config, accelerator)
     sample_shape = dataset[0][0].shape
-    last_checkpoint = resume_from
 
     model.train()
+    consecutive_skips = 0
     for step in range(start_step + 1, tc.max_steps + 1):
         noise = step_noise(config, transport, step, sample_shape, sit.config.class_dropout_prob, accelerator.device)
         result = train_step(accelerator, model, optimizer, loader, sampler, noise, transport, encoder, config)
+        lr = optimizer.param_groups[0]["lr"]
         if not result.finite:
+            consecutive_skips += 1
             message = f"non-finite loss or gradient at step {step} (loss={result.loss.item():.4g})"
-            if tc.on_nonfinite == "stop":
+            stop = tc.on_nonfinite == "stop" or consecutive_skips >= tc.max_consecutive_skips
+            log.skip(step, result.loss, result.grad_norm, lr, last=stop)
+            if stop:
+                log.close()
                 accelerator.end_training()
-                raise NonFiniteError(f"{message}; no checkpoint was written; set train.on_nonfinite=skip to skip")
-            log.skipped += 1
+                if tc.on_nonfinite == "skip":
+                    message += f", the {consecutive_skips}th in a row (train.max_consecutive_skips)"
+                else:
+                    message += "; set train.on_nonfinite=skip to skip such steps"
+                raise NonFiniteError(f"{message}; {newest_checkpoint(last_checkpoint)}")
             accelerator.print(f"warning: {message}, skipped")
             continue
+        consecutive_skips = 0
         update_ema(ema, sit, tc.ema_decay)
-        log.step(step, result.loss, result.repa_loss, result.grad_norm, optimizer.param_groups[0]["lr"])
+        log.step(step, result.loss, result.repa_loss, result.grad_norm, lr)
         if config.log.sample_every and step % config.log.sample_every == 0 and preview_vae is not False:
             preview(config, ema, preview_vae, accelerator.device, run_dir / "samples" / f"step_{step:08d}.png")
         if step % config.checkpoint.every == 0 or step == tc.max_steps:
-            last_checkpoint = save_checkpoint(accelerator, run_dir, step, model, ema, optimizer, config)
+            try:
+                saved = save_checkpoint(accelerator, run_dir, step, model, ema, optimizer, config, log.skipped)
+            except NonFiniteError as error:
+                log.close()
+                accelerator.end_training()
+                raise NonFiniteError(f"{error}; {newest_checkpoint(last_checkpoint)}") from None
+            last_checkpoint = saved
     log.close(run_dir / "loss.png")
     accelerator.end_training()
-    return TrainResult(run_dir, tc.max_steps, log.losses, last_checkpoint)
+    return TrainResult(run_dir, tc.max_steps, log.losses, last_checkpoint, accelerator.is_main_process)
