@@ -27,5 +27,7 @@ def main(argv=None) -> None:
         print(f"checkpoint: {result.checkpoint}")
 
 
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, NonFiniteError, LockedError)  # one line each, exit status 2
+
 if __name__ == "__main__":
-    run_cli(main, (ValueError, FileNotFoundError, NonFiniteError, LockedError))
+    run_cli(main, EXPECTED_ERRORS)

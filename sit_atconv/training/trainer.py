@@ -373,7 +373,7 @@ def train_loop(config: DictConfig, accelerator, run_dir: Path, candidates: list[
                 log.close()
                 accelerator.end_training()
                 if tc.on_nonfinite == "skip":
-                    message += f", the {consecutive_skips}th in a row (train.max_consecutive_skips)"
+                    message += f": {consecutive_skips} non-finite steps in a row (train.max_consecutive_skips)"
                 else:
                     message += "; set train.on_nonfinite=skip to skip such steps"
                 raise NonFiniteError(f"{message}; {newest_checkpoint(last_checkpoint)}")
