@@ -12,28 +12,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from sit_atconv.generation import GenerationConfig, check_generation, grid_classes, sample_grid, sample_to_npz
-from sit_atconv.io import add_dataclass_arguments, dataclass_from_args, file_sha256, run_cli
+from sit_atconv.generation import (
+    GenerationConfig,
+    check_generation,
+    check_guidance,
+    grid_classes,
+    sample_grid,
+    sample_to_npz,
+)
+from sit_atconv.io import (
+    ExclusiveLock,
+    add_dataclass_arguments,
+    check_output_path,
+    dataclass_from_args,
+    file_sha256,
+    lock_path,
+    non_negative_int,
+    positive_int,
+    run_cli,
+)
 from sit_atconv.models import check_architecture, list_models, model_config, name_fields
 from sit_atconv.models.loading import load_model, resolve_model_folder, sampling_defaults
 from sit_atconv.transport import PATHS, PREDICTIONS, SamplerConfig
 from sit_atconv.vae import SD_VAE_DEFAULT, vae_for_model
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1 or str(number) != value.strip():
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+GUIDANCE_FLAGS = ("--cfg", "--guidance-low", "--guidance-high", "--cfg-channels")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="interpolant the model was trained on (default: the checkpoint's, else linear)",
     )
     p.add_argument("--prediction", choices=list(PREDICTIONS), help="default: the checkpoint's, else velocity")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=32, help="samples per process and forward")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast dtype of the model")
     p.add_argument("--classes", type=int, nargs="+", help="labels of the grid (default: 8 classes)")
@@ -68,7 +78,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="output .png (grid) or .npz (with --num-samples)")
     p.add_argument("--keep-shards", action="store_true", help="keep the per-batch shards after assembling")
     args = p.parse_args(argv)
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            p.error(f"--{name.replace('_', '-')} {value}: expected a finite number")
     args.sampler_config = dataclass_from_args(SamplerConfig, args, p)
+    try:
+        check_guidance(args.cfg, args.guidance_low, args.guidance_high, args.cfg_channels, GUIDANCE_FLAGS)
+    except ValueError as error:
+        p.error(str(error))
     args.out = args.out or Path("samples.npz" if args.num_samples else "samples.png")
     if args.num_samples and args.out.suffix != ".npz":
         p.error(f"--out {args.out}: with --num-samples the output must be an .npz file")
@@ -91,16 +108,34 @@ def generation_config(args: argparse.Namespace, recorded: dict) -> GenerationCon
     )
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Fail before the checkpoint is read when the outputs cannot be written; creates nothing."""
+    check_output_path(args.out, what="--out")
+    check_output_path(lock_path(args.out), what="lock file of --out")
+    if args.num_samples is not None:
+        check_output_path(args.out.with_name(args.out.name + ".shards"), folder=True, what="shard folder of --out")
+        check_output_path(args.out.with_suffix(".json"), what="record of --out")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    recorded = sampling_defaults(args.ckpt)
-    config = generation_config(args, recorded)
-    vae_choice = args.vae or recorded.get("vae")
-    autocast_dtype = PRECISIONS[args.precision]
+    check_outputs(args)
 
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # The main process speaks for the run: the others write only the shards it assigns them.
+    lock = ExclusiveLock(lock_path(args.out), f"sampling output {args.out}")
+    with lock if accelerator.is_main_process else nullcontext():
+        sample_with_args(args, accelerator)
+
+
+def sample_with_args(args: argparse.Namespace, accelerator) -> None:
+    """Load the model and write the grid or the .npz of `args`."""
+    recorded = sampling_defaults(args.ckpt)
+    config = generation_config(args, recorded)
+    vae_choice = args.vae or recorded.get("vae")
+    autocast_dtype = PRECISIONS[args.precision]
     device = accelerator.device
     model = load_model(args.ckpt, ema=args.ema, device=device)
     if args.model:
@@ -133,5 +168,7 @@ def main(argv=None) -> None:
         print(json.dumps({"out": info["out"], "arr_0": info["arr_0_shape"], "world_size": info["world_size"]}))
 
 
+ERRORS = (ValueError, FileNotFoundError, RuntimeError)  # (LockedError among them) reported in one line by run_cli
+
 if __name__ == "__main__":
-    run_cli(main, (ValueError, FileNotFoundError, RuntimeError))
+    run_cli(main, ERRORS)

@@ -27,7 +27,7 @@ def main(argv=None) -> None:
         print(f"checkpoint: {result.checkpoint}")
 
 
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, NonFiniteError, LockedError)  # one line each, exit status 2
+ERRORS = (ValueError, FileNotFoundError, NonFiniteError, LockedError)  # reported in one line by run_cli
 
 if __name__ == "__main__":
-    run_cli(main, EXPECTED_ERRORS)
+    run_cli(main, ERRORS)

@@ -15,16 +15,20 @@ This module also writes pipeline folders for `sit_atconv.convert`: both commands
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 from sit_atconv import vae as autoencoder
-from sit_atconv.io import atomic_output, run_cli
+from sit_atconv.io import atomic_output, check_output_path, is_writable, run_cli
 from sit_atconv.models import SiT
 from sit_atconv.models.loading import load_model, sampling_defaults
 from sit_atconv.pipelines import SiTPipeline, flow_match_scheduler
 from sit_atconv.transport import PATHS, PREDICTIONS
+
+# The user's mistakes (and a checkpoint's), reported in one line by run_cli; `convert` uses them too.
+ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
 
 # ------------------------------------------------------------------------------------------------
 # Class names
@@ -71,10 +75,17 @@ def read_id2label(path: str | Path, num_classes: int) -> dict[int, str]:
 
 
 def check_output_folder(out: str | Path, overwrite: bool) -> Path:
-    """Refuse to replace an existing folder unless asked (checked before any slow work)."""
+    """Fail before any slow work (loading, converting) when the pipeline folder `out` cannot be written:
+    an existing folder without `overwrite`, a file in its place, or a parent that is not writable (the
+    folder is built beside `out` and renamed onto it)."""
     out = Path(out)
-    if out.exists() and not overwrite:
+    if out.is_dir() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a pipeline folder; remove it or choose another --out")
+    check_output_path(out, folder=True, what="--out")
+    if out.is_dir() and not is_writable(out.parent):
+        raise PermissionError(errno.EACCES, f"--out {out}: cannot replace it, {out.parent} is not writable")
     return out
 
 
@@ -155,4 +166,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main, (ValueError, FileNotFoundError, FileExistsError, RuntimeError))
+    run_cli(main, ERRORS)

@@ -9,6 +9,7 @@ its checks and the samplers.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,11 +40,40 @@ class GenerationConfig:
     path: str = "linear"
     prediction: str = "velocity"
 
+    def __post_init__(self):
+        check_guidance(self.cfg_scale, self.guidance_low, self.guidance_high, self.cfg_channels)
+
     def predictor(self, model_fn, labels: torch.Tensor | None, null_class: int | None):
         """`model_fn(x, t, y)` wrapped into `predict(x, t)` with this config's guidance."""
         return guided_predictor(
             model_fn, labels, self.cfg_scale, null_class, self.guidance_low, self.guidance_high, self.cfg_channels
         )
+
+
+def check_guidance(
+    cfg_scale: float,
+    guidance_low: float = 0.0,
+    guidance_high: float = 1.0,
+    cfg_channels: int | None = None,
+    names: Sequence[str] = ("cfg_scale", "guidance_low", "guidance_high", "cfg_channels"),
+) -> None:
+    """Reject guidance settings that mean nothing: a scale that is not a finite number >= 0, an interval
+    [guidance_low, guidance_high] not inside [0, 1] or inverted, a channel count below 1. Errors call the
+    values by `names` (sample.py passes its flags)."""
+    scale, low, high, channels = names
+    if not _is_number(cfg_scale) or not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"{scale} must be a finite number >= 0, got {cfg_scale!r}")
+    for name, value in ((low, guidance_low), (high, guidance_high)):
+        if not _is_number(value) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a time in [0, 1], got {value!r}")
+    if guidance_low > guidance_high:
+        raise ValueError(f"{low} {guidance_low} is above {high} {guidance_high}; the guidance interval is inverted")
+    if cfg_channels is not None and (not _is_number(cfg_channels, numbers.Integral) or cfg_channels < 1):
+        raise ValueError(f"{channels} must be a positive integer or None, got {cfg_channels!r}")
+
+
+def _is_number(value, kind: type = numbers.Real) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def check_generation(model, config: GenerationConfig, labels: Sequence[int] | None) -> None:
@@ -54,8 +84,6 @@ def check_generation(model, config: GenerationConfig, labels: Sequence[int] | No
             f"--cfg {config.cfg_scale} needs a class-conditional model trained with label dropout; this model has "
             f"num_classes={num_classes}, class_dropout_prob={model.config.class_dropout_prob}"
         )
-    if config.cfg_scale < 0:
-        raise ValueError(f"cfg scale must be >= 0, got {config.cfg_scale}")
     if labels is not None and num_classes > 0:
         bad = [int(c) for c in labels if not 0 <= int(c) < num_classes]
         if bad:
@@ -213,13 +241,14 @@ def sample_to_npz(
         disable=not (progress and accelerator.is_main_process),
     )
     conditional = model.config.num_classes > 0
-    calls, started = 0, time.perf_counter()
+    calls, made, started = 0, 0, time.perf_counter()
     for start, end in todo:
         labels = torch.from_numpy(labels_all[start:end]) if conditional else None
         images, calls = generate(model, vae, range(start, end), labels, config, accelerator.device, autocast_dtype)
         run.write(start, end, to_uint8_nhwc(images).cpu().numpy(), labels_all[start:end])
         bar.update(end - start)
-        bar.set_postfix(img_per_s=f"{bar.n / max(time.perf_counter() - started, 1e-9):.2f}")
+        made += end - start  # bar.n also counts the shards a resumed run found on disk
+        bar.set_postfix(img_per_s=f"{made / max(time.perf_counter() - started, 1e-9):.2f}")
     bar.close()
     accelerator.wait_for_everyone()
 

@@ -269,6 +269,25 @@ def lock_path(output: str | Path, folder: bool = False) -> Path:
     return output / ".lock" if folder else output.with_name(f".{output.name}.lock")
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum`, spelt as one (no '1.5', no '2e3')."""
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return number
+
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of dataclass `cls` (`--num-steps` for `num_steps`), typed by its annotation,
     with the `help` and `choices` of its metadata and its default."""

@@ -58,4 +58,3 @@ def launch_two_processes(args: list[str], cwd, port: int, env: dict[str, str] | 
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     launch += ["--main_process_port", str(port), *args]
     return subprocess.run(launch, capture_output=True, text=True, env=env or single_thread_env(), cwd=cwd, timeout=600)
-

@@ -47,6 +47,7 @@ OLD_DEFAULTS = {
         "mixed_precision": "no",
         "ema_decay": 0.9999,
         "on_nonfinite": "stop",
+        "max_consecutive_skips": 10,  # (added in 0.3.0)
         "init_from": None,
     },
     "checkpoint": {"every": 50_000, "keep_last": 2, "milestone_every": 0},

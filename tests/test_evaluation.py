@@ -124,13 +124,14 @@ def test_eval_fid_end_to_end_with_cache(inception_weights, tmp_path, monkeypatch
     samples = write_npz(tmp_path / "samples.npz", rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
     reference = write_npz(tmp_path / "ref.npz", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
     # Caches of the same reference in another format must never be read: one from before the format version was
-    # in the name, one of another version. Reading either would fail (their image size is not the reference's).
+    # in the name, one of another version. Both hold every key a cache has, so reading either would skip the
+    # reference pass.
     digest = evaluation.file_digest(reference)
     with monkeypatch.context() as other_format:
         other_format.setattr(evaluation, "FEATURES_FORMAT", evaluation.FEATURES_FORMAT + 1)
         stale = [tmp_path / f".ref.npz.{digest}.features.npz", evaluation.reference_cache_file(reference, None)]
     for path in stale:
-        np.savez(path, image_size=np.array([1, 1]))
+        np.savez(path, **{key: np.zeros((1, 1)) for key in evaluation.CACHED_KEYS})
     argv = [str(samples), "--ref", str(reference), "--inception-weights", str(inception_weights)]
 
     with pytest.warns(UserWarning, match="covariance is singular"):

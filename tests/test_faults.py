@@ -1,30 +1,76 @@
 """Trust under faults: what a crash, a bad value, a second run, a full disk or a damaged file can and cannot do.
 
-Each test reproduces a failure seen when the project was attacked on purpose (kill -9 at many points,
-concurrent runs, corrupt files) and shows what happens now. README's "What survives a crash" lists
-the guarantees these tests prove.
+Each test reproduces a failure seen when the project was attacked on purpose (kill -9 at many points, concurrent
+runs, full disks, read-only folders, corrupt and pickled files) and shows what happens now; README's "What survives
+a crash" lists the guarantees proven here. Sections: training, sampling, evaluation / export / latent data. A kill
+inside one process is simulated by raising `Killed` (a BaseException nothing catches) at the chosen point; kills
+of whole launches are real SIGKILLs (slow tests).
 """
 
 import csv
+import errno
+import io
+import itertools
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
+import warnings
+import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import single_thread_env, tiny_sit
+from safetensors.torch import load_file, save_file
 
+import eval_fid
+import sample as sample_cli
 import train_sit
-from sit_atconv.io import ExclusiveLock, LockedError, lock_path, run_cli
+from sit_atconv import export, generation, sharded_npz
+from sit_atconv.data.latents import LatentDataset
+from sit_atconv.evaluation import evaluator as evaluation
+from sit_atconv.io import ExclusiveLock, LockedError, atomic_output, lock_path, run_cli
 from sit_atconv.training import NonFiniteError, complete_checkpoints, load_config, train
 from sit_atconv.training.checkpoint import MARKER, checkpoint_problem
 from sit_atconv.transport import Transport
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "digits.yaml"
+
+# Loads io.py alone: importing the package would import torch, seconds of a test's time.
+HOLD_LOCK = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("io_alone", sys.argv[2])
+io_alone = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(io_alone)
+io_alone.ExclusiveLock(sys.argv[1], "test holder").__enter__()
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def hold_lock(lock_file: Path) -> subprocess.Popen:
+    """A process holding the lock `lock_file` until killed (returns once it holds it)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(lock_file), str(ROOT / "sit_atconv" / "io.py")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "ready"
+    return holder
+
+
+# ================================================================================================
+# Training
+# ================================================================================================
 
 
 def overrides(run_dir, steps=6, **extra) -> list[str]:
@@ -188,26 +234,12 @@ def test_resume_applies_and_records_optimisation_changes(tmp_path):
 # 5. One run per run folder
 # ------------------------------------------------------------------------------------------------
 
-HOLD_LOCK = """
-import sys, time
-from sit_atconv.io import ExclusiveLock
-with ExclusiveLock(sys.argv[1], "test"):
-    print("locked", flush=True)
-    time.sleep(600)
-"""
-
 
 def test_a_second_run_into_a_locked_folder_refuses_and_a_dead_holder_is_taken_over(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(lock_path(run_dir, folder=True))],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    holder = hold_lock(lock_path(run_dir, folder=True))
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(LockedError, match=f"run folder {run_dir} is in use by pid {holder.pid} on host"):
             run(run_dir, steps=1)
         assert list(run_dir.iterdir()) == [run_dir / ".lock"]  # nothing written by the refused run
@@ -284,7 +316,7 @@ def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
 def test_bad_values_fail_before_anything_is_created(tmp_path, capsys, override, message):
     run_dir = tmp_path / "run"
     argv = ["--config", str(DEMO), *overrides(run_dir), "train.grad_accumulation=4", override]
-    status, err = cli_exit(train_sit.main, argv, train_sit.EXPECTED_ERRORS, capsys)
+    status, err = cli_exit(train_sit.main, argv, train_sit.ERRORS, capsys)
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
     assert not run_dir.exists()
@@ -293,14 +325,12 @@ def test_bad_values_fail_before_anything_is_created(tmp_path, capsys, override, 
 def test_unwritable_run_folder_fails_before_any_work(tmp_path, capsys, read_only):
     a_file = tmp_path / "taken"
     a_file.write_text("a file, not a run folder")
-    status, err = cli_exit(
-        train_sit.main, ["--config", str(DEMO), *overrides(a_file)], train_sit.EXPECTED_ERRORS, capsys
-    )
+    status, err = cli_exit(train_sit.main, ["--config", str(DEMO), *overrides(a_file)], train_sit.ERRORS, capsys)
     assert status == 2 and f"run folder {a_file} is a file; expected a folder" in err
     (tmp_path / "locked").mkdir()
     read_only(tmp_path / "locked")
     argv = ["--config", str(DEMO), *overrides(tmp_path / "locked" / "run")]
-    status, err = cli_exit(train_sit.main, argv, train_sit.EXPECTED_ERRORS, capsys)
+    status, err = cli_exit(train_sit.main, argv, train_sit.ERRORS, capsys)
     assert status == 2 and f"cannot write to {tmp_path / 'locked'} (permission denied)" in err
     assert list((tmp_path / "locked").iterdir()) == []
 
@@ -314,3 +344,803 @@ def test_options_may_follow_the_overrides(tmp_path, capsys):
     dotted = overrides(tmp_path, steps=1)
     train_sit.main([*dotted[:3], "--resume", "none", *dotted[3:], "--config", str(DEMO), "--no-progress"])
     assert capsys.readouterr().out.strip() == f"checkpoint: {tmp_path / 'checkpoints' / 'step_00000001'}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Two processes: killed mid-run, resumed bit for bit, one report
+# ------------------------------------------------------------------------------------------------
+
+
+def launch_command(args: list[str], port: int) -> list[str]:
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*launch, "--main_process_port", str(port), *args]
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_mid_run_resumes_bit_for_bit(tmp_path):
+    from helpers import single_thread_env
+
+    def command(run_dir):
+        return launch_command(["train_sit.py", "--config", str(DEMO), *overrides(run_dir, 60), "--no-progress"], 29531)
+
+    env = single_thread_env()
+    full = subprocess.run(command(tmp_path / "full"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert full.stdout.count("checkpoint: ") == 1  # printed by the main process only
+
+    killed = subprocess.Popen(command(tmp_path / "run"), cwd=ROOT, env=env, start_new_session=True)
+    marker = tmp_path / "run" / "checkpoints" / "step_00000009" / MARKER
+    try:
+        while not marker.exists() and killed.poll() is None:
+            time.sleep(0.05)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)  # launcher and workers at once, as a lost node would
+        killed.wait()
+    assert complete_checkpoints(tmp_path / "run")[-1].name != "step_00000060"  # it really stopped mid-run
+    resumed = subprocess.run(command(tmp_path / "run"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["loss"] for r in metrics(tmp_path / "run")] == [r["loss"] for r in metrics(tmp_path / "full")]
+
+
+# ================================================================================================
+# Sampling
+# ================================================================================================
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing in the code under test may handle it."""
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    tiny_sit().save_pretrained(root / "model")
+    return root
+
+
+def npz_args(assets, out, *extra):
+    """8 samples in 4 shards of 2, undecoded (the tiny model's latents are the pixels)."""
+    common = ["--ckpt", str(assets / "model"), "--vae", "none", "--num-steps", "2", "--num-samples", "8"]
+    return [*common, "--batch-size", "2", "--out", str(out), *extra]
+
+
+def sample_npz(assets, out, *extra):
+    sample_cli.main(npz_args(assets, out, *extra))
+
+
+def exit_status(argv, capsys) -> tuple[int, str]:
+    """sample.py's exit status and stderr for `argv`, as its command line reports them."""
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: sample_cli.main(argv), sample_cli.ERRORS)
+    return stop.value.code, capsys.readouterr().err
+
+
+def kill_generate_after(monkeypatch, shards: int) -> None:
+    real_generate, calls = generation.generate, []
+
+    def generate(*args, **kwargs):
+        if len(calls) == shards:
+            raise Killed
+        calls.append(1)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", generate)
+
+
+def no_model_loading(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the failing check")
+
+    monkeypatch.setattr(sample_cli, "sampling_defaults", refuse)
+    monkeypatch.setattr(sample_cli, "load_model", refuse)
+
+
+def tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def read_npz(path: Path) -> tuple[bytes, bytes]:
+    with np.load(path) as data:
+        return data["arr_0"].tobytes(), data["arr_1"].tobytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# Shards of other settings are never mixed in
+# ------------------------------------------------------------------------------------------------
+
+
+def test_shards_without_their_run_record_are_not_mixed_into_other_settings(assets, tmp_path, monkeypatch):
+    """Issue 11: a run record lost (the old clean-up removed it first), then a re-run with another --cfg
+    took the old shards as its own and exited 0."""
+    out = tmp_path / "s.npz"
+    with monkeypatch.context() as patch:
+        kill_generate_after(patch, 2)
+        with pytest.raises(Killed):
+            sample_npz(assets, out, "--cfg", "2.0")
+    (tmp_path / "s.npz.shards" / "run.json").unlink()
+    with pytest.raises(ValueError, match=r"s\.npz\.shards holds shards of a different run \(settings differ"):
+        sample_npz(assets, out, "--cfg", "4.0")
+    assert not out.exists()
+    sample_npz(assets, out, "--cfg", "2.0")  # the same settings still resume from them
+    assert not (tmp_path / "s.npz.shards").exists()
+
+
+def test_shards_of_the_layout_without_fingerprints_are_refused(assets, tmp_path):
+    work = tmp_path / "s.npz.shards"
+    work.mkdir()
+    zeros = np.zeros((2, 8, 8, 4), np.uint8)
+    np.savez(work / "shard_00000000_00000002.npz", images=zeros, labels=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="holds shards of a different run"):
+        sample_npz(assets, tmp_path / "s.npz")
+
+
+def test_a_kill_while_removing_the_shards_leaves_nothing_to_mix(assets, tmp_path, monkeypatch):
+    reference, out = tmp_path / "reference.npz", tmp_path / "s.npz"
+    sample_npz(assets, reference, "--cfg", "4.0")
+
+    def killed_rmtree(path, *args, **kwargs):
+        for child in sorted(Path(path).iterdir())[:2]:  # run.json and the first shard, as rmtree would
+            child.unlink()
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sharded_npz.shutil, "rmtree", killed_rmtree)
+        with pytest.raises(Killed):
+            sample_npz(assets, out, "--cfg", "2.0")
+    assert json.loads(out.with_suffix(".json").read_text())["settings"]["generation"]["cfg_scale"] == 2.0
+    sample_npz(assets, out, "--cfg", "4.0")
+    assert read_npz(out) == read_npz(reference)
+    assert json.loads(out.with_suffix(".json").read_text())["settings"]["generation"]["cfg_scale"] == 4.0
+    assert [p.name for p in tmp_path.iterdir() if "shards" in p.name] == []
+
+
+def test_a_kill_between_the_npz_and_its_record_leaves_no_stale_record(assets, tmp_path, monkeypatch):
+    out, record = tmp_path / "s.npz", tmp_path / "s.json"
+    sample_npz(assets, out, "--cfg", "2.0")
+    real_write_json = sharded_npz.write_json_atomic
+
+    def write_json(path, data):
+        if Path(path) == record:
+            raise Killed
+        real_write_json(path, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sharded_npz, "write_json_atomic", write_json)
+        with pytest.raises(Killed):
+            sample_npz(assets, out, "--cfg", "4.0")
+    assert out.exists() and not record.exists()  # no record of cfg 2.0 beside cfg 4.0 samples
+    with pytest.raises(ValueError, match="holds shards of a different run"):
+        sample_npz(assets, out, "--cfg", "2.0")
+    sample_npz(assets, out, "--cfg", "4.0")
+    meta = json.loads(record.read_text())
+    assert meta["settings"]["generation"]["cfg_scale"] == 4.0 and len(meta["fingerprint"]) == 16
+
+
+def test_damaged_shard_is_named_with_what_to_do(assets, tmp_path, monkeypatch):
+    out = tmp_path / "s.npz"
+
+    def killed_assemble(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sharded_npz.ShardedNpz, "assemble", killed_assemble)  # all shards written
+        with pytest.raises(Killed):
+            sample_npz(assets, out)
+    shard = sorted((tmp_path / "s.npz.shards").glob("shard_*.npz"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"shard .*{shard.name} is unreadable .*delete it and re-run"):
+        sample_npz(assets, out)
+
+
+# ------------------------------------------------------------------------------------------------
+# One run per output
+# ------------------------------------------------------------------------------------------------
+
+
+def test_second_run_into_the_same_output_is_refused_and_a_dead_holder_taken_over(assets, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "s.npz"
+    holder = hold_lock(lock_path(out))
+    try:
+        with monkeypatch.context() as patch:
+            no_model_loading(patch)
+            status, err = exit_status(npz_args(assets, out), capsys)
+        assert status == 2 and f"sampling output {out} is in use by pid {holder.pid} on host" in err
+        assert not out.exists() and not (tmp_path / "s.npz.shards").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.warns(UserWarning, match=rf"taking over the lock of pid {holder.pid} .*no longer running"):
+        sample_npz(assets, out)
+    assert out.exists() and not lock_path(out).exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks before any work
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("npz is a folder", "--out .*s.npz is a folder; expected a file name"),
+        ("png is a folder", "--out .*g.png is a folder; expected a file name"),
+        ("shard folder is a file", "shard folder of --out .*s.npz.shards is a file; expected a folder"),
+        ("record is a folder", "record of --out .*s.json is a folder"),
+        ("read-only folder", "--out .*ro/s.npz: cannot write to .*ro \\(permission denied\\)"),
+        ("below a file", "--out .*f/s.npz: .*f is a file, so nothing can be created below it"),
+    ],
+)
+def test_unwritable_outputs_fail_before_the_checkpoint_is_read(
+    case, expected, assets, tmp_path, monkeypatch, capsys, read_only
+):
+    out = tmp_path / "s.npz"
+    if case == "npz is a folder":
+        out.mkdir()
+    elif case == "png is a folder":
+        out = tmp_path / "g.png"
+        out.mkdir()
+    elif case == "shard folder is a file":
+        (tmp_path / "s.npz.shards").write_text("")
+    elif case == "record is a folder":
+        (tmp_path / "s.json").mkdir()
+    elif case == "read-only folder":
+        (tmp_path / "ro").mkdir()
+        out = read_only(tmp_path / "ro") / "s.npz"
+    else:
+        (tmp_path / "f").write_text("")
+        out = tmp_path / "f" / "s.npz"
+    before = tree(tmp_path)
+    no_model_loading(monkeypatch)
+    argv = npz_args(assets, out) if out.suffix == ".npz" else ["--ckpt", str(assets / "model"), "--out", str(out)]
+    status, err = exit_status(argv, capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert err.startswith("error: ") and re.search(expected, err), err
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--cfg", "nan"], "--cfg"),
+        (["--cfg", "inf"], "--cfg"),
+        (["--cfg", "-1"], "--cfg"),
+        (["--guidance-low", "0.8", "--guidance-high", "0.2"], "--guidance-low 0.8 is above --guidance-high 0.2"),
+        (["--guidance-high", "1.5"], "--guidance-high must be a time in [0, 1]"),
+        (["--guidance-low", "-0.1"], "--guidance-low must be a time in [0, 1]"),
+        (["--guidance-low", "nan"], "--guidance-low"),
+        (["--cfg-channels", "0"], "--cfg-channels"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "-2"], "--batch-size"),
+        (["--num-samples", "-1"], "--num-samples"),
+        (["--atol", "nan"], "--atol"),
+        (["--seed", "-1"], "--seed"),
+    ],
+)
+def test_meaningless_values_are_usage_errors_before_any_work(flags, named, assets, tmp_path, monkeypatch, capsys):
+    no_model_loading(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        sample_npz(assets, tmp_path / "s.npz", *flags)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and named in err.splitlines()[-1], err
+    assert tree(tmp_path) == []
+
+
+def test_the_python_api_rejects_the_same_values():
+    for bad in (
+        dict(cfg_scale=float("nan")),
+        dict(cfg_scale=-0.5),
+        dict(guidance_low=0.9, guidance_high=0.1),
+        dict(guidance_high=2.0),
+        dict(cfg_channels=0),
+    ):
+        with pytest.raises(ValueError, match="cfg_scale|guidance_low|guidance_high|cfg_channels"):
+            generation.GenerationConfig(**bad)
+    generation.GenerationConfig(cfg_scale=np.float32(1.5), guidance_low=0.3, guidance_high=0.3, cfg_channels=3)
+    for num_samples, shard_size in ((0, 4), (4, 0), (4, -1)):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            sharded_npz.ShardedNpz("s.npz", num_samples, shard_size, {})
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress and the launcher
+# ------------------------------------------------------------------------------------------------
+
+
+def test_images_per_second_of_a_resumed_run_count_only_its_own_samples(assets, tmp_path, monkeypatch):
+    out = tmp_path / "s.npz"
+    with monkeypatch.context() as patch:
+        kill_generate_after(patch, 3)
+        with pytest.raises(Killed):
+            sample_npz(assets, out)
+    import tqdm
+
+    rates, ticks = [], itertools.count(0, 10)
+    monkeypatch.setattr(tqdm.tqdm, "set_postfix", lambda self, **values: rates.append(values["img_per_s"]))
+    monkeypatch.setattr(generation, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    sample_npz(assets, out)
+    assert rates == ["0.20"]  # 2 samples in 10 s; the 6 found on disk are not this run's
+
+
+def processes_running(marker: str, exclude: int) -> list[int]:
+    """Live (not zombie) processes whose command line contains `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == exclude:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_killing_the_launcher_stops_its_sampling_workers(assets, tmp_path):
+    out = tmp_path / "killed-launcher.npz"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(port), str(ROOT / "sample.py")]
+    launch += ["--ckpt", str(assets / "model"), "--vae", "none", "--num-steps", "50", "--num-samples", "100000"]
+    launch += ["--batch-size", "4", "--out", str(out)]
+    launcher = subprocess.Popen(
+        launch, env=single_thread_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    workers = []
+    try:
+        deadline = time.monotonic() + 180
+        while not any((tmp_path / "killed-launcher.npz.shards").glob("shard_*.npz")):
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the workers did not start sampling"
+            time.sleep(0.5)
+        workers = processes_running(str(out), exclude=launcher.pid)
+        assert len(workers) == 2, workers
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 20
+        while processes_running(str(out), exclude=launcher.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_running(str(out), exclude=launcher.pid) == []
+    finally:
+        launcher.kill()
+        for pid in processes_running(str(out), exclude=launcher.pid):
+            if pid in workers:
+                os.kill(pid, signal.SIGKILL)
+
+
+# ================================================================================================
+# Evaluation, export and latent data
+# ================================================================================================
+
+
+class TinyFeatures(torch.nn.Module):
+    """Stands in for the Inception network (no weights exist offline, and its forward pass takes seconds): a few
+    pixel statistics per image, fewer dimensions than the tests have images, so every metric is defined."""
+
+    has_classifier = True
+
+    def __init__(self, weights=None, download=True):
+        super().__init__()
+
+    def forward(self, images):
+        x = images.double() / 255
+        pool = torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)  # (B, 6)
+        spatial = x[:, :, 0, 0]  # (B, 3)
+        logits = x[:, 0, 0, :4] * 4  # (B, 4)
+        return pool, spatial, logits
+
+
+@pytest.fixture
+def inception_calls(monkeypatch):
+    """Replaces the Inception by TinyFeatures; returns the number of images of each feature pass from now on."""
+    monkeypatch.setattr(evaluation, "InceptionFeatures", TinyFeatures)
+    calls = []
+    compute = evaluation.compute_features
+
+    def recorded(images, *args, **kwargs):
+        calls.append(len(images))
+        return compute(images, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "compute_features", recorded)
+    return calls
+
+
+def images(count=10, size=8, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """(samples, reference): valid .npz files of 10 and 12 random 8 x 8 images."""
+    samples, reference = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    np.savez(samples, arr_0=images(10))
+    np.savez(reference, arr_0=images(12, seed=1))
+    return samples, reference
+
+
+def eval_error(argv, capsys) -> str:
+    """The error line eval_fid.py's command line prints for `argv` (it must exit with status 2); progress bars
+    may precede it."""
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: eval_fid.main([str(arg) for arg in argv]), eval_fid.ERRORS)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and "Traceback" not in err, err
+    line = err.splitlines()[-1]
+    assert line.startswith("error: "), err
+    return line
+
+
+def test_out_is_checked_before_any_computation(inputs, inception_calls, tmp_path, read_only, capsys):
+    samples, reference = inputs
+    folder = tmp_path / "results"
+    folder.mkdir()
+    err = eval_error([samples, "--ref", reference, "--out", folder], capsys)
+    assert f"--out {folder} is a folder" in err
+    (tmp_path / "locked").mkdir()
+    locked = read_only(tmp_path / "locked")
+    err = eval_error([samples, "--ref", reference, "--out", locked / "m.json"], capsys)
+    assert f"cannot write to {locked}" in err
+    err = eval_error([samples, "--ref", reference, "--cache-dir", locked], capsys)
+    assert f"--cache-dir {locked}" in err
+    assert inception_calls == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked", "ref.npz", "results", "samples.npz"]
+
+
+@pytest.mark.parametrize("size", ["0", "-3", "ten"])
+def test_batch_size_must_be_positive(inputs, inception_calls, size, capsys):
+    samples, reference = inputs
+    with pytest.raises(SystemExit) as exit_:
+        eval_fid.main([str(samples), "--ref", str(reference), "--batch-size", size])
+    assert exit_.value.code == 2
+    assert f"argument --batch-size: expected an integer >= 1, got '{size}'" in capsys.readouterr().err
+    assert inception_calls == []
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def write_object_array(path):
+    np.savez(path, arr_0=np.array([{"image": 1}, None], dtype=object))  # saving pickles; loading must not
+
+
+def cut_member(path):
+    """An .npz whose arr_0 data stops halfway though its zip directory is intact (a copy cut short, then
+    re-indexed): zipfile runs out of file while reading the member and raises EOFError, naming no file."""
+    buffer = io.BytesIO()
+    np.save(buffer, images(12, seed=1))
+    member = buffer.getvalue()
+    with zipfile.ZipFile(path, "w") as archive:  # stored, without zip64 records: one directory offset to fix
+        archive.writestr("arr_0.npy", member)
+    data = path.read_bytes()
+    start, removed = data.index(member), len(member) // 2
+    data = data[: start + len(member) - removed] + data[start + len(member) :]
+    end = data.rindex(b"PK\x05\x06")  # end of central directory record; the directory's offset is at +16
+    directory = int.from_bytes(data[end + 16 : end + 20], "little") - removed
+    path.write_bytes(data[: end + 16] + directory.to_bytes(4, "little") + data[end + 20 :])
+
+
+BAD_SAMPLES = {
+    "float": (lambda p: np.savez(p, arr_0=images().astype(np.float32)), "expected uint8 images, got float32"),
+    "gray": (lambda p: np.savez(p, arr_0=images()[..., 0]), "expected images (N, H, W, 3), got shape (10, 8, 8)"),
+    "no_images": (lambda p: np.savez(p, images=images()), "has no 'arr_0' array of images (keys: ['images'])"),
+    "truncated": (lambda p: (np.savez(p, arr_0=images()), truncate(p)), "is not a readable .npz (truncated"),
+    "pickled": (write_object_array, "'arr_0' is an object array (pickled Python objects), which is never loaded"),
+    "text": (lambda p: p.write_text("fid please"), "is not a readable .npz"),
+    "missing": (lambda p: None, "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SAMPLES))
+def test_bad_samples_are_found_before_the_reference_pass(inputs, inception_calls, tmp_path, case, capsys):
+    _, reference = inputs
+    bad = tmp_path / f"{case}.npz"
+    write, expected = BAD_SAMPLES[case]
+    write(bad)
+    err = eval_error([bad, "--ref", reference], capsys)
+    assert f"{bad}" in err and expected in err
+    assert inception_calls == []
+    assert not list(tmp_path.glob(".ref.npz*")) and not list(tmp_path.glob("*.json"))
+
+
+def test_bad_image_folders_are_found_before_the_reference_pass(inputs, inception_calls, tmp_path, capsys):
+    from PIL import Image
+
+    _, reference = inputs
+    folder = tmp_path / "generated"
+    folder.mkdir()
+    err = eval_error([folder, "--ref", reference], capsys)
+    assert f"{folder} contains no images" in err
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    Image.new("RGB", (9, 8)).save(folder / "b.png")
+    err = eval_error([folder, "--ref", reference], capsys)
+    assert "b.png is (9, 8) (W, H)" in err
+    (folder / "b.png").write_bytes(b"not a png")
+    err = eval_error([folder, "--ref", reference], capsys)
+    assert "cannot read image" in err and "b.png" in err
+    assert inception_calls == []
+
+
+def test_size_mismatch_prints_plain_integers(inputs, inception_calls, tmp_path, capsys):
+    _, reference = inputs
+    large = tmp_path / "large.npz"
+    np.savez(large, arr_0=images(size=16))
+    err = eval_error([large, "--ref", reference], capsys)
+    assert f"{large} images are (16, 16) but the reference {reference} is (8, 8)" in err
+    assert "np.int64" not in err
+    assert inception_calls == []
+
+
+@pytest.mark.parametrize("case", ["truncated", "cut_member", "pickled_statistics"])
+def test_bad_reference_files_name_the_file(inputs, inception_calls, tmp_path, case, capsys):
+    samples, _ = inputs
+    reference = tmp_path / f"{case}.npz"
+    if case == "truncated":
+        np.savez(reference, arr_0=images(12))
+        truncate(reference)
+        expected = "is not a readable .npz (truncated or corrupt?)"
+    elif case == "cut_member":
+        cut_member(reference)
+        expected = "is not a readable .npz (truncated or corrupt?): it ends before the data its zip directory lists"
+    else:  # an ADM batch whose statistics were saved as Python objects
+        np.savez(reference, arr_0=images(12), mu=np.array([np.zeros(6)], dtype=object))
+        expected = "holds object arrays (pickled Python objects), which are never loaded"
+    err = eval_error([samples, "--ref", reference], capsys)
+    assert f"{reference}" in err and expected in err
+    assert not list(tmp_path.glob(".*.features-v*.npz"))
+
+
+def test_read_only_reference_folder_caches_in_the_user_cache(inception_calls, tmp_path, monkeypatch, read_only):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    reference = shelf / "ref.npz"
+    np.savez(reference, arr_0=images(12, seed=1))
+    read_only(shelf)
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=images(10))
+    argv = [str(samples), "--ref", str(reference)]
+
+    with pytest.warns(UserWarning, match=f"{shelf} is read-only: caching the reference features in .*xdg"):
+        first = eval_fid.main(argv)
+    cache = tmp_path / "xdg" / "sit-atconv" / "fid"
+    assert [p.name for p in cache.iterdir()] == [evaluation.reference_cache_file(reference, cache).name]
+    assert [p.name for p in shelf.iterdir()] == ["ref.npz"]
+    inception_calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the cache is found where it went
+        again = eval_fid.main(argv)
+    assert inception_calls == [10]
+    assert again["fid"] == pytest.approx(first["fid"], rel=1e-12)
+
+
+def test_folder_reference_cache_is_read_back(inception_calls, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    for i, image in enumerate(images(12, seed=1)):
+        Image.fromarray(image).save(folder / f"{i:02d}.png")
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=images(10))
+    argv = [str(samples), "--ref", str(folder)]
+    eval_fid.main(argv)
+    assert inception_calls == [12, 10]
+    inception_calls.clear()
+    eval_fid.main(argv)  # the cache written inside the folder must not change the folder's key
+    assert inception_calls == [10]
+    assert len(list(folder.glob(".reference.*.features-v*.npz"))) == 1
+
+
+def full_disk_writer(path, *args, **kwargs):
+    """A writer that runs out of space halfway through its file."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(b'{"fid": ')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_at_the_results_names_the_file_and_keeps_the_numbers(inputs, inception_calls, monkeypatch, capsys):
+    samples, reference = inputs
+    monkeypatch.setattr(evaluation, "write_json_atomic", full_disk_writer)
+    out = samples.parent / "metrics.json"
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: eval_fid.main([str(samples), "--ref", str(reference), "--out", str(out)]), eval_fid.ERRORS)
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    expected = f"error: [Errno {errno.ENOSPC}] could not write {out}: No space left on device"
+    assert captured.err.splitlines()[-1] == expected
+    assert '"fid":' in captured.out  # the numbers of the run are printed before the write
+    assert not out.exists() and not list(samples.parent.glob(".metrics.json*"))
+
+
+def test_full_disk_at_the_reference_cache_only_warns(inputs, inception_calls, monkeypatch):
+    samples, reference = inputs
+    monkeypatch.setattr(evaluation, "write_npz_atomic", full_disk_writer)
+    cache = evaluation.reference_cache_file(reference, None)
+    with pytest.warns(UserWarning, match=f"could not cache the reference features: .*could not write {cache}"):
+        results = eval_fid.main([str(samples), "--ref", str(reference)])
+    assert results["num_reference"] == 12 and inception_calls == [12, 10]
+    assert json.loads((samples.parent / "samples.npz.metrics.json").read_text()) == results
+    assert not list(reference.parent.glob(f"{cache.name}*"))
+
+
+def test_unreadable_reference_cache_is_recomputed(inputs, inception_calls):
+    samples, reference = inputs
+    cache = evaluation.reference_cache_file(reference, None)
+    cache.write_bytes(b"PK\x03\x04 cut")
+    with pytest.warns(UserWarning, match=f"ignoring the reference feature cache: {cache} is not a readable .npz"):
+        eval_fid.main([str(samples), "--ref", str(reference)])
+    assert inception_calls == [12, 10]
+    with np.load(cache) as rewritten:
+        assert set(rewritten.files) == set(evaluation.CACHED_KEYS)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_truncated_inception_weights_name_the_file(tmp_path, suffix):
+    path = tmp_path / f"inception{suffix}"
+    state = {"conv.weight": torch.zeros(8, 3, 3, 3)}
+    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    truncate(path)
+    with pytest.raises(ValueError, match=f"cannot read the Inception weights {path} \\(truncated"):
+        evaluation.load_state_dict_safely(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# export and convert
+# ------------------------------------------------------------------------------------------------
+
+
+def export_argv(out, *extra):
+    return ["--ckpt", "run/checkpoints/latest", "--out", str(out), *extra]
+
+
+def convert_argv(out, *extra):
+    return ["--from", "sit", "SiT-S-2.pt", "--model", "SiT-S/2", "--out", str(out), *extra]
+
+
+@pytest.fixture(params=["export", "convert"])
+def pipeline_cli(request, monkeypatch):
+    """(main, argv builder) of a pipeline-writing command whose slow step (loading or converting the
+    checkpoint) fails the test if reached."""
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+
+    if request.param == "export":
+        monkeypatch.setattr(export, "load_model", reached)
+        return export.main, export_argv
+    from sit_atconv.convert import __main__ as convert
+
+    monkeypatch.setattr(convert, "convert_checkpoint", reached)
+    return convert.main, convert_argv
+
+
+def pipeline_error(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: main(argv), export.ERRORS)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_out_that_is_a_file_is_refused_before_loading(pipeline_cli, tmp_path, overwrite, capsys):
+    main, argv = pipeline_cli
+    target = tmp_path / "pipeline"
+    target.write_bytes(b"someone's file")
+    err = pipeline_error(main, argv(target, *(["--overwrite"] if overwrite else [])), capsys)
+    assert f"--out {target} is a file, not a pipeline folder" in err
+    assert target.read_bytes() == b"someone's file"
+    assert [p.name for p in tmp_path.iterdir()] == ["pipeline"]  # no hidden temporary folder
+
+
+def test_out_in_an_unwritable_folder_is_refused_before_loading(pipeline_cli, tmp_path, read_only, capsys):
+    main, argv = pipeline_cli
+    shelf = tmp_path / "shelf"
+    (shelf / "old").mkdir(parents=True)
+    read_only(shelf)
+    err = pipeline_error(main, argv(shelf / "new" / "pipeline"), capsys)
+    assert f"--out {shelf / 'new' / 'pipeline'}: cannot write to {shelf} (permission denied)" in err
+    err = pipeline_error(main, argv(shelf / "old", "--overwrite"), capsys)
+    assert f"--out {shelf / 'old'}: cannot replace it, {shelf} is not writable" in err
+    assert [p.name for p in shelf.iterdir()] == ["old"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Latent shards
+# ------------------------------------------------------------------------------------------------
+
+
+def write_latent_folder(root, shard_rows=(2, 3)):
+    """An extracted latent folder written by hand: shards of 16 x 16 images and 4 x 2 x 2 latents, manifest last."""
+    root.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    shards, start = [], 0
+    for k, rows in enumerate(shard_rows):
+        name = f"shard_{k:06d}.safetensors"
+        tensors = {
+            "mean": torch.randn(rows, 4, 2, 2, generator=generator).half(),
+            "std": torch.rand(rows, 4, 2, 2, generator=generator).half() + 0.1,
+            "labels": torch.zeros(rows, dtype=torch.long),
+            "indices": torch.arange(start, start + rows),
+            "images": torch.randint(0, 256, (rows, 3, 16, 16), generator=generator, dtype=torch.uint8),
+        }
+        save_file(tensors, root / name)
+        shards.append({"file": name, "rows": rows})
+        start += rows
+    manifest = {"resolution": 16, "classes": ["a"], "num_classes": 1, "flip": False, "shards": shards}
+    (root / "manifest.json").write_text(json.dumps({**manifest, "total_rows": start, "skipped_images": 0}))
+    return root
+
+
+def test_truncated_latent_shard_names_the_file_and_the_remedy(tmp_path):
+    root = write_latent_folder(tmp_path / "latents")
+    assert len(LatentDataset(root)) == 5
+    truncate(root / "shard_000001.safetensors", keep=0.9)
+    message = f"latent shard {root / 'shard_000001.safetensors'} is truncated or corrupt .*delete it and re-run"
+    with pytest.raises(ValueError, match=message):
+        LatentDataset(root)
+
+
+def test_shard_truncated_after_opening_the_data_set_names_the_file(tmp_path):
+    root = write_latent_folder(tmp_path / "latents")
+    latents = LatentDataset(root)
+    truncate(root / "shard_000000.safetensors", keep=0.9)
+    with pytest.raises(ValueError, match="latent shard .*shard_000000.safetensors is truncated"):
+        latents[0]
+
+
+def test_extraction_stops_at_a_truncated_shard_and_redoes_a_deleted_one(tmp_path):
+    import helpers
+    from accelerate import Accelerator
+    from PIL import Image
+
+    from sit_atconv.data.images import ImageFolderDataset
+    from sit_atconv.data.latents import extract_latents
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images(2, size=16)):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    dataset = ImageFolderDataset(folder, 16, unconditional=True)
+    out = tmp_path / "latents"
+
+    def extract():
+        options = {"shard_size": 1, "batch_size": 1, "num_workers": 0, "progress": False}
+        return extract_latents(Accelerator(cpu=True), dataset, helpers.tiny_vae(), out, **options)
+
+    extract()
+    shard = out / "shard_000000.safetensors"
+    truncate(shard, keep=0.9)
+    (out / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=f"latent shard {shard} is truncated"):
+        extract()
+    assert not (out / "manifest.json").exists()  # the manifest stays the last thing written
+    shard.unlink()
+    assert extract()["total_rows"] == 2
+    assert len(LatentDataset(out)) == 2
+
+
+def test_unreadable_manifest_names_the_file(tmp_path):
+    root = write_latent_folder(tmp_path / "latents")
+    truncate(root / "manifest.json")
+    with pytest.raises(ValueError, match=f"{root / 'manifest.json'} is not valid JSON"):
+        LatentDataset(root)
+
+
+def test_reads_npz_without_unpickling(tmp_path):
+    path = tmp_path / "mixed.npz"
+    np.savez(path, plain=np.arange(3), objects=np.array([None], dtype=object))
+    assert evaluation.read_npz(path, ["plain"])["plain"].tolist() == [0, 1, 2]  # members are read lazily
+    with pytest.raises(ValueError, match=f"{path} holds object arrays"):
+        evaluation.read_npz(path, ["objects"])

@@ -142,16 +142,6 @@ def test_shards_of_another_run_are_not_mixed(assets, tmp_path):
     shutil.rmtree(tmp_path / "s.npz.shards")
 
 
-def test_old_sampling_module_still_imports_with_a_deprecation_warning():
-    import importlib
-    import sys
-
-    sys.modules.pop("sit_atconv.sampling", None)
-    with pytest.warns(DeprecationWarning, match="use sit_atconv.generation"):
-        old = importlib.import_module("sit_atconv.sampling")
-    assert old.generate is generation.generate and old.sample_to_npz is generation.sample_to_npz
-
-
 def test_grid_classes_shared_by_sample_py_and_the_trainer_previews():
     assert generation.grid_classes(0) is None  # unconditional
     assert generation.grid_classes(1000) == [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's ImageNet grid

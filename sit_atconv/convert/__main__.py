@@ -17,7 +17,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from sit_atconv.convert import SOURCES, convert_checkpoint
-from sit_atconv.export import add_pipeline_arguments, check_output_folder, write_pipeline
+from sit_atconv.export import ERRORS, add_pipeline_arguments, check_output_folder, write_pipeline
 from sit_atconv.io import run_cli
 from sit_atconv.models import list_models
 
@@ -66,4 +66,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main, (ValueError, FileNotFoundError, FileExistsError, RuntimeError))
+    run_cli(main, ERRORS)

@@ -18,19 +18,38 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sit_atconv import vae as autoencoder
 from sit_atconv.data.images import ImageFolderDataset, collate_skipping_bad
-from sit_atconv.io import atomic_output, write_json_atomic
+from sit_atconv.io import (
+    atomic_output,
+    check_output_path,
+    non_negative_int,
+    positive_int,
+    run_cli,
+    write_json_atomic,
+)
 
 MANIFEST = "manifest.json"
 
 
 def shard_name(index: int) -> str:
     return f"shard_{index:06d}.safetensors"
+
+
+def open_shard(path: Path):
+    """`safe_open` of a shard; a truncated or corrupt one (safetensors' message names no file) is a
+    ValueError that names it and says how to recover."""
+    try:
+        return safe_open(path, "pt")
+    except SafetensorError as error:
+        raise ValueError(
+            f"latent shard {path} is truncated or corrupt ({error}); delete it and re-run the extraction, "
+            "which re-creates missing shards"
+        ) from error
 
 
 @torch.no_grad()
@@ -104,7 +123,7 @@ def write_manifest(out: Path, dataset: ImageFolderDataset, num_shards: int, flip
     """manifest.json, written last: the shards and their row counts (main process, once all are written)."""
     shards = []
     for k in range(num_shards):
-        with safe_open(out / shard_name(k), "pt") as f:
+        with open_shard(out / shard_name(k)) as f:
             shards.append({"file": shard_name(k), "rows": f.get_slice("labels").get_shape()[0]})
     skipped_files = [out / f"skipped_{rank}.txt" for rank in range(world_size)]
     skipped = sum(len(path.read_text().splitlines()) for path in skipped_files if path.exists())
@@ -133,14 +152,17 @@ class LatentDataset(Dataset):
             raise FileNotFoundError(
                 f"{self.root} has no {MANIFEST}: extraction did not finish (re-run it) or this is not a latent folder"
             )
-        self.manifest = json.loads(manifest_path.read_text())
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{manifest_path} is not valid JSON ({error}); re-run the extraction") from error
         self.shards, self.offsets = [], []
         total = 0
         for entry in self.manifest["shards"]:
             path = self.root / entry["file"]
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is listed in {manifest_path} but missing")
-            with safe_open(path, "pt") as f:
+            with open_shard(path) as f:
                 rows = f.get_slice("labels").get_shape()[0]
             if rows != entry["rows"]:
                 raise ValueError(f"{path} has {rows} rows but {manifest_path} says {entry['rows']}")
@@ -165,7 +187,7 @@ class LatentDataset(Dataset):
         flipped, row = divmod(index, self.rows)
         shard, local = self._locate(row)
         if shard not in self._handles:
-            self._handles[shard] = safe_open(self.shards[shard], "pt")
+            self._handles[shard] = open_shard(self.shards[shard])
         f = self._handles[shard]
         suffix = "_flipped" if flipped else ""
         mean = f.get_slice("mean" + suffix)[local : local + 1][0].float()
@@ -183,20 +205,23 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="image folder (ImageNet layout, or --unconditional)")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--resolution", type=positive_int, default=256)
     p.add_argument("--vae", default=autoencoder.SD_VAE_DEFAULT, help="AutoencoderKL hub id or folder")
     p.add_argument("--unconditional", action="store_true", help="one folder of images, label 0 (FFHQ)")
     p.add_argument("--flip", action="store_true", help="also store the latents of mirrored images")
-    p.add_argument("--shard-size", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--shard-size", type=positive_int, default=1024)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--num-workers", type=non_negative_int, default=4)
     p.add_argument("--on-error", choices=["skip", "abort"], default="skip", help="unreadable images")
     args = p.parse_args(argv)
+    check_output_path(args.out, folder=True, what="--out")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     dataset = ImageFolderDataset(args.data, args.resolution, args.unconditional, args.on_error)
     vae = autoencoder.load_vae(args.vae, accelerator.device)
     extract_latents(accelerator, dataset, vae, args.out, args.shard_size, args.batch_size, args.flip, args.num_workers)
 
 
+ERRORS = (ValueError, FileNotFoundError, RuntimeError)  # reported in one line by run_cli
+
 if __name__ == "__main__":
-    main()
+    run_cli(main, ERRORS)

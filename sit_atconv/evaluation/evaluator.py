@@ -9,7 +9,13 @@ Per image (uint8, resized to 299 by TF1-style bilinear interpolation inside the 
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
 import tempfile
+import typing
+import warnings
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +23,14 @@ import torch
 
 from sit_atconv.data.images import is_image_file
 from sit_atconv.evaluation.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
-from sit_atconv.io import file_sha256, write_json_atomic, write_npz_atomic
+from sit_atconv.io import file_sha256, is_writable, write_json_atomic, write_npz_atomic
 
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 # Version of what the reference cache holds (its keys and their meaning); it is part of the cache file's name, so
 # raise it whenever that changes and old caches are ignored rather than read.
 FEATURES_FORMAT = 1
+STATISTICS = ("mu", "sigma", "mu_s", "sigma_s")
+CACHED_KEYS = ("image_size", "pool", "spatial", "logits", *STATISTICS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,12 +73,21 @@ def resolve_inception_weights(path: str | Path | None = None, download: bool = T
 
 
 def load_state_dict_safely(path: Path) -> dict:
-    """Read weights without executing pickled code: safetensors, or torch.load(weights_only=True)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Read weights without executing pickled code: safetensors, or torch.load(weights_only=True). A
+    truncated or foreign file is a ValueError naming it (the loaders' own messages do not)."""
+    from safetensors import SafetensorError
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"cannot read the Inception weights {path} (truncated or not a weights file?): {first_line}"
+        ) from error
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
@@ -111,6 +128,74 @@ class InceptionFeatures(torch.nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
+def read_npz(path: Path, keys: Iterable[str]) -> dict[str, np.ndarray]:
+    """The arrays named `keys` that the .npz at `path` holds, never unpickling anything. A truncated or
+    corrupt file, one that is no .npz, and object arrays are ValueErrors naming the file: numpy's and
+    zipfile's own messages do not name it."""
+    try:
+        data = np.load(path)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single .npy array")
+        with data:
+            return {key: data[key] for key in keys if key in data.files}
+    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError) as error:
+        raise _unreadable_npz(path, error) from error
+    except ValueError as error:
+        if "Object arrays" in str(error):
+            raise ValueError(
+                f"{path} holds object arrays (pickled Python objects), which are never loaded; expected plain arrays"
+            ) from error
+        if "pickled data" in str(error):
+            raise ValueError(f"{path} is not an .npz archive (numpy would have to unpickle it)") from error
+        raise ValueError(f"{path} is not a readable .npz: {error}") from error
+
+
+def _unreadable_npz(path: Path, error: BaseException) -> ValueError:
+    reason = str(error) or "it ends before the data its zip directory lists"  # zipfile's EOFError says nothing
+    return ValueError(f"{path} is not a readable .npz (truncated or corrupt?): {reason}")
+
+
+def npz_array_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of array `key` of an .npz, read from its header alone (no pixel data), or None when
+    the file has no such array. Errors as `read_npz`."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if f"{key}.npy" not in archive.namelist():
+                return None
+            with archive.open(f"{key}.npy") as f:
+                version = np.lib.format.read_magic(f)
+                if version not in readers:
+                    raise ValueError(f"its '{key}' has .npy format version {version}, expected 1.0 or 2.0")
+                shape, _, dtype = readers[version](f)
+    except (zipfile.BadZipFile, EOFError) as error:
+        raise _unreadable_npz(path, error) from error
+    except ValueError as error:
+        raise ValueError(f"{path} is not a readable .npz: {error}") from error
+    return tuple(int(n) for n in shape), dtype
+
+
+def image_layout(path: str | Path) -> tuple[int, int, int]:
+    """(N, H, W) of the images `load_images` would read from `path`, checked without decoding them (an
+    .npz's header, image files' headers), so a bad input fails before any slow work."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        return _folder_layout(path)
+    header = npz_array_header(path, "arr_0")
+    if header is None:
+        _no_images(path)
+    shape, dtype = header
+    if dtype.hasobject:
+        raise ValueError(
+            f"{path}: 'arr_0' is an object array (pickled Python objects), which is never loaded; expected "
+            "uint8 images (N, H, W, 3)"
+        )
+    _check_layout(shape, dtype, path)
+    return shape[0], shape[1], shape[2]
+
+
 def load_images(path: str | Path) -> np.ndarray:
     """uint8 (N, H, W, 3) from an .npz (`arr_0`) or a folder of images; clear errors for bad input."""
     path = Path(path)
@@ -118,30 +203,62 @@ def load_images(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"{path} does not exist")
     if path.is_dir():
         return _load_folder(path)
-    with np.load(path) as data:
-        if "arr_0" not in data:
-            raise ValueError(f"{path} has no 'arr_0' array of images (keys: {list(data.keys())})")
-        images = data["arr_0"]
+    images = read_npz(path, ["arr_0"]).get("arr_0")
+    if images is None:
+        _no_images(path)
     return _check_images(images, path)
 
 
-def _check_images(images: np.ndarray, source) -> np.ndarray:
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{source}: expected images (N, H, W, 3), got shape {images.shape}")
-    if images.shape[0] == 0:
+def _no_images(path: Path) -> typing.NoReturn:
+    with zipfile.ZipFile(path) as archive:
+        keys = sorted(name.removesuffix(".npy") for name in archive.namelist())
+    raise ValueError(f"{path} has no 'arr_0' array of images (keys: {keys})")
+
+
+def _check_layout(shape: tuple[int, ...], dtype: np.dtype, source) -> None:
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{source}: expected images (N, H, W, 3), got shape {tuple(int(n) for n in shape)}")
+    if shape[0] == 0:
         raise ValueError(f"{source} holds no images")
-    if images.dtype != np.uint8:
+    if dtype != np.uint8:
         raise ValueError(
-            f"{source}: expected uint8 images, got {images.dtype}; convert with clamp(127.5 * x + 128, 0, 255) "
+            f"{source}: expected uint8 images, got {dtype}; convert with clamp(127.5 * x + 128, 0, 255) "
             "for [-1, 1] data (ADM format)"
         )
+
+
+def _check_images(images: np.ndarray, source) -> np.ndarray:
+    _check_layout(images.shape, images.dtype, source)
     return images
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if is_image_file(p))
+
+
+def _folder_layout(folder: Path) -> tuple[int, int, int]:
+    from PIL import Image
+
+    files = _image_files(folder)
+    if not files:
+        raise ValueError(f"{folder} contains no images")
+    sizes = {}
+    for file in files:
+        try:
+            with Image.open(file) as image:  # reads the header only
+                sizes[file] = image.size
+        except OSError as error:
+            raise ValueError(f"cannot read image {file}: {error}") from error
+        if sizes[file] != sizes[files[0]]:
+            raise ValueError(f"{file} is {sizes[file]} (W, H) but {files[0]} is {sizes[files[0]]}")
+    width, height = sizes[files[0]]
+    return len(files), height, width
 
 
 def _load_folder(folder: Path) -> np.ndarray:
     from PIL import Image
 
-    files = sorted(p for p in folder.rglob("*") if is_image_file(p))
+    files = _image_files(folder)
     if not files:
         raise ValueError(f"{folder} contains no images")
     images = []
@@ -177,51 +294,77 @@ def compute_features(
 
 
 def file_digest(path: Path) -> str:
-    """sha256 (first 20 hex digits) of a file, or of a folder's files in sorted order: each one's relative
-    name and size (so no two folders give the same byte stream) followed by its contents."""
+    """sha256 (first 20 hex digits) of a file, or of a folder's images (what `load_images` reads) in sorted
+    order: each one's relative name and size (so no two folders give the same byte stream) followed by its
+    contents. Other files do not count, so the feature cache written into the folder keeps its key valid."""
     if not path.is_dir():
         return file_sha256(path)[:20]
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    for file in _image_files(path):
         digest.update(f"{file.relative_to(path)}\0{file.stat().st_size}\0".encode())
         with open(file, "rb") as f:
             hashlib.file_digest(f, lambda: digest)  # streams the file's bytes into the running `digest`
     return digest.hexdigest()[:20]
 
 
+def user_cache_dir() -> Path:
+    """Where reference features are cached when the reference's own folder is read-only."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "sit-atconv" / "fid"
+
+
 def reference_cache_file(path: Path, cache_dir: Path | None) -> Path:
-    """Where the features of reference `path` are cached: keyed by its content and by FEATURES_FORMAT."""
-    folder = cache_dir or (path.parent if path.is_file() else path)
-    return Path(folder) / f".{path.name}.{file_digest(path)}.features-v{FEATURES_FORMAT}.npz"
+    """Where the features of reference `path` are cached: keyed by its content and by FEATURES_FORMAT; by
+    default next to it (inside a reference folder), or in `user_cache_dir()` when that place is read-only."""
+    name = f".{path.name}.{file_digest(path)}.features-v{FEATURES_FORMAT}.npz"
+    if cache_dir is not None:
+        return Path(cache_dir) / name
+    beside = path.parent if path.is_file() else path
+    if (beside / name).is_file() or is_writable(beside):
+        return beside / name
+    fallback = user_cache_dir() / name
+    if not fallback.is_file():
+        warnings.warn(
+            f"{beside} is read-only: caching the reference features in {fallback.parent} instead (see --cache-dir)",
+            stacklevel=2,
+        )
+    return fallback
 
 
 def reference_features(
     path: Path, extractor: InceptionFeatures, cache_dir: Path | None, use_cache: bool, **kwargs
 ) -> dict[str, np.ndarray]:
     """Features and statistics of a reference (.npz, folder, or ADM batch with mu/sigma/mu_s/sigma_s), cached
-    under a key derived from the file's hash (and the cache format) so the 10K/50K reference is processed once."""
+    under a key derived from the file's hash (and the cache format) so the 10K/50K reference is processed once.
+    The cache only saves time: one that cannot be read is recomputed, one that cannot be written is skipped."""
     cache_file = reference_cache_file(path, cache_dir) if use_cache else None
     if cache_file is not None and cache_file.is_file():
-        with np.load(cache_file) as cached:
-            return dict(cached)
+        try:
+            cached = read_npz(cache_file, CACHED_KEYS)
+            missing = sorted(set(CACHED_KEYS) - set(cached))
+            if not missing:
+                return cached
+            warnings.warn(f"ignoring the reference feature cache {cache_file}: it lacks {missing}", stacklevel=2)
+        except (ValueError, OSError) as error:
+            warnings.warn(f"ignoring the reference feature cache: {error}", stacklevel=2)
     reference = {}
     if path.is_file():
-        with np.load(path) as data:
-            for key in ("mu", "sigma", "mu_s", "sigma_s"):
-                if key in data:
-                    reference[key] = data[key].astype(np.float64)
+        for key, value in read_npz(path, STATISTICS).items():
+            reference[key] = value.astype(np.float64)
     images = load_images(path)
     reference["image_size"] = np.array(images.shape[1:3])
     reference.update(compute_features(images, extractor, **kwargs))
     if "mu" not in reference:
         reference["mu"], reference["sigma"] = feature_statistics(reference["pool"])
         reference["mu_s"], reference["sigma_s"] = feature_statistics(reference["spatial"])
-    for key in ("mu", "sigma", "mu_s", "sigma_s"):
+    for key in STATISTICS:
         if not np.isfinite(reference[key]).all():
             raise ValueError(f"reference {path}: '{key}' contains NaN or inf")
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        write_npz_atomic(cache_file, **reference)
+        try:
+            write_npz_atomic(cache_file, **reference)
+        except OSError as error:  # atomic_output leaves nothing behind and names the file
+            warnings.warn(f"could not cache the reference features: {error}", stacklevel=2)
     return reference
 
 
@@ -237,16 +380,21 @@ def evaluate(
     download: bool = True,
 ) -> dict:
     """FID, sFID, IS, precision and recall of `samples` against `reference` (ADM definitions)."""
-    extractor = InceptionFeatures(inception_weights, download).eval()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     samples, reference = Path(samples), Path(reference)
+    # Both inputs are checked from their headers first: the reference pass takes minutes on 10K-50K images.
+    _, *sample_size = image_layout(samples)
+    _, *reference_size = image_layout(reference)
+    if sample_size != reference_size:
+        raise ValueError(
+            f"{samples} images are {tuple(sample_size)} but the reference {reference} is {tuple(reference_size)}; "
+            "resize one of them (ADM compares same-size images)"
+        )
+    extractor = InceptionFeatures(inception_weights, download).eval()
     options = {"batch_size": batch_size, "device": device, "progress": progress}
     ref = reference_features(reference, extractor, Path(cache_dir) if cache_dir else None, use_cache, **options)
     images = load_images(samples)
-    if tuple(images.shape[1:3]) != tuple(ref["image_size"]):
-        raise ValueError(
-            f"{samples} images are {tuple(images.shape[1:3])} but the reference {reference} is "
-            f"{tuple(ref['image_size'])}; resize one of them (ADM compares same-size images)"
-        )
     fake = compute_features(images, extractor, **options)
     mu, sigma = feature_statistics(fake["pool"])
     mu_s, sigma_s = feature_statistics(fake["spatial"])
