@@ -296,6 +296,55 @@ def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
         run(run_dir, steps=9)
 
 
+def test_checkpoint_files_reach_the_disk_before_the_marker_and_the_rename(tmp_path, monkeypatch):
+    """The order a power cut cannot undo: fsync of every file, then of the marker, then the rename, then the
+    folder holding the new name."""
+    from sit_atconv import io as sit_io
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source, destination):
+        events.append(("rename", str(destination)))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(sit_io.os, "replace", replace)
+    run(tmp_path, steps=3)
+    final = str(tmp_path / "checkpoints" / "step_00000003")
+    rename = events.index(("rename", final))
+    flushed = {path for kind, path in events[:rename] if kind == "fsync"}
+    written = {str(f).replace(final, final.replace("step_", ".tmp_step_")) for f in Path(final).rglob("*")}
+    assert written <= flushed  # every file and sub-folder, the marker included
+    assert events[rename + 1] == ("fsync", str(tmp_path / "checkpoints"))
+
+
+def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_leaves_the_last_one(tmp_path, monkeypatch, capsys):
+    from sit_atconv.training import checkpoint
+
+    run_dir = tmp_path / "run"
+    run(run_dir, steps=3)
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "step_00000006" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    argv = ["--config", str(DEMO), *overrides(run_dir), "--no-progress"]
+    status, err = cli_exit(train_sit.main, argv, train_sit.ERRORS, capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert f"could not write checkpoint {run_dir / 'checkpoints' / 'step_00000006'}: " in err
+    assert "No space left on device" in err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000003"]
+    assert (run_dir / "checkpoints" / "latest").resolve().name == "step_00000003"
+
+
 # ------------------------------------------------------------------------------------------------
 # 7 and 8. Output locations and values are checked before any work
 # ------------------------------------------------------------------------------------------------

@@ -61,3 +61,16 @@ def test_dataclass_flags_follow_the_fields_and_their_checks(capsys):
     with pytest.raises(SystemExit):
         dataclass_from_args(Options, parser.parse_args(["--num-steps", "0"]), parser)
     assert "num_steps must be positive, got 0" in capsys.readouterr().err
+
+
+def test_atomic_output_flushes_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import os
+
+    from sit_atconv import io as sit_io
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setattr(sit_io.os, "replace", lambda a, b: (events.append(f"rename {b}"), real_replace(a, b)))
+    write_json_atomic(tmp_path / "shard.json", {"a": 1})
+    assert events == [str(tmp_path / ".shard.json.tmp"), f"rename {tmp_path / 'shard.json'}", str(tmp_path)]

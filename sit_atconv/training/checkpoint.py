@@ -22,10 +22,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -102,36 +105,49 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     final = root / checkpoint_name(step)
     tmp = root / f".tmp_{checkpoint_name(step)}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        module.model.save_pretrained(tmp / "model")
-        ema.save_pretrained(tmp / "ema")
-        if module.projector is not None:
-            save_file(module.projector.state_dict(), tmp / "projector.safetensors")
-        state = {"optimizer": optimizer.state_dict(), "step": step, "skipped": skipped}
-        if accelerator.scaler is not None:
-            state["scaler"] = accelerator.scaler.state_dict()
-        torch.save(state, tmp / "training_state.pt")
-        save_config(config, tmp / "config.yaml")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / f"rng_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1))
-        fsync_tree(tmp)  # the marker must never reach the disk before the files it vouches for
-        replace_path(tmp, final)
-        fsync_folder(root)
-        with atomic_output(root / "latest") as link:
-            link.symlink_to(final.name)
-        prune_checkpoints(run_dir, config.checkpoint.keep_last, config.checkpoint.milestone_every)
+    with write_errors_named(final, tmp if accelerator.is_main_process else None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            module.model.save_pretrained(tmp / "model")
+            ema.save_pretrained(tmp / "ema")
+            if module.projector is not None:
+                save_file(module.projector.state_dict(), tmp / "projector.safetensors")
+            state = {"optimizer": optimizer.state_dict(), "step": step, "skipped": skipped}
+            if accelerator.scaler is not None:
+                state["scaler"] = accelerator.scaler.state_dict()
+            torch.save(state, tmp / "training_state.pt")
+            save_config(config, tmp / "config.yaml")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / f"rng_{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1))
+            fsync_tree(tmp)  # the marker must never reach the disk before the files it vouches for
+            replace_path(tmp, final)
+            fsync_folder(root)
+            with atomic_output(root / "latest") as link:
+                link.symlink_to(final.name)
+            prune_checkpoints(run_dir, config.checkpoint.keep_last, config.checkpoint.milestone_every)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def write_errors_named(checkpoint: Path, tmp: Path | None) -> Iterator[None]:
+    """A failed write (full disk, permissions; safetensors reports them as its own error type) becomes an
+    OSError naming the checkpoint, and its temporary folder is removed."""
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write checkpoint {checkpoint}: {error}") from error
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, milestone_every: int) -> None:

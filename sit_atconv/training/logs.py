@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sit_atconv.io import atomic_output
+from sit_atconv.io import atomic_output, named_os_error
 from sit_atconv.training.config import flatten
 
 METRIC_FIELDS = (
@@ -124,11 +124,14 @@ class TrainingLog:
 
     def _append(self, row: dict) -> None:
         new = not self.metrics_path.exists()
-        with open(self.metrics_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        try:
+            with open(self.metrics_path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+        except OSError as error:  # a full disk reports no file name
+            raise named_os_error(error, self.metrics_path) from error
 
     def _truncate(self, step: int) -> None:
         if not self.metrics_path.exists():
