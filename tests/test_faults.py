@@ -257,6 +257,29 @@ def test_the_lock_refuses_in_process_too(tmp_path):
             ExclusiveLock(tmp_path / ".lock", "second").__enter__()
 
 
+def test_without_flock_the_lock_falls_back_to_the_holders_pid(tmp_path, monkeypatch):
+    """Some network file systems refuse flock: a live holder on this host still refuses, a dead one is taken over."""
+    import fcntl
+    import json as json_module
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock_file = tmp_path / ".lock"
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "since": "then"}
+    lock_file.write_text(json_module.dumps(record))
+    with pytest.raises(LockedError, match=f"pid {os.getpid()} on host"):
+        ExclusiveLock(lock_file, "run folder").__enter__()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_file.write_text(json_module.dumps({**record, "pid": dead.pid}))
+    with pytest.warns(UserWarning, match=f"taking over the lock of pid {dead.pid}"):
+        with ExclusiveLock(lock_file, "run folder"):
+            assert json_module.loads(lock_file.read_text())["pid"] == os.getpid()
+    assert not lock_file.exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # 6. Only complete, readable checkpoints are resumed
 # ------------------------------------------------------------------------------------------------
