@@ -48,13 +48,41 @@ def single_thread_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **extra}
 
 
-def launch_two_processes(args: list[str], cwd, port: int, env: dict[str, str] | None = None):
-    """`accelerate launch` of `args` (a script and its arguments) as a real 2-process gloo group on the CPU
-    (see DESIGN.md: --multi_gpu with Accelerator(cpu=True)); returns the finished process."""
-    import subprocess
+def two_process_launch(args: list[str], port: int) -> list[str]:
+    """The `accelerate launch` command line of `args` (a script and its arguments) as a real 2-process gloo
+    group on the CPU (see DESIGN.md: --multi_gpu with Accelerator(cpu=True))."""
     import sys
 
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(port), *args]
-    return subprocess.run(launch, capture_output=True, text=True, env=env or single_thread_env(), cwd=cwd, timeout=600)
+    return [*launch, "--main_process_port", str(port), *args]
+
+
+def launch_two_processes(args: list[str], cwd, port: int, env: dict[str, str] | None = None):
+    """Run `two_process_launch(args, port)` to the end; returns the finished process."""
+    import subprocess
+
+    command = two_process_launch(args, port)
+    return subprocess.run(command, capture_output=True, text=True, env=env or single_thread_env(), cwd=cwd, timeout=600)
+
+
+def tiny_overrides(run_dir, steps=6, **extra) -> list[str]:
+    """Dotted overrides of the digits demo config for a tiny run: 2 blocks of width 32 on 8x8 images, batch 16,
+    a checkpoint every 3 steps, a metrics row per step, no tracker or previews."""
+    base = {
+        "run.output_dir": str(run_dir),
+        "model.depth": 2,
+        "model.hidden_size": 32,
+        "model.num_heads": 2,
+        "model.input_size": 8,
+        "data.resolution": 8,
+        "train.global_batch_size": 16,
+        "train.max_steps": steps,
+        "checkpoint.every": 3,
+        "checkpoint.keep_last": 5,
+        "log.every": 1,
+        "log.tracker": "none",
+        "log.sample_every": 0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import single_thread_env, tiny_sit
+from helpers import single_thread_env, tiny_overrides, tiny_sit, two_process_launch
 from safetensors.torch import load_file, save_file
 
 import eval_fid
@@ -73,29 +73,8 @@ def hold_lock(lock_file: Path) -> subprocess.Popen:
 # ================================================================================================
 
 
-def overrides(run_dir, steps=6, **extra) -> list[str]:
-    """A tiny digits run: 2 blocks of width 32 on 8x8 images, a checkpoint every 3 steps, a log row per step."""
-    base = {
-        "run.output_dir": str(run_dir),
-        "model.depth": 2,
-        "model.hidden_size": 32,
-        "model.num_heads": 2,
-        "model.input_size": 8,
-        "data.resolution": 8,
-        "train.global_batch_size": 16,
-        "train.max_steps": steps,
-        "checkpoint.every": 3,
-        "checkpoint.keep_last": 5,
-        "log.every": 1,
-        "log.tracker": "none",
-        "log.sample_every": 0,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
 def run(run_dir, steps=6, resume="auto", **extra):
-    return train(load_config(DEMO, overrides(run_dir, steps, **extra)), resume=resume, progress=False)
+    return train(load_config(DEMO, tiny_overrides(run_dir, steps, **extra)), resume=resume, progress=False)
 
 
 def metrics(run_dir) -> list[dict]:
@@ -359,7 +338,7 @@ def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_leaves_the_las
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
-    argv = ["--config", str(DEMO), *overrides(run_dir), "--no-progress"]
+    argv = ["--config", str(DEMO), *tiny_overrides(run_dir), "--no-progress"]
     status, err = cli_exit(train_sit.main, argv, train_sit.ERRORS, capsys)
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert f"could not write checkpoint {run_dir / 'checkpoints' / 'step_00000006'}: " in err
@@ -387,7 +366,7 @@ def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_leaves_the_las
 )
 def test_bad_values_fail_before_anything_is_created(tmp_path, capsys, override, message):
     run_dir = tmp_path / "run"
-    argv = ["--config", str(DEMO), *overrides(run_dir), "train.grad_accumulation=4", override]
+    argv = ["--config", str(DEMO), *tiny_overrides(run_dir), "train.grad_accumulation=4", override]
     status, err = cli_exit(train_sit.main, argv, train_sit.ERRORS, capsys)
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
@@ -397,11 +376,11 @@ def test_bad_values_fail_before_anything_is_created(tmp_path, capsys, override, 
 def test_unwritable_run_folder_fails_before_any_work(tmp_path, capsys, read_only):
     a_file = tmp_path / "taken"
     a_file.write_text("a file, not a run folder")
-    status, err = cli_exit(train_sit.main, ["--config", str(DEMO), *overrides(a_file)], train_sit.ERRORS, capsys)
+    status, err = cli_exit(train_sit.main, ["--config", str(DEMO), *tiny_overrides(a_file)], train_sit.ERRORS, capsys)
     assert status == 2 and f"run folder {a_file} is a file; expected a folder" in err
     (tmp_path / "locked").mkdir()
     read_only(tmp_path / "locked")
-    argv = ["--config", str(DEMO), *overrides(tmp_path / "locked" / "run")]
+    argv = ["--config", str(DEMO), *tiny_overrides(tmp_path / "locked" / "run")]
     status, err = cli_exit(train_sit.main, argv, train_sit.ERRORS, capsys)
     assert status == 2 and f"cannot write to {tmp_path / 'locked'} (permission denied)" in err
     assert list((tmp_path / "locked").iterdir()) == []
@@ -413,7 +392,7 @@ def test_unwritable_run_folder_fails_before_any_work(tmp_path, capsys, read_only
 
 
 def test_options_may_follow_the_overrides(tmp_path, capsys):
-    dotted = overrides(tmp_path, steps=1)
+    dotted = tiny_overrides(tmp_path, steps=1)
     train_sit.main([*dotted[:3], "--resume", "none", *dotted[3:], "--config", str(DEMO), "--no-progress"])
     assert capsys.readouterr().out.strip() == f"checkpoint: {tmp_path / 'checkpoints' / 'step_00000001'}"
 
@@ -423,18 +402,12 @@ def test_options_may_follow_the_overrides(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 
 
-def launch_command(args: list[str], port: int) -> list[str]:
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*launch, "--main_process_port", str(port), *args]
-
-
 @pytest.mark.slow
 def test_two_process_run_killed_mid_run_resumes_bit_for_bit(tmp_path):
-    from helpers import single_thread_env
-
     def command(run_dir):
-        return launch_command(["train_sit.py", "--config", str(DEMO), *overrides(run_dir, 60), "--no-progress"], 29531)
+        return two_process_launch(
+            ["train_sit.py", "--config", str(DEMO), *tiny_overrides(run_dir, 60), "--no-progress"], 29531
+        )
 
     env = single_thread_env()
     full = subprocess.run(command(tmp_path / "full"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -757,9 +730,7 @@ def test_killing_the_launcher_stops_its_sampling_workers(assets, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(port), str(ROOT / "sample.py")]
+    launch = two_process_launch([str(ROOT / "sample.py")], port)
     launch += ["--ckpt", str(assets / "model"), "--vae", "none", "--num-steps", "50", "--num-samples", "100000"]
     launch += ["--batch-size", "4", "--out", str(out)]
     launcher = subprocess.Popen(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch_two_processes, single_thread_env, tiny_vae
+from helpers import launch_two_processes, single_thread_env, tiny_overrides, tiny_vae
 
 from sit_atconv.data import StepBatchSampler
 from sit_atconv.models import create_model
@@ -23,26 +23,6 @@ from sit_atconv.training.trainer import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "digits.yaml"
-
-
-def tiny_overrides(run_dir, steps=6, **extra):
-    base = {
-        "run.output_dir": str(run_dir),
-        "model.depth": 2,
-        "model.hidden_size": 32,
-        "model.num_heads": 2,
-        "model.input_size": 8,
-        "data.resolution": 8,
-        "train.global_batch_size": 16,
-        "train.max_steps": steps,
-        "checkpoint.every": 3,
-        "checkpoint.keep_last": 5,
-        "log.every": 1,
-        "log.tracker": "none",
-        "log.sample_every": 0,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 def test_ema_update_rule():
