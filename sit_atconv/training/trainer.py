@@ -281,6 +281,7 @@ def start_run(config: DictConfig, run_dir: Path):
 
 
 def newest_checkpoint(path: Path | None) -> str:
+    """The end of a stop message: what the user can resume from."""
     return f"the newest checkpoint is {path}" if path else "no checkpoint was written"
 
 
@@ -317,6 +318,7 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
 
 
 def train_loop(config: DictConfig, accelerator, run_dir: Path, candidates: list[Path], progress: bool) -> TrainResult:
+    """Set-up and steps of `train`, in the locked run folder; `candidates`: the checkpoints to resume from."""
     tc = config.train
 
     # Set-up: data, model, EMA, REPA, optimizer, the state to resume or initialise from.
