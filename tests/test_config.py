@@ -26,7 +26,7 @@ OLD_DEFAULTS = {
         "lognormal_mean": 0.0,
         "lognormal_std": 1.0,
     },
-    "data": {"kind": "digits", "path": None, "resolution": 16, "num_workers": 0, "flips": True},
+    "data": {"kind": "digits", "path": None, "resolution": 16, "num_workers": 0, "prefetch_factor": 4, "flips": True},
     "repa": {
         "enabled": False,
         "encoder": "dinov2-vit-b",
@@ -49,6 +49,9 @@ OLD_DEFAULTS = {
         "on_nonfinite": "stop",
         "max_consecutive_skips": 10,  # (added in 0.3.0)
         "init_from": None,
+        "compile": None,  # (added in 0.3.0, with grad_checkpointing and tf32)
+        "grad_checkpointing": False,
+        "tf32": True,
     },
     "checkpoint": {"every": 50_000, "keep_last": 2, "milestone_every": 0},
     "log": {

@@ -171,15 +171,26 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm whose statistics are computed in float32 whatever the input dtype or autocast (bf16 sums
+    over 1152 channels lose the mean); returns float32, which the next matmul's autocast casts down."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
 class SiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero conditioning: mixer and MLP branches each get a
     shift, scale and gate regressed from the conditioning vector c."""
 
     def __init__(self, hidden_size: int, mlp_ratio: float, mixer: nn.Module):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = LayerNorm32(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mixer = mixer
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm32(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -195,7 +206,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = LayerNorm32(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -227,7 +238,11 @@ class SiT(ModelMixin, ConfigMixin):
         mixers: one of "attention" | "atconv" per block; None means attention everywhere.
         qk_norm: LayerNorm on queries and keys in the attention blocks.
         atconv_kernel_size, atconv_context_pool, atconv_kernel_act: ATConv options (see `ATConv`).
+
+    `enable_gradient_checkpointing()` (diffusers' ModelMixin) recomputes each block in the backward pass.
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -288,6 +303,7 @@ class SiT(ModelMixin, ConfigMixin):
             SiTBlock(hidden_size, mlp_ratio, build_mixer(kind, hidden_size, num_heads, self.config)) for kind in mixers
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.gradient_checkpointing = False  # set by enable_gradient_checkpointing()
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -371,8 +387,12 @@ class SiT(ModelMixin, ConfigMixin):
             c = c + self.y_embedder(y, drop_labels)
 
         features = None
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, c, (h, w))  # (B, N, C)
+            if checkpointing:  # keep only the block's input; its activations are recomputed in backward
+                x = self._gradient_checkpointing_func(block, x, c, (h, w))
+            else:
+                x = block(x, c, (h, w))  # (B, N, C)
             if i + 1 == return_features_after:
                 features = x
         x = self.final_layer(x, c)  # (B, N, p*p*out_channels)

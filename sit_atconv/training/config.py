@@ -97,6 +97,7 @@ class DataConfig:
     path: str | None = None  # folder written by sit_atconv.data.latents (needed by kind=latents)
     resolution: int = at_least(16, 1)  # digits only: side in pixels the 8x8 images are upsampled to
     num_workers: int = at_least(0, 0)  # DataLoader worker processes
+    prefetch_factor: int = at_least(4, 1)  # batches each worker loads ahead (with num_workers > 0)
     flips: bool = True  # latents: also use the horizontally flipped copies, where the folder stores them
 
 
@@ -125,6 +126,9 @@ class TrainConfig:
     on_nonfinite: str = choice("stop", ("stop", "skip"))  # on a NaN/inf loss or gradient: stop the run or skip the step
     max_consecutive_skips: int = at_least(10, 1)  # on_nonfinite=skip: stop after this many non-finite steps in a row
     init_from: str | None = None  # weights to start from: pipeline/converted folder, model folder or checkpoint
+    compile: bool | None = None  # torch.compile the forward + loss; None: on CUDA only (CPU compile rarely pays)
+    grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% more time
+    tf32: bool = True  # TensorFloat-32 matmuls and convolutions on CUDA (float32 runs; bf16 autocast is unaffected)
 
 
 @dataclass
@@ -213,7 +217,7 @@ def model_overrides(config: DictConfig) -> dict[str, Any]:
 # accumulation, steps, clipping, EMA decay, precision; logging and checkpointing) takes effect from the resumed
 # step and is recorded in the run's config_changes.csv.
 REFUSED_ON_RESUME = ("run.seed", "model.", "data.", "transport.", "repa.")
-APPLIED_ON_RESUME = ("data.num_workers", "repa.proj_coeff")  # exceptions: how, not what
+APPLIED_ON_RESUME = ("data.num_workers", "data.prefetch_factor", "repa.proj_coeff")  # exceptions: how, not what
 IGNORED_ON_RESUME = ("run.output_dir", "train.init_from")  # where the run is, and what a fresh start loads
 
 

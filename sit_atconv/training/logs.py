@@ -53,8 +53,9 @@ def record_config_changes(run_dir: Path, step: int, changes: list[tuple[str, obj
 class TrainingLog:
     """Per-step losses (returned by `train`), the progress bar, and every `log.every` steps a row of
     METRIC_FIELDS to metrics.csv and the trackers; `skipped` counts the non-finite steps skipped since
-    the run began (resumes included). On resume, rows after the resumed step are dropped (the run logs
-    them again)."""
+    the run began (resumes included). Steps are `record`ed with their numbers on the device and read back
+    together by `flush` (the trainer flushes at log and checkpoint steps), so the loop never waits for the
+    GPU in between. On resume, rows after the resumed step are dropped (the run logs them again)."""
 
     def __init__(
         self,
@@ -77,33 +78,54 @@ class TrainingLog:
             self._truncate(start_step)
         self.losses: list[tuple[int, float]] = []
         self.skipped = skipped
+        self.pending: list[tuple[int, object, float]] = []  # (step, StepResult, lr) not yet read back
         show = progress and accelerator.is_main_process
         self.bar = tqdm(total=config.train.max_steps, initial=start_step, desc="train", disable=not show)
         self.window_start, self.window_steps = time.perf_counter(), 0
 
-    def step(self, step: int, loss: torch.Tensor, repa_loss: torch.Tensor | None, grad_norm, lr: float) -> None:
-        """Record a finished optimizer step (every process calls this: the losses are averaged over them)."""
-        mean_loss = self.accelerator.reduce(loss, "mean").item()
-        mean_repa = self.accelerator.reduce(repa_loss, "mean").item() if repa_loss is not None else float("nan")
-        self.losses.append((step, mean_loss))
-        self._advance(step, mean_loss, mean_repa, grad_norm, lr)
-
-    def skip(self, step: int, loss: torch.Tensor, grad_norm, lr: float, last: bool = False) -> None:
-        """Record a skipped non-finite step; `last`: the run stops here, so its row is written whatever the step."""
-        self.skipped += 1
-        self._advance(step, self.accelerator.reduce(loss, "mean").item(), float("nan"), grad_norm, lr, last)
-
-    def _advance(self, step: int, loss: float, repa_loss: float, grad_norm, lr: float, force: bool = False) -> None:
+    def record(self, step: int, result, lr: float) -> None:
+        """Keep a finished step's StepResult (finite, loss, repa_loss, grad_norm on the device) for `flush`."""
+        self.pending.append((step, result, lr))
         self.bar.update(1)
-        self.window_steps += 1
-        if step % self.config.log.every and step != self.config.train.max_steps and not force:
-            return
+
+    def due(self, step: int) -> bool:
+        """Whether `step` gets a metrics row (and so a flush)."""
+        return step % self.config.log.every == 0 or step == self.config.train.max_steps
+
+    def flush(self) -> list[tuple[int, bool, float]]:
+        """Read the recorded steps back (one transfer; every process calls this, losses are averaged over
+        them), count the skipped ones, write the rows of the log steps; returns (step, finite, loss)."""
+        if not self.pending:
+            return []
+        results = [result for _, result, _ in self.pending]
+        nan = torch.full_like(results[0].loss, float("nan"))
+        columns = [
+            torch.stack([r.loss for r in results]),
+            torch.stack([r.repa_loss if r.repa_loss is not None else nan for r in results]),
+            torch.stack([r.grad_norm.float() for r in results]),
+        ]
+        losses, repa_losses, grad_norms = self.accelerator.reduce(torch.stack(columns).float(), "mean").tolist()
+        finite = torch.stack([r.finite for r in results]).tolist()
+        read = []
+        for i, (step, _, lr) in enumerate(self.pending):
+            read.append((step, finite[i], losses[i]))
+            if finite[i]:
+                self.losses.append((step, losses[i]))
+            else:
+                self.skipped += 1
+            self.window_steps += 1
+            if self.due(step):
+                self._write_row(step, losses[i], repa_losses[i], grad_norms[i], lr)
+        self.pending.clear()
+        return read
+
+    def _write_row(self, step: int, loss: float, repa_loss: float, grad_norm: float, lr: float) -> None:
         elapsed = time.perf_counter() - self.window_start
         row = {
             "step": step,
             "loss": loss,
             "repa_loss": repa_loss,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "grad_norm": grad_norm,
             "lr": lr,
             "images_per_s": self.window_steps * self.config.train.global_batch_size / elapsed,
             "steps_per_s": self.window_steps / elapsed,

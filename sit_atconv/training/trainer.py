@@ -114,10 +114,16 @@ def apply_optimizer_settings(optimizer, tc: DictConfig) -> None:
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
-    for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
-        ema_param.lerp_(param.detach().to(ema_param.dtype), 1 - decay)
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, apply: torch.Tensor | None = None) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over all parameters at once (foreach). `apply`, a bool
+    tensor on the device, turns the update off without a host sync (a skipped non-finite step)."""
+    ema_params = list(ema.parameters())
+    params = [p.detach().to(e.dtype) for e, p in zip(ema_params, model.parameters(), strict=True)]
+    if apply is None:
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+    else:
+        weight = apply.to(torch.float32) * (1 - decay)
+        torch._foreach_lerp_(ema_params, params, [weight] * len(params))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,63 +142,94 @@ def step_noise(
     t = transport.sample_time(batch, torch.device("cpu"), generator)
     eps = torch.randn((batch, *shape), generator=generator)
     drop = torch.rand(batch, generator=generator) < drop_prob
-    noise = {"t": t.to(device), "eps": eps.to(device), "drop": drop.to(device)}
+    noise = {"t": t, "eps": eps, "drop": drop}
     if config.data.kind == "latents":  # for sampling the latent from its stored posterior
-        noise["latent_eps"] = torch.randn((batch, *shape), generator=generator).to(device)
-    return noise
+        noise["latent_eps"] = torch.randn((batch, *shape), generator=generator)
+    return {key: to_device(value, device) for key, value in noise.items()}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy to `device` without blocking the host: from pageable memory a CUDA copy waits for the GPU."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
 class StepResult:
-    finite: bool  # agreed by every process
-    loss: torch.Tensor  # this process's loss, averaged over micro-batches (the last one's when not finite)
+    """One step's numbers, left on the device (reading them back would wait for the GPU)."""
+
+    finite: torch.Tensor  # () bool, agreed by every process; where False the update was skipped
+    loss: torch.Tensor  # this process's loss, averaged over micro-batches
     repa_loss: torch.Tensor | None
-    grad_norm: torch.Tensor | None  # the global gradient norm before clipping (None when not reached)
+    grad_norm: torch.Tensor  # the global gradient norm before clipping
 
 
-def train_step(
-    accelerator, model, optimizer, loader, sampler: StepBatchSampler, noise: dict, transport, encoder, config
-) -> StepResult:
-    """Forward, backward and (when every process's loss and gradient norm are finite) an optimizer step,
-    over the micro-batches of one step."""
+def forward_loss_fn(transport: Transport, encoder, proj_coeff: float):
+    """`forward_loss(model, x, labels, drop, t, eps, pixels) -> (loss, REPA loss or None)`: the part of a
+    step that `train.compile` compiles."""
+
+    def forward_loss(model, x, labels, drop, t, eps, pixels):
+        per_sample, projected = transport.loss(
+            model, x, {"y": labels, "drop_labels": drop}, t=t, eps=eps, return_all=True
+        )
+        loss = per_sample.mean()
+        if encoder is None:
+            return loss, None
+        repa_loss = alignment_loss(projected, encoder(pixels)).mean()
+        return loss + proj_coeff * repa_loss, repa_loss
+
+    return forward_loss
+
+
+def train_step(accelerator, model, optimizer, loader, sampler: StepBatchSampler, noise: dict, forward_loss, config):
+    """Forward, backward and an optimizer step over the micro-batches of one step; the update is skipped
+    unless every process's loss and the gradient norm are finite, decided on the device. Returns a
+    StepResult."""
     accumulation = config.train.grad_accumulation
-    step_loss = torch.zeros((), device=accelerator.device)
-    step_repa = torch.zeros((), device=accelerator.device)
+    device = accelerator.device
+    step_loss = torch.zeros((), device=device)
+    step_repa = torch.zeros((), device=device)
+    repa = False
     for micro in range(accumulation):
-        batch = [item.to(accelerator.device) for item in next(loader)]
+        batch = [item.to(device, non_blocking=True) for item in next(loader)]
         rows = slice(sampler.offset(micro), sampler.offset(micro) + sampler.micro)
         if config.data.kind == "latents":  # a fresh latent from the stored posterior, as REPA does
             mean, std, labels, pixels = batch
             x = autoencoder.sample_latents(mean, std, noise["latent_eps"][rows])
         else:
-            x, labels = batch
+            (x, labels), pixels = batch, None
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                per_sample, projected = transport.loss(
-                    model,
-                    x,
-                    {"y": labels, "drop_labels": noise["drop"][rows]},
-                    t=noise["t"][rows],
-                    eps=noise["eps"][rows],
-                    return_all=True,
+                loss, repa_loss = forward_loss(
+                    model, x, labels, noise["drop"][rows], noise["t"][rows], noise["eps"][rows], pixels
                 )
-                loss = per_sample.mean()
-                if encoder is not None:
-                    repa_loss = alignment_loss(projected, encoder(pixels)).mean()
-                    loss = loss + config.repa.proj_coeff * repa_loss
-                    step_repa += repa_loss.detach() / accumulation
             accelerator.backward(loss)
-            grad_norm = None
+            step_loss += loss.detach().float() / accumulation
+            if repa_loss is not None:
+                repa = True
+                step_repa += repa_loss.detach().float() / accumulation
             if accelerator.sync_gradients:
                 grad_norm = gradient_norm(accelerator, model, config.train.grad_clip)
-            finite = all_finite(accelerator, loss, grad_norm)
-            if finite:
-                optimizer.step()
+                finite = all_finite(accelerator, step_loss, grad_norm)
+                step_if_finite(accelerator, optimizer, finite)
             optimizer.zero_grad(set_to_none=True)
-        if not finite:
-            return StepResult(False, loss.detach(), None, grad_norm)
-        step_loss += loss.detach() / accumulation
-    return StepResult(True, step_loss, step_repa if encoder is not None else None, grad_norm)
+    return StepResult(finite, step_loss, step_repa if repa else None, grad_norm)
+
+
+def step_if_finite(accelerator, optimizer, finite: torch.Tensor) -> None:
+    """optimizer.step() where `finite`. The fused AdamW takes the decision on the device (`found_inf`, as
+    the gradient scaler passes it: parameters, moments and step count stay as they were); fp16's own
+    scaler and unfused optimizers read it back."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if accelerator.scaler is None and inner.defaults.get("fused"):
+        inner.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif bool(finite):
+        optimizer.step()
 
 
 def gradient_norm(accelerator, model, max_norm: float) -> torch.Tensor:
@@ -204,13 +241,13 @@ def gradient_norm(accelerator, model, max_norm: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
-def all_finite(accelerator, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-    """Agreed by every process, so all of them skip or stop together (accelerate's reduce has no min)."""
-    values = [loss.detach().float().reshape(1)]
-    if grad_norm is not None:
-        values.append(torch.as_tensor(grad_norm, device=loss.device).float().reshape(1))
-    bad = (~torch.isfinite(torch.cat(values))).any().float().reshape(1)
-    return bool(accelerator.reduce(bad, "max").item() == 0)
+def all_finite(accelerator, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """() bool on the device: every process's loss and the gradient norm are finite (one all-reduce, no
+    host sync), so all processes skip or stop together."""
+    bad = (~torch.isfinite(loss.float()) | ~torch.isfinite(grad_norm.float())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "sum")  # (accelerate's reduce has no max)
+    return (bad == 0).reshape(())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,7 +314,20 @@ def start_run(config: DictConfig, run_dir: Path):
             f"processes x train.grad_accumulation={config.train.grad_accumulation}"
         )
     set_seed(config.run.seed + accelerator.process_index)  # distinct noise per process, reproducible
+    if accelerator.device.type == "cuda":
+        set_tf32(config.train.tf32)
     return accelerator
+
+
+def set_tf32(enabled: bool) -> None:
+    """TensorFloat-32 for float32 matmuls and cuDNN convolutions (torch >= 2.9 spells it fp32_precision)."""
+    precision = "tf32" if enabled else "ieee"
+    try:
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    except AttributeError:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def newest_checkpoint(path: Path | None) -> str:
@@ -320,20 +370,26 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
 def train_loop(config: DictConfig, accelerator, run_dir: Path, candidates: list[Path], progress: bool) -> TrainResult:
     """Set-up and steps of `train`, in the locked run folder; `candidates`: the checkpoints to resume from."""
     tc = config.train
+    device = accelerator.device
 
     # Set-up: data, model, EMA, REPA, optimizer, the state to resume or initialise from.
     dataset = build_dataset(config)
     sit = build_model(config)
+    if tc.grad_checkpointing:
+        sit.enable_gradient_checkpointing()
     ema = copy.deepcopy(sit).requires_grad_(False).eval()
-    encoder, projector = build_repa(config, sit, dataset, accelerator.device)
+    encoder, projector = build_repa(config, sit, dataset, device)
     module = TrainModule(sit, projector, config.repa.encoder_depth if projector is not None else None)
     if tc.init_from and not candidates:
         for note in init_weights(tc.init_from, sit, ema, projector):
             accelerator.print(f"note: {note}")
     transport = Transport(**OmegaConf.to_container(config.transport, resolve=True))
-    optimizer = torch.optim.AdamW(param_groups(module, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps)
+    module.to(device)  # before the optimizer: the fused AdamW wants its parameters where they will live
+    optimizer = torch.optim.AdamW(
+        param_groups(module, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, fused=True
+    )
     model, optimizer = accelerator.prepare(module, optimizer)
-    ema.to(accelerator.device)
+    ema.to(device)
     last_checkpoint, state = None, {"step": 0, "skipped": 0}
     if candidates:
         last_checkpoint, state, notes = load_newest(accelerator, candidates, model, ema, optimizer)
@@ -355,38 +411,34 @@ def train_loop(config: DictConfig, accelerator, run_dir: Path, candidates: list[
         config.run.seed,
         start_step,
     )
-    loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers))
+    loader = iter(build_loader(dataset, sampler, config, device))
+    forward_loss = forward_loss_fn(transport, encoder, config.repa.proj_coeff)
+    if use_compile(config, device):
+        forward_loss = compile_or_eager(forward_loss, device)
     log = TrainingLog(accelerator, config, run_dir, start_step, progress, skipped=state["skipped"])
     preview_vae = preview_autoencoder(config, accelerator)
     sample_shape = dataset[0][0].shape
 
+    # The loop. Losses, gradient norms and finiteness stay on the device and are read back (one sync)
+    # at log and checkpoint steps, where non-finite steps are reported, counted and may stop the run.
     model.train()
     consecutive_skips = 0
     for step in range(start_step + 1, tc.max_steps + 1):
-        noise = step_noise(config, transport, step, sample_shape, sit.config.class_dropout_prob, accelerator.device)
-        result = train_step(accelerator, model, optimizer, loader, sampler, noise, transport, encoder, config)
-        lr = optimizer.param_groups[0]["lr"]
-        if not result.finite:
-            consecutive_skips += 1
-            message = f"non-finite loss or gradient at step {step} (loss={result.loss.item():.4g})"
-            stop = tc.on_nonfinite == "stop" or consecutive_skips >= tc.max_consecutive_skips
-            log.skip(step, result.loss, result.grad_norm, lr, last=stop)
-            if stop:
+        noise = step_noise(config, transport, step, sample_shape, sit.config.class_dropout_prob, device)
+        result = train_step(accelerator, model, optimizer, loader, sampler, noise, forward_loss, config)
+        update_ema(ema, sit, tc.ema_decay, apply=result.finite)
+        log.record(step, result, optimizer.param_groups[0]["lr"])
+        checkpoint_due = step % config.checkpoint.every == 0 or step == tc.max_steps
+        if log.due(step) or checkpoint_due:
+            try:
+                consecutive_skips = review_steps(log.flush(), consecutive_skips, tc, accelerator)
+            except NonFiniteError as error:
                 log.close()
                 accelerator.end_training()
-                if tc.on_nonfinite == "skip":
-                    message += f": {consecutive_skips} non-finite steps in a row (train.max_consecutive_skips)"
-                else:
-                    message += "; set train.on_nonfinite=skip to skip such steps"
-                raise NonFiniteError(f"{message}; {newest_checkpoint(last_checkpoint)}")
-            accelerator.print(f"warning: {message}, skipped")
-            continue
-        consecutive_skips = 0
-        update_ema(ema, sit, tc.ema_decay)
-        log.step(step, result.loss, result.repa_loss, result.grad_norm, lr)
+                raise NonFiniteError(f"{error}; {newest_checkpoint(last_checkpoint)}") from None
         if config.log.sample_every and step % config.log.sample_every == 0 and preview_vae is not False:
-            preview(config, ema, preview_vae, accelerator.device, run_dir / "samples" / f"step_{step:08d}.png")
-        if step % config.checkpoint.every == 0 or step == tc.max_steps:
+            preview(config, ema, preview_vae, device, run_dir / "samples" / f"step_{step:08d}.png")
+        if checkpoint_due:
             try:
                 saved = save_checkpoint(accelerator, run_dir, step, model, ema, optimizer, config, log.skipped)
             except NonFiniteError as error:
@@ -397,3 +449,51 @@ def train_loop(config: DictConfig, accelerator, run_dir: Path, candidates: list[
     log.close(run_dir / "loss.png")
     accelerator.end_training()
     return TrainResult(run_dir, tc.max_steps, log.losses, last_checkpoint, accelerator.is_main_process)
+
+
+def review_steps(steps: list[tuple[int, bool, float]], consecutive: int, tc: DictConfig, accelerator) -> int:
+    """Report the non-finite ones of (step, finite, loss) read back from the device; raises NonFiniteError
+    (naming the step) under train.on_nonfinite=stop, or at train.max_consecutive_skips in a row. Returns
+    the count of non-finite steps in a row at the end."""
+    for step, finite, loss in steps:
+        if finite:
+            consecutive = 0
+            continue
+        consecutive += 1
+        message = f"non-finite loss or gradient at step {step} (loss={loss:.4g})"
+        if tc.on_nonfinite == "stop":
+            raise NonFiniteError(f"{message}; set train.on_nonfinite=skip to skip such steps")
+        if consecutive >= tc.max_consecutive_skips:
+            raise NonFiniteError(f"{message}: {consecutive} non-finite steps in a row (train.max_consecutive_skips)")
+        accelerator.print(f"warning: {message}, skipped")
+    return consecutive
+
+
+def build_loader(dataset, sampler: StepBatchSampler, config: DictConfig, device: torch.device) -> DataLoader:
+    """Batches in the sampler's order; on CUDA in pinned memory, so the copies to the GPU do not block,
+    and with worker processes reading `data.prefetch_factor` batches ahead."""
+    workers = config.data.num_workers
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=config.data.prefetch_factor if workers else None,
+        persistent_workers=workers > 0,
+    )
+
+
+def use_compile(config: DictConfig, device: torch.device) -> bool:
+    return config.train.compile if config.train.compile is not None else device.type == "cuda"
+
+
+def compile_or_eager(fn, device: torch.device):
+    """torch.compile(fn), or fn itself with one warning when this torch cannot compile on `device` (no C++
+    compiler, no Triton): a tiny function is compiled first, so the reason shows before training starts."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
+    except Exception as error:  # whatever the backend raises, training goes on eagerly
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(f"train.compile: torch.compile does not work here ({reason}); training eagerly", stacklevel=2)
+        return fn
+    return torch.compile(fn)
