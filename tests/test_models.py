@@ -269,3 +269,32 @@ def test_mixer_table_builds_each_mixer_from_the_sit_config():
     assert isinstance(model.blocks[1].mixer, ATConv) and model.blocks[1].mixer.kernel_size == 5
     with pytest.raises(ValueError, match="unknown mixer 'conv'; expected one of"):
         build_mixer("conv", 32, 4, model.config)
+
+
+def test_gradient_checkpointing_gives_the_same_outputs_features_and_gradients():
+    model = tiny_sit("SiT-Hybrid-S/2").train()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])
+    keep = torch.zeros(3, dtype=torch.bool)
+
+    def run():
+        model.zero_grad()
+        out, features = model(x, t, y, return_features_after=1, drop_labels=keep)  # REPA's tokens after block 1
+        (out.square().mean() + features.square().mean()).backward()
+        return out, features, [p.grad.clone() for p in model.parameters()]
+
+    plain = run()
+    model.enable_gradient_checkpointing()
+    checkpointed = run()
+    assert torch.equal(plain[0], checkpointed[0]) and torch.equal(plain[1], checkpointed[1])
+    assert all(torch.equal(a, b) for a, b in zip(plain[2], checkpointed[2], strict=True))
+
+
+def test_layer_norm_statistics_stay_float32_under_bf16_autocast():
+    from sit_atconv.models.sit import LayerNorm32
+
+    x = torch.randn(2, 5, 64) * 30 + 100  # a large mean: bf16 statistics would lose most of the signal
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = LayerNorm32(64, elementwise_affine=False, eps=1e-6)(x.bfloat16())
+    assert out.dtype == torch.float32
+    expected = torch.nn.functional.layer_norm(x.bfloat16().double(), (64,), eps=1e-6)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)

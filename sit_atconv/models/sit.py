@@ -282,8 +282,10 @@ class SiT(ModelMixin, ConfigMixin):
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
 
+        # forward reads plain attributes, not self.config: torch.compile would guard on the config dict
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.hidden_size = hidden_size
         self.patch_size = patch_size
         self.mixers = mixers
 
@@ -331,6 +333,12 @@ class SiT(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def __getattr__(self, name: str):
+        # Plain nn.Module lookup of submodules and buffers, without ModelMixin's shim that also looks names up
+        # in the config: torch.compile would guard on the config dict, which save_pretrained extends, and
+        # recompile after every checkpoint. Config values are read as model.config.<name>.
+        return nn.Module.__getattr__(self, name)
+
     @property
     def null_class(self) -> int | None:
         """Label of the unconditional ("null") class for classifier-free guidance, if the model has one."""
@@ -344,7 +352,7 @@ class SiT(ModelMixin, ConfigMixin):
             return None
         if (grid_h, grid_w) == self.pos_grid:
             return self.fixed_pos_embed
-        return sincos_pos_embed_2d(self.config.hidden_size, grid_h, grid_w)[None].to(self.fixed_pos_embed.device)
+        return sincos_pos_embed_2d(self.hidden_size, grid_h, grid_w)[None].to(self.fixed_pos_embed.device)
 
     def forward(
         self,
@@ -397,6 +405,6 @@ class SiT(ModelMixin, ConfigMixin):
                 features = x
         x = self.final_layer(x, c)  # (B, N, p*p*out_channels)
         x = rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)  # (B, out_channels, H, W)
-        if self.config.learn_sigma:
+        if self.out_channels != self.in_channels:  # learn_sigma: the variance channels are unused
             x = x[:, : self.in_channels]
         return x if return_features_after is None else (x, features)
