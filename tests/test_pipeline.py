@@ -265,3 +265,17 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(tmp_path):
         save_pipeline(tmp_path / "out", tiny_sit(seed=1), extra=crash, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert torch.equal(load_model(tmp_path / "out").blocks[0].mlp.fc1.weight, first.blocks[0].mlp.fc1.weight)
+
+
+def test_compiled_transformer_gives_the_same_images(assets, monkeypatch):
+    """`pipe.transformer.compile()` (in place; aot_eager here, the tracing without inductor's build time),
+    with CFG's doubled batch inside the guidance interval and the single batch outside it."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    pipe = SiTPipeline.from_pretrained(assets / "exported")
+    options = dict(class_labels=[4, 5], guidance_scale=1.8, guidance_interval=(0.0, 0.6), num_inference_steps=4)
+    eager = pipe(**options, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    pipe.transformer.compile()
+    compiled = pipe(**options, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

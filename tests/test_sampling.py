@@ -147,3 +147,19 @@ def test_grid_classes_shared_by_sample_py_and_the_trainer_previews():
     assert generation.grid_classes(1000) == [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's ImageNet grid
     assert generation.grid_classes(10) == list(range(10)) and generation.grid_classes(4) == [0, 1, 2, 3] * 2
     assert generation.grid_classes(1) == [0] * 8 and generation.grid_classes(10, [3, 3]) == [3, 3]
+
+
+def test_compiled_sampling_and_the_default_precision(assets, tmp_path, monkeypatch):
+    """--compile gives the eager samples (aot_eager here, without inductor's build time); the precision
+    default (fp32 off CUDA) is what the record says."""
+    import functools
+
+    import torch
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    common = ["--num-samples", "6", "--batch-size", "4", "--cfg", "1.5", "--guidance-high", "0.6"]
+    run(assets, *common, "--out", str(tmp_path / "eager.npz"))
+    run(assets, *common, "--compile", "--out", str(tmp_path / "compiled.npz"))
+    with np.load(tmp_path / "eager.npz") as eager, np.load(tmp_path / "compiled.npz") as compiled:
+        assert np.abs(eager["arr_0"].astype(int) - compiled["arr_0"].astype(int)).max() <= 1  # uint8 rounding
+    assert json.loads((tmp_path / "compiled.json").read_text())["settings"]["precision"] == "fp32"

@@ -86,13 +86,14 @@ def guided_predictor(
     if guiding and (labels is None or null_class is None):
         raise ValueError("classifier-free guidance (cfg_scale != 1) needs a class-conditional model with a null class")
 
+    both_labels = torch.cat([labels, torch.full_like(labels, null_class)]) if guiding else None  # built once
+
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t_value = float(t)  # one time per step; decided on the host, no device sync
-        t_batch = torch.full((x.shape[0],), t_value, device=x.device)
+        t_value = float(t)  # one time per step, from the host's grid: no device sync
         if not guiding or not (guidance_low <= t_value <= guidance_high):
-            return model(x, t_batch, labels)
-        null = torch.full_like(labels, null_class)
-        out = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([labels, null]))
+            return model(x, torch.full((x.shape[0],), t_value, device=x.device), labels)
+        t_both = torch.full((2 * x.shape[0],), t_value, device=x.device)
+        out = model(torch.cat([x, x]), t_both, both_labels)
         cond, uncond = out.chunk(2)
         guided = uncond + cfg_scale * (cond - uncond)
         if cfg_channels is None or cfg_channels >= x.shape[1]:
