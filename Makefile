@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow bench demo lint format clean
+.PHONY: install test test-slow bench demo lint format clean gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -23,6 +23,27 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_atconv.py
+
+# GPU check (benchmarks/GPU_CHECK.md). The GPU machine has no network and no venv: `make gpu-wheels` (here,
+# where pip reaches PyPI) downloads the wheels it lacks, for Python 3.12 manylinux x86_64, at the versions
+# constraints.txt pins; `make gpu-check` (there) installs them into GPU_SITE and runs the check with python3.
+GPU_WHEELS_DIR := gpu-wheels
+GPU_WHEELS     := diffusers
+GPU_PLATFORMS  := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+GPU_SITE       ?= /tmp/sit-atconv-gpu-site
+GPU_CHECK_ARGS ?=
+
+gpu-wheels: $(STAMP)
+	rm -rf $(GPU_WHEELS_DIR)
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(foreach p,$(GPU_PLATFORMS),--platform $(p)) -d $(GPU_WHEELS_DIR) \
+		$$(for p in $(GPU_WHEELS); do grep -i "^$$p==" constraints.txt; done)
+	ls $(GPU_WHEELS_DIR)
+
+gpu-check:
+	test ! -d $(GPU_WHEELS_DIR) || $(PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade \
+		--target $(GPU_SITE) $(GPU_WHEELS_DIR)/*.whl
+	PYTHONPATH=.:$(GPU_SITE) $(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 DEMO_RUN := runs/demo-digits
 DEMO_CKPT := $(DEMO_RUN)/checkpoints/latest

@@ -15,6 +15,12 @@ _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
+# Triton decides at kernel definition whether to compile or interpret: without an NVIDIA GPU, its CPU
+# interpreter runs the same kernels, so tests/test_atconv_triton.py checks them here too. Set here,
+# before any test module imports sit_atconv (or torch internals import triton).
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 import pytest  # noqa: E402
 

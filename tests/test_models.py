@@ -292,9 +292,13 @@ def test_gradient_checkpointing_gives_the_same_outputs_features_and_gradients():
 def test_layer_norm_statistics_stay_float32_under_bf16_autocast():
     from sit_atconv.models.sit import LayerNorm32
 
+    norm = LayerNorm32(64, elementwise_affine=False, eps=1e-6)
     x = torch.randn(2, 5, 64) * 30 + 100  # a large mean: bf16 statistics would lose most of the signal
+    expected = torch.nn.functional.layer_norm(x.double(), (64,), eps=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = LayerNorm32(64, elementwise_affine=False, eps=1e-6)(x.bfloat16())
-    assert out.dtype == torch.float32
-    expected = torch.nn.functional.layer_norm(x.bfloat16().double(), (64,), eps=1e-6)
+        out = norm(x)  # the residual stream is float32 under autocast
+        low = norm(x.bfloat16())
+    assert out.dtype == torch.float32 and low.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    bf16_input = torch.nn.functional.layer_norm(x.bfloat16().double(), (64,), eps=1e-6)
+    torch.testing.assert_close(low.double(), bf16_input, rtol=2**-8, atol=2**-8)  # only the output is rounded

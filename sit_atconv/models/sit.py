@@ -173,13 +173,14 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm whose statistics are computed in float32 whatever the input dtype or autocast (bf16 sums
-    over 1152 channels lose the mean); returns float32, which the next matmul's autocast casts down."""
+    over 1152 channels lose the mean); the result has the input's dtype (float32 for the residual stream
+    under autocast, bf16 in a bf16 model)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+            return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class SiTBlock(nn.Module):

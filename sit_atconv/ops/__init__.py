@@ -5,6 +5,7 @@ from sit_atconv.ops.atconv import (
     depthwise_conv_grouped,
     depthwise_conv_shift,
 )
+from sit_atconv.ops.atconv_triton import modulated_depthwise_conv, triton_available
 
 __all__ = [
     "ATConv",
@@ -12,4 +13,6 @@ __all__ = [
     "depthwise_conv_channels_last",
     "depthwise_conv_grouped",
     "depthwise_conv_shift",
+    "modulated_depthwise_conv",
+    "triton_available",
 ]

@@ -36,17 +36,28 @@ layout (B, H, W, C), medians of 40 interleaved runs):
 So eager mode uses the channels-last grouped convolution (`depthwise_conv_channels_last`); under
 torch.compile the shifted multiply-adds (`depthwise_conv_shift`) are used instead, because inductor
 fuses them into one loop while it handles the channels-last grouped convolution badly (8.7 ms for the
-first row). `conv_impl` forces either.
+first row). On GPUs a third form exists: `conv_impl="triton"` runs fused Triton kernels
+(`atconv_triton.modulated_depthwise_conv`) that also fold in the kernel modulation. `conv_impl` forces
+any of them.
+
+Precision: the kernel path (pooled context -> context_proj -> phi -> kernel_gen -> modulation) works on
+B*K^2 vectors only, so it always runs in float32 (float64 for float64 input), with autocast off and the
+weights cast up; the token-sized value and output projections keep autocast's precision. Every
+convolution form accumulates in float32; "channels_last" hands the library conv kernels rounded to the
+activations' dtype, "shift" and "triton" use the float32 kernels.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from sit_atconv.ops.atconv_triton import modulated_depthwise_conv
 
 KERNEL_ACTIVATIONS = {
     "gelu_tanh": partial(F.gelu, approximate="tanh"),  # the paper's phi (default)
@@ -54,7 +65,7 @@ KERNEL_ACTIVATIONS = {
     "silu": F.silu,  # the official REPA variant of the generation code
 }
 CONTEXT_POOLS = ("2d", "raster")
-CONV_IMPLS = ("auto", "channels_last", "shift")
+CONV_IMPLS = ("auto", "channels_last", "shift", "triton")
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -72,7 +83,8 @@ class ATConv(nn.Module):
             raster-ordered token sequence into K^2 bins with a 1-D adaptive pool (the official
             generation code; needed to load its checkpoints).
         kernel_act: phi, one of KERNEL_ACTIVATIONS ("gelu_tanh" by default).
-        conv_impl: "auto", "channels_last" or "shift"; see the module docstring. All are exact.
+        conv_impl: "auto", "channels_last", "shift" or "triton" (CUDA, or Triton's CPU interpreter);
+            see the module docstring. All are exact.
 
     Input either in image layout (B, C, H, W), returning (B, C, H, W), or in token layout (B, N, C)
     with N = H * W raster-ordered tokens, returning (B, N, C). For tokens, pass `size=(H, W)`; when it
@@ -129,27 +141,70 @@ class ATConv(nn.Module):
 
     def _mix(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        pooled = pool_context(x, self.kernel_size, self.context_pool)  # (B, K*K, C), before projecting
-        alpha = self.kernels_from_context(self.context_proj(pooled))  # (B, C, K, K)
-        v = self.value_proj(x)  # (B, H, W, C)
+        k = self.context_kernels(x)  # (B, C, K*K), float32
+        v = self.value_proj(x)  # (B, H, W, C), in autocast's precision
         impl = self.conv_impl
         if impl == "auto":
+            # CUDA keeps the CPU choice until `make gpu-check` has timed "triton" against it on a GPU.
             impl = "shift" if torch.compiler.is_compiling() else "channels_last"
-        if impl == "shift":
-            y = depthwise_conv_shift(v, alpha)
+        if impl == "triton":
+            y = modulated_depthwise_conv(v, k, self.gamma)  # modulation fused into the kernels
+        elif impl == "shift":
+            y = depthwise_conv_shift(v, self.modulate_kernels(k))
         else:
-            y = depthwise_conv_channels_last(v, alpha)
+            y = depthwise_conv_channels_last(v, self.modulate_kernels(k))
         return self.out_proj(y)
 
+    def context_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled context, its projection and the generated kernels, in float32 (float64 for float64 input).
+
+        x: (B, H, W, C). Returns k: (B, C, K*K), before modulation.
+        """
+        pooled = pool_context(x, self.kernel_size, self.context_pool)  # (B, K*K, C), before projecting
+        with autocast_off(x.device.type):
+            return self.generate_kernels(full_precision_linear(self.context_proj, pooled))
+
+    def generate_kernels(self, context: torch.Tensor) -> torch.Tensor:
+        """Context-to-kernel translation K = W_gen phi(F) + b_gen, in float32 (float64 for float64 input)
+        whatever autocast or the module's dtype say.
+
+        context: (B, K*K, C), the projected, pooled context F. Returns k: (B, C, K*K), before modulation.
+        """
+        with autocast_off(context.device.type):
+            dtype = torch.promote_types(context.dtype, torch.float32)
+            phi = KERNEL_ACTIVATIONS[self.kernel_act](context.to(dtype))
+            return full_precision_linear(self.kernel_gen, phi.transpose(1, 2))
+
+    def modulate_kernels(self, k: torch.Tensor) -> torch.Tensor:
+        """Differential kernel modulation alpha = k - sigmoid(gamma) * mean_taps(k), in k's dtype
+        (elementwise ops are outside autocast's cast lists).
+
+        k: (B, C, K*K). Returns alpha: (B, C, K, K).
+        """
+        B, C, _ = k.shape
+        inhibition = torch.sigmoid(self.gamma.to(k.dtype))[:, None] * k.mean(dim=-1, keepdim=True)  # (B, C, 1)
+        return (k - inhibition).view(B, C, self.kernel_size, self.kernel_size)
+
     def kernels_from_context(self, context: torch.Tensor) -> torch.Tensor:
-        """Context-to-kernel translation and differential kernel modulation.
+        """Context-to-kernel translation and differential kernel modulation, in float32.
 
         context: (B, K*K, C), the projected, pooled context F. Returns alpha: (B, C, K, K).
         """
-        B, taps, C = context.shape
-        k = self.kernel_gen(KERNEL_ACTIVATIONS[self.kernel_act](context).transpose(1, 2))  # (B, C, K*K)
-        inhibition = torch.sigmoid(self.gamma)[:, None] * k.mean(dim=-1, keepdim=True)  # (B, C, 1)
-        return (k - inhibition).view(B, C, self.kernel_size, self.kernel_size)
+        return self.modulate_kernels(self.generate_kernels(context))
+
+
+def autocast_off(device_type: str):
+    """A context with autocast disabled on `device_type` (nothing to disable on e.g. "meta")."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
+def full_precision_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) in float32, or float64 for float64 input, with the weights cast up where they are lower.
+    Meant for the small kernel-generation path; call it with autocast off."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return F.linear(x.to(dtype), layer.weight.to(dtype), layer.bias.to(dtype))
 
 
 def token_grid(num_tokens: int, size: tuple[int, int] | None) -> tuple[int, int]:
