@@ -227,3 +227,33 @@ def test_pipeline_runs_on_cuda_and_matches_the_cpu():
     generator = torch.Generator(DEVICE).manual_seed(0)
     sampled = pipe(generator=generator, sampler="sde-euler", **options).images
     assert torch.isfinite(sampled).all() and 0 <= sampled.min() and sampled.max() <= 1
+
+
+def test_the_training_loop_never_waits_for_the_gpu_between_log_steps(tmp_path, monkeypatch):
+    """The trainer as configured by default on CUDA (compiled forward + loss, fused AdamW, TF32): steps,
+    noise and EMA updates run under CUDA's sync debug mode "error", so any host read-back inside them fails;
+    the compiled step never recompiles, previews with CFG included."""
+    import torch._dynamo
+    from helpers import tiny_overrides
+
+    from sit_atconv.training import load_config, train, trainer
+
+    def no_sync(fn):
+        def wrapped(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return wrapped
+
+    if DEVICE.type == "cuda":
+        for name in ("train_step", "step_noise", "update_ema"):
+            monkeypatch.setattr(trainer, name, no_sync(getattr(trainer, name)))
+    demo = os.path.join(os.path.dirname(__file__), "..", "configs", "demo", "digits.yaml")
+    extra = {"log.every": 4, "checkpoint.every": 4, "log.sample_every": 4, "log.sample_cfg": 2.0, "log.sample_steps": 2}
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        result = train(load_config(demo, tiny_overrides(tmp_path, 8, **extra)), resume="none", progress=False)
+    assert [s for s, _ in result.losses] == list(range(1, 9)) and all(np.isfinite([v for _, v in result.losses]))
