@@ -28,7 +28,7 @@ bench: $(STAMP)
 # where pip reaches PyPI) downloads the wheels it lacks, for Python 3.12 manylinux x86_64, at the versions
 # constraints.txt pins; `make gpu-check` (there) installs them into GPU_SITE and runs the check with python3.
 GPU_WHEELS_DIR := gpu-wheels
-GPU_WHEELS     := diffusers
+GPU_WHEELS     := diffusers omegaconf
 GPU_PLATFORMS  := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
 GPU_SITE       ?= /tmp/sit-atconv-gpu-site
 GPU_CHECK_ARGS ?=

@@ -47,12 +47,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WHEEL_DIR = "gpu-wheels"  # `make gpu-wheels` downloads into it (ignored by git)
-# Import name -> distribution name, for everything the check imports. Only diffusers is missing on the GPU
-# machine (see benchmarks/GPU_CHECK.md); the others are named so that a different machine says what it lacks.
+# Import name -> distribution name, for everything the check imports. Only diffusers and omegaconf (the CUDA
+# test of the trainer) are missing on the GPU machine (see benchmarks/GPU_CHECK.md); the others are named so
+# that a different machine says what it lacks.
 REQUIRED = {
     "torch": "torch",
     "numpy": "numpy",
     "diffusers": "diffusers",
+    "omegaconf": "omegaconf",
     "accelerate": "accelerate",
     "timm": "timm",
     "einops": "einops",
