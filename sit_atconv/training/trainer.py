@@ -12,6 +12,10 @@ are refused, optimisation changes are applied and recorded in config_changes.csv
 or gradients stop the run, or with train.on_nonfinite=skip skip the step (up to
 train.max_consecutive_skips in a row); weights are checked for finiteness before every checkpoint.
 
+The step never waits for the GPU: whether it was finite is decided on the device (the fused AdamW and
+the EMA update skip a bad step themselves), and its numbers are read back together at log and checkpoint
+steps, where non-finite steps are reported. `train.compile` compiles the forward and loss.
+
 Data order is a function of the step (`StepBatchSampler`), and the times, noise and label dropout of
 a step are drawn for the whole global batch from a generator seeded by (seed, step) (`step_noise`), so
 a resumed run repeats the uninterrupted one and N processes compute what one process does.
