@@ -241,3 +241,118 @@ def test_rejects_bad_inputs():
         ATConv(8, context_pool="1d")
     with pytest.raises(ValueError, match="kernel_act='relu'"):
         ATConv(8, kernel_act="relu")
+
+
+# ------------------------------------------------------------------------------------------------
+# The ablations of Table IX(c): each variant against its literal formula and its parameter count
+# ------------------------------------------------------------------------------------------------
+
+ABLATIONS = [
+    dict(modulation="none"),
+    dict(modulation="softmax"),
+    dict(modulation="central_difference"),
+    dict(kernel_source="static"),
+    dict(kernel_source="static", modulation="none"),
+    dict(value_proj=False),
+    dict(out_proj=False),
+    dict(value_proj=False, out_proj=False, modulation="none"),
+]
+
+
+def literal_ablation(module: ATConv, x: torch.Tensor, options: dict) -> torch.Tensor:
+    """The variant written out: x (B, C, H, W) -> (B, C, H, W), channels-first, no shared code paths."""
+    B, C, H, W = x.shape
+    K = module.kernel_size
+    tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
+    if options.get("kernel_source") == "static":
+        k = module.static_kernel.expand(B, C, K * K)
+    else:
+        pooled = F.adaptive_avg_pool2d(x, K).flatten(2).transpose(1, 2)  # (B, K*K, C)
+        context = pooled @ module.context_proj.weight.T + module.context_proj.bias
+        phi = F.gelu(context, approximate="tanh").transpose(1, 2)  # (B, C, K*K)
+        k = phi @ module.kernel_gen.weight.T + module.kernel_gen.bias
+    modulation = options.get("modulation", "differential")
+    if modulation == "differential":
+        alpha = k - torch.sigmoid(module.gamma)[:, None] * k.mean(-1, keepdim=True)
+    elif modulation == "central_difference":
+        alpha = k - k.mean(-1, keepdim=True)
+    elif modulation == "softmax":
+        alpha = torch.exp(k) / torch.exp(k).sum(-1, keepdim=True)
+    else:
+        alpha = k
+    v = tokens @ module.value_proj.weight.T + module.value_proj.bias if options.get("value_proj", True) else tokens
+    v = v.transpose(1, 2).reshape(B, C, H, W)
+    y = F.conv2d(v.reshape(1, B * C, H, W), alpha.reshape(B * C, 1, K, K), padding=K // 2, groups=B * C)
+    y = y.reshape(B, C, H * W).transpose(1, 2)
+    if options.get("out_proj", True):
+        y = y @ module.out_proj.weight.T + module.out_proj.bias
+    return y.transpose(1, 2).reshape(B, C, H, W)
+
+
+def ablation_parameters(C: int, K: int, options: dict) -> int:
+    """Closed-form parameter count: context path 2 (C^2 + C) ... see ATConv's docstring."""
+    count = 0
+    if options.get("kernel_source", "context") == "context":
+        count += C * C + C + K**4 + K**2  # context_proj, kernel_gen
+    else:
+        count += C * K * K  # static kernel
+    count += C if options.get("modulation", "differential") == "differential" else 0  # gamma
+    count += (C * C + C) * (options.get("value_proj", True) + options.get("out_proj", True))
+    return count
+
+
+@pytest.mark.parametrize("options", ABLATIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("impl", ["channels_last", "shift"])
+def test_ablation_variants_follow_their_formulas(options, impl):
+    torch.manual_seed(0)
+    module = ATConv(12, conv_impl=impl, **options).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 12, 5, 6, dtype=torch.float64)
+    torch.testing.assert_close(module(x), literal_ablation(module, x, options), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        atconv_reference(module, x), literal_ablation(module, x, options), rtol=1e-10, atol=1e-10
+    )
+    assert sum(p.numel() for p in module.parameters()) == ablation_parameters(12, 3, options)
+
+
+def test_the_defaults_are_the_papers_atconv():
+    assert (
+        sum(p.numel() for p in ATConv(1152).parameters())
+        == ablation_parameters(1152, 3, {})
+        == 3 * 1152**2 + 4 * 1152 + 81 + 9
+    )
+
+
+def test_dwconv_baseline_is_a_static_depthwise_convolution():
+    from sit_atconv.ops import DWConv
+
+    torch.manual_seed(0)
+    for K in (3, 5, 7):
+        module = DWConv(8, K).double()
+        x = torch.randn(2, 8, 6, 5, dtype=torch.float64)
+        tokens = x.flatten(2).transpose(1, 2)
+        expected = F.conv2d(x, module.conv.weight, module.conv.bias, padding=K // 2, groups=8)
+        torch.testing.assert_close(module(tokens, (6, 5)), expected.flatten(2).transpose(1, 2))
+        assert sum(p.numel() for p in module.parameters()) == 8 * K * K + 8
+    with pytest.raises(ValueError, match="dwconv kernel_size must be a positive odd integer"):
+        DWConv(8, 4)
+
+
+def test_ablation_options_are_checked_and_part_of_the_architecture():
+    from sit_atconv.models import check_architecture, create_model
+
+    small = dict(depth=2, hidden_size=32, num_heads=2, input_size=8)
+    with pytest.raises(ValueError, match="modulation='sharpen' is not supported"):
+        create_model("SiT-ATConv-S/2", **small, atconv_modulation="sharpen")
+    with pytest.raises(ValueError, match="atconv_modulation='none' needs a 'atconv' mixer"):
+        create_model("SiT-S/2", **small, mixers=["dwconv", "dwconv"], atconv_modulation="none")
+    with pytest.raises(ValueError, match="dwconv_kernel_size=7 needs a 'dwconv' mixer"):
+        create_model("SiT-ATConv-S/2", **small, dwconv_kernel_size=7)
+    variant = create_model("SiT-ATConv-S/2", **small, atconv_modulation="none")
+    paper = create_model("SiT-ATConv-S/2", **small)
+    with pytest.raises(ValueError, match="atconv_modulation: 'none' there, 'differential' expected"):
+        check_architecture(variant.config, paper.config, "the checkpoint is another variant")
+    baseline = create_model("SiT-S/2", **small, mixers=["dwconv", "atconv"], dwconv_kernel_size=5)
+    assert isinstance(baseline.blocks[0].mixer, torch.nn.Module) and baseline.blocks[0].mixer.kernel_size == 5

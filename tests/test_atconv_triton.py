@@ -215,3 +215,19 @@ def test_cuda_compiled_kernels_at_model_width(dtype):
     torch.testing.assert_close(got[0].float(), want[0], rtol=tol, atol=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-3)  # sums over 1024 pixels
     torch.testing.assert_close(got[2], want[2], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("modulation", ["none", "softmax", "central_difference"])
+def test_ablated_modulations_through_the_fused_kernel(modulation):
+    """Other modulations run in torch and reach the fused kernel with its own modulation switched off
+    (gamma = -inf, sigmoid = 0): values and gradients equal channels_last's."""
+    m = randomised(ATConv(8, conv_impl="triton", modulation=modulation, kernel_source="static")).double()
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    out = m(x)
+    got = torch.autograd.grad(out.square().sum(), list(m.parameters()))
+    m.conv_impl = "channels_last"
+    expected = m(x)
+    want = torch.autograd.grad(expected.square().sum(), list(m.parameters()))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)

@@ -10,7 +10,7 @@ from helpers import randomise, tiny_sit
 
 from sit_atconv.models import SiT, create_model, list_models, model_config
 from sit_atconv.models.sit import Attention, sincos_pos_embed_2d, timestep_embedding
-from sit_atconv.ops import ATConv
+from sit_atconv.ops import ATConv, DWConv
 
 TABLE_VIII = {
     "SiT-B/2": 130_315_808,
@@ -263,10 +263,13 @@ def test_one_architecture_comparison_from_sits_config():
 def test_mixer_table_builds_each_mixer_from_the_sit_config():
     from sit_atconv.models.sit import MIXERS, build_mixer
 
-    model = tiny(qk_norm=True, atconv_kernel_size=5, mixers=["attention", "atconv", "attention", "atconv"])
-    assert set(MIXERS) == {"attention", "atconv"}
+    model = tiny(
+        qk_norm=True, atconv_kernel_size=5, dwconv_kernel_size=7, mixers=["attention", "atconv", "dwconv", "atconv"]
+    )
+    assert set(MIXERS) == {"attention", "atconv", "dwconv"}
     assert isinstance(model.blocks[0].mixer, Attention) and model.blocks[0].mixer.q_norm.normalized_shape == (8,)
     assert isinstance(model.blocks[1].mixer, ATConv) and model.blocks[1].mixer.kernel_size == 5
+    assert isinstance(model.blocks[2].mixer, DWConv) and model.blocks[2].mixer.kernel_size == 7
     with pytest.raises(ValueError, match="unknown mixer 'conv'; expected one of"):
         build_mixer("conv", 32, 4, model.config)
 

@@ -23,7 +23,7 @@ from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 from timm.layers import Mlp
 
-from sit_atconv.ops import ATConv
+from sit_atconv.ops import ATConv, DWConv
 
 POS_EMBEDS = ("sincos", "none")
 
@@ -143,7 +143,15 @@ def _atconv(dim: int, num_heads: int, config: Mapping) -> nn.Module:
         kernel_size=config["atconv_kernel_size"],
         context_pool=config["atconv_context_pool"],
         kernel_act=config["atconv_kernel_act"],
+        kernel_source=config["atconv_kernel"],
+        value_proj=config["atconv_value_proj"],
+        out_proj=config["atconv_out_proj"],
+        modulation=config["atconv_modulation"],
     )
+
+
+def _dwconv(dim: int, num_heads: int, config: Mapping) -> nn.Module:
+    return DWConv(dim, kernel_size=config["dwconv_kernel_size"])
 
 
 # The one mixer table: name -> builder(hidden_size, num_heads, SiT config). Every mixer takes (B, N, C)
@@ -151,7 +159,29 @@ def _atconv(dim: int, num_heads: int, config: Mapping) -> nn.Module:
 MIXERS: dict[str, Callable[[int, int, Mapping], nn.Module]] = {
     "attention": _attention,
     "atconv": _atconv,
+    "dwconv": _dwconv,  # the static depthwise-convolution baseline of the paper's ablation (Table IX(c))
 }
+
+
+MIXER_OPTION_DEFAULTS = {  # options that only mean something with their mixer, at their neutral values
+    "atconv": {
+        "atconv_kernel": "context",
+        "atconv_value_proj": True,
+        "atconv_out_proj": True,
+        "atconv_modulation": "differential",
+    },
+    "dwconv": {"dwconv_kernel_size": 3},
+}
+
+
+def check_mixer_options(mixers: list[str], *values) -> None:
+    """Refuse ablation options set away from their defaults on a model without the mixer they belong to
+    (atconv_modulation on a dwconv-only model, say), naming the field."""
+    names = [name for options in MIXER_OPTION_DEFAULTS.values() for name in options]
+    for name, value in zip(names, values, strict=True):
+        kind = next(kind for kind, options in MIXER_OPTION_DEFAULTS.items() if name in options)
+        if kind not in mixers and value != MIXER_OPTION_DEFAULTS[kind][name]:
+            raise ValueError(f"{name}={value!r} needs a {kind!r} mixer, but mixers has none ({sorted(set(mixers))})")
 
 
 def build_mixer(kind: str, dim: int, num_heads: int, config: Mapping) -> nn.Module:
@@ -239,6 +269,9 @@ class SiT(ModelMixin, ConfigMixin):
         mixers: one of "attention" | "atconv" per block; None means attention everywhere.
         qk_norm: LayerNorm on queries and keys in the attention blocks.
         atconv_kernel_size, atconv_context_pool, atconv_kernel_act: ATConv options (see `ATConv`).
+        atconv_kernel ("context" | "static"), atconv_value_proj, atconv_out_proj, atconv_modulation
+            ("differential" | "none" | "softmax" | "central_difference"): the paper's ablations (Table IX(c));
+            the defaults are ATConv. dwconv_kernel_size: K of the "dwconv" mixer (3, 5, 7).
 
     `enable_gradient_checkpointing()` (diffusers' ModelMixin) recomputes each block in the backward pass.
     """
@@ -264,6 +297,11 @@ class SiT(ModelMixin, ConfigMixin):
         atconv_kernel_size: int = 3,
         atconv_context_pool: str = "2d",
         atconv_kernel_act: str = "gelu_tanh",
+        atconv_kernel: str = "context",
+        atconv_value_proj: bool = True,
+        atconv_out_proj: bool = True,
+        atconv_modulation: str = "differential",
+        dwconv_kernel_size: int = 3,
     ):
         super().__init__()
         if isinstance(mixers, str):
@@ -274,6 +312,9 @@ class SiT(ModelMixin, ConfigMixin):
         for kind in mixers:
             if kind not in MIXERS:
                 raise ValueError(f"unknown mixer {kind!r} in mixers; expected one of {list(MIXERS)}")
+        check_mixer_options(
+            mixers, atconv_kernel, atconv_value_proj, atconv_out_proj, atconv_modulation, dwconv_kernel_size
+        )
         if "attention" in mixers and hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         if input_size % patch_size:

@@ -1,5 +1,6 @@
 from sit_atconv.ops.atconv import (
     ATConv,
+    DWConv,
     atconv_reference,
     depthwise_conv_channels_last,
     depthwise_conv_grouped,
@@ -9,6 +10,7 @@ from sit_atconv.ops.atconv_triton import modulated_depthwise_conv, triton_availa
 
 __all__ = [
     "ATConv",
+    "DWConv",
     "atconv_reference",
     "depthwise_conv_channels_last",
     "depthwise_conv_grouped",

@@ -66,6 +66,8 @@ KERNEL_ACTIVATIONS = {
 }
 CONTEXT_POOLS = ("2d", "raster")
 CONV_IMPLS = ("auto", "channels_last", "shift", "triton")
+KERNEL_SOURCES = ("context", "static")  # Table IX(c): kernels generated from the context, or learned and fixed
+MODULATIONS = ("differential", "none", "softmax", "central_difference")
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -83,6 +85,11 @@ class ATConv(nn.Module):
             raster-ordered token sequence into K^2 bins with a 1-D adaptive pool (the official
             generation code; needed to load its checkpoints).
         kernel_act: phi, one of KERNEL_ACTIVATIONS ("gelu_tanh" by default).
+        kernel_source, value_proj, out_proj, modulation: the ablations of Table IX(c), the paper's ATConv by
+            default. kernel_source "context" generates the kernels from the pooled context, "static" learns
+            one K x K kernel per channel; value_proj / out_proj switch the C x C projections off (identity);
+            modulation: "differential" (Eq. 10, learned sigmoid(gamma) per channel), "none" (alpha = K),
+            "softmax" (over the K^2 taps) or "central_difference" (K - mean K, lambda fixed to 1).
         conv_impl: "auto", "channels_last", "shift" or "triton" (CUDA, or Triton's CPU interpreter);
             see the module docstring. All are exact.
 
@@ -98,6 +105,10 @@ class ATConv(nn.Module):
         context_pool: str = "2d",
         kernel_act: str = "gelu_tanh",
         conv_impl: str = "auto",
+        kernel_source: str = "context",
+        value_proj: bool = True,
+        out_proj: bool = True,
+        modulation: str = "differential",
     ):
         super().__init__()
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -105,22 +116,38 @@ class ATConv(nn.Module):
         _check_choice("context_pool", context_pool, CONTEXT_POOLS)
         _check_choice("kernel_act", kernel_act, KERNEL_ACTIVATIONS)
         _check_choice("conv_impl", conv_impl, CONV_IMPLS)
+        _check_choice("kernel_source", kernel_source, KERNEL_SOURCES)
+        _check_choice("modulation", modulation, MODULATIONS)
         self.dim = dim
         self.kernel_size = kernel_size
         self.context_pool = context_pool
         self.kernel_act = kernel_act
         self.conv_impl = conv_impl
+        self.kernel_source = kernel_source
+        self.modulation = modulation
         taps = kernel_size * kernel_size
-        self.context_proj = nn.Linear(dim, dim)
-        self.kernel_gen = nn.Linear(taps, taps)
-        self.gamma = nn.Parameter(torch.zeros(dim))
-        self.value_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        if kernel_source == "context":
+            self.context_proj = nn.Linear(dim, dim)
+            self.kernel_gen = nn.Linear(taps, taps)
+        else:  # one learned kernel per channel, the same for every input
+            self.static_kernel = nn.Parameter(torch.zeros(dim, taps))
+            nn.init.trunc_normal_(self.static_kernel, std=0.02)
+        if modulation == "differential":
+            self.gamma = nn.Parameter(torch.zeros(dim))
+        self.value_proj = nn.Linear(dim, dim) if value_proj else nn.Identity()
+        self.out_proj = nn.Linear(dim, dim) if out_proj else nn.Identity()
 
     def extra_repr(self) -> str:
+        ablations = {
+            "kernel_source": (self.kernel_source, "context"),
+            "value_proj": (isinstance(self.value_proj, nn.Linear), True),
+            "out_proj": (isinstance(self.out_proj, nn.Linear), True),
+            "modulation": (self.modulation, "differential"),
+        }
+        changed = "".join(f", {name}={value!r}" for name, (value, default) in ablations.items() if value != default)
         return (
             f"dim={self.dim}, kernel_size={self.kernel_size}, context_pool={self.context_pool!r}, "
-            f"kernel_act={self.kernel_act!r}, conv_impl={self.conv_impl!r}"
+            f"kernel_act={self.kernel_act!r}, conv_impl={self.conv_impl!r}{changed}"
         )
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -147,8 +174,12 @@ class ATConv(nn.Module):
         if impl == "auto":
             # CUDA keeps the CPU choice until `make gpu-check` has timed "triton" against it on a GPU.
             impl = "shift" if torch.compiler.is_compiling() else "channels_last"
-        if impl == "triton":
+        if impl == "triton" and self.modulation == "differential":
             y = modulated_depthwise_conv(v, k, self.gamma)  # modulation fused into the kernels
+        elif impl == "triton":  # other modulations in torch; sigmoid(-inf) = 0 turns the fused one off
+            B, C, taps = k.shape
+            off = torch.full((C,), float("-inf"), device=k.device, dtype=k.dtype)
+            y = modulated_depthwise_conv(v, self.modulate_kernels(k).reshape(B, C, taps), off)
         elif impl == "shift":
             y = depthwise_conv_shift(v, self.modulate_kernels(k))
         else:
@@ -160,6 +191,9 @@ class ATConv(nn.Module):
 
         x: (B, H, W, C). Returns k: (B, C, K*K), before modulation.
         """
+        if self.kernel_source == "static":
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            return self.static_kernel.to(dtype).expand(x.shape[0], -1, -1)  # (B, C, K*K)
         pooled = pool_context(x, self.kernel_size, self.context_pool)  # (B, K*K, C), before projecting
         with autocast_off(x.device.type):
             return self.generate_kernels(full_precision_linear(self.context_proj, pooled))
@@ -176,14 +210,22 @@ class ATConv(nn.Module):
             return full_precision_linear(self.kernel_gen, phi.transpose(1, 2))
 
     def modulate_kernels(self, k: torch.Tensor) -> torch.Tensor:
-        """Differential kernel modulation alpha = k - sigmoid(gamma) * mean_taps(k), in k's dtype
-        (elementwise ops are outside autocast's cast lists).
+        """Kernel modulation, in k's dtype (elementwise ops are outside autocast's cast lists): by default
+        the differential alpha = k - sigmoid(gamma) * mean_taps(k); see `modulation` for the ablations.
 
         k: (B, C, K*K). Returns alpha: (B, C, K, K).
         """
         B, C, _ = k.shape
-        inhibition = torch.sigmoid(self.gamma.to(k.dtype))[:, None] * k.mean(dim=-1, keepdim=True)  # (B, C, 1)
-        return (k - inhibition).view(B, C, self.kernel_size, self.kernel_size)
+        if self.modulation == "differential":
+            inhibition = torch.sigmoid(self.gamma.to(k.dtype))[:, None] * k.mean(dim=-1, keepdim=True)  # (B, C, 1)
+            alpha = k - inhibition
+        elif self.modulation == "central_difference":
+            alpha = k - k.mean(dim=-1, keepdim=True)
+        elif self.modulation == "softmax":
+            alpha = k.softmax(dim=-1)
+        else:
+            alpha = k
+        return alpha.view(B, C, self.kernel_size, self.kernel_size)
 
     def kernels_from_context(self, context: torch.Tensor) -> torch.Tensor:
         """Context-to-kernel translation and differential kernel modulation, in float32.
@@ -307,12 +349,36 @@ def atconv_reference(module: ATConv, x: torch.Tensor, size: tuple[int, int] | No
     to_tokens = lambda t: t.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, C)  # noqa: E731
     to_image = lambda t: t.transpose(1, 2).reshape(B, C, H, W)  # noqa: E731
 
-    context = to_image(module.context_proj(to_tokens(x)))  # F: (B, C, H, W)
-    if module.context_pool == "2d":
-        pooled = F.adaptive_avg_pool2d(context, K).flatten(2)  # Z: (B, C, K*K)
+    if module.kernel_source == "static":  # the ablation without context: one learned kernel per channel
+        alpha = module.modulate_kernels(module.static_kernel.expand(B, -1, -1))  # (B, C, K, K)
     else:
-        pooled = F.adaptive_avg_pool1d(context.flatten(2), K * K)  # Z: (B, C, K*K)
-    alpha = module.kernels_from_context(pooled.transpose(1, 2))  # (B, C, K, K)
+        context = to_image(module.context_proj(to_tokens(x)))  # F: (B, C, H, W)
+        if module.context_pool == "2d":
+            pooled = F.adaptive_avg_pool2d(context, K).flatten(2)  # Z: (B, C, K*K)
+        else:
+            pooled = F.adaptive_avg_pool1d(context.flatten(2), K * K)  # Z: (B, C, K*K)
+        alpha = module.kernels_from_context(pooled.transpose(1, 2))  # (B, C, K, K)
     values = to_image(module.value_proj(to_tokens(x)))  # V: (B, C, H, W)
     out = module.out_proj(to_tokens(depthwise_conv_grouped(values, alpha)))  # (B, N, C)
     return out if token_layout else to_image(out)
+
+
+class DWConv(nn.Module):
+    """A static learned depthwise K x K convolution with bias and zero "same" padding: the baseline mixer of
+    Table IX(c), from which ATConv's road starts. Takes and returns tokens (B, N, C) on an (H, W) grid (or
+    images (B, C, H, W)); C * K^2 + C parameters."""
+
+    def __init__(self, dim: int, kernel_size: int = 3):
+        super().__init__()
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"dwconv kernel_size must be a positive odd integer, got {kernel_size!r}")
+        self.dim, self.kernel_size = dim, kernel_size
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if x.ndim == 4:
+            return self.conv(x)
+        B, N, C = x.shape
+        H, W = token_grid(N, size)
+        image = x.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+        return self.conv(image).flatten(2).transpose(1, 2)  # (B, N, C)
