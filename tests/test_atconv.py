@@ -342,6 +342,7 @@ def test_dwconv_baseline_is_a_static_depthwise_convolution():
 
 def test_ablation_options_are_checked_and_part_of_the_architecture():
     from sit_atconv.models import check_architecture, create_model
+    from sit_atconv.ops import DWConv
 
     small = dict(depth=2, hidden_size=32, num_heads=2, input_size=8)
     with pytest.raises(ValueError, match="modulation='sharpen' is not supported"):
@@ -355,4 +356,4 @@ def test_ablation_options_are_checked_and_part_of_the_architecture():
     with pytest.raises(ValueError, match="atconv_modulation: 'none' there, 'differential' expected"):
         check_architecture(variant.config, paper.config, "the checkpoint is another variant")
     baseline = create_model("SiT-S/2", **small, mixers=["dwconv", "atconv"], dwconv_kernel_size=5)
-    assert isinstance(baseline.blocks[0].mixer, torch.nn.Module) and baseline.blocks[0].mixer.kernel_size == 5
+    assert isinstance(baseline.blocks[0].mixer, DWConv) and baseline.blocks[0].mixer.kernel_size == 5

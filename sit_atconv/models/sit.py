@@ -174,14 +174,15 @@ MIXER_OPTION_DEFAULTS = {  # options that only mean something with their mixer, 
 }
 
 
-def check_mixer_options(mixers: list[str], *values) -> None:
-    """Refuse ablation options set away from their defaults on a model without the mixer they belong to
-    (atconv_modulation on a dwconv-only model, say), naming the field."""
-    names = [name for options in MIXER_OPTION_DEFAULTS.values() for name in options]
-    for name, value in zip(names, values, strict=True):
-        kind = next(kind for kind, options in MIXER_OPTION_DEFAULTS.items() if name in options)
-        if kind not in mixers and value != MIXER_OPTION_DEFAULTS[kind][name]:
-            raise ValueError(f"{name}={value!r} needs a {kind!r} mixer, but mixers has none ({sorted(set(mixers))})")
+def check_mixer_options(mixers: list[str], options: Mapping) -> None:
+    """Refuse ablation options (name -> value) set away from their defaults on a model without the mixer
+    they belong to (atconv_modulation on a dwconv-only model, say), naming the field."""
+    for kind, defaults in MIXER_OPTION_DEFAULTS.items():
+        for name, default in defaults.items():
+            if kind not in mixers and options[name] != default:
+                raise ValueError(
+                    f"{name}={options[name]!r} needs a {kind!r} mixer, but mixers has none ({sorted(set(mixers))})"
+                )
 
 
 def build_mixer(kind: str, dim: int, num_heads: int, config: Mapping) -> nn.Module:
@@ -312,9 +313,14 @@ class SiT(ModelMixin, ConfigMixin):
         for kind in mixers:
             if kind not in MIXERS:
                 raise ValueError(f"unknown mixer {kind!r} in mixers; expected one of {list(MIXERS)}")
-        check_mixer_options(
-            mixers, atconv_kernel, atconv_value_proj, atconv_out_proj, atconv_modulation, dwconv_kernel_size
+        ablations = dict(
+            atconv_kernel=atconv_kernel,
+            atconv_value_proj=atconv_value_proj,
+            atconv_out_proj=atconv_out_proj,
+            atconv_modulation=atconv_modulation,
+            dwconv_kernel_size=dwconv_kernel_size,
         )
+        check_mixer_options(mixers, ablations)
         if "attention" in mixers and hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         if input_size % patch_size:

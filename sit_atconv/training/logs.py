@@ -103,9 +103,11 @@ class TrainingLog:
             torch.stack([r.loss for r in results]),
             torch.stack([r.repa_loss if r.repa_loss is not None else nan for r in results]),
             torch.stack([r.grad_norm.float() for r in results]),
+            torch.stack([r.finite for r in results]).float(),  # agreed by all processes: its mean stays 0 or 1
         ]
-        losses, repa_losses, grad_norms = self.accelerator.reduce(torch.stack(columns).float(), "mean").tolist()
-        finite = torch.stack([r.finite for r in results]).tolist()
+        table = self.accelerator.reduce(torch.stack(columns).float(), "mean").tolist()  # the one read-back
+        losses, repa_losses, grad_norms = table[:3]
+        finite = [flag == 1.0 for flag in table[3]]
         read = []
         for i, (step, _, lr) in enumerate(self.pending):
             read.append((step, finite[i], losses[i]))

@@ -433,23 +433,19 @@ def train_loop(config: DictConfig, accelerator, run_dir: Path, candidates: list[
         update_ema(ema, sit, tc.ema_decay, apply=result.finite)
         log.record(step, result, optimizer.param_groups[0]["lr"])
         checkpoint_due = step % config.checkpoint.every == 0 or step == tc.max_steps
-        if log.due(step) or checkpoint_due:
-            try:
+        try:  # a non-finite step (read back here) or non-finite weights (before a checkpoint) stop the run
+            if log.due(step) or checkpoint_due:
                 consecutive_skips = review_steps(log.flush(), consecutive_skips, tc, accelerator)
-            except NonFiniteError as error:
-                log.close()
-                accelerator.end_training()
-                raise NonFiniteError(f"{error}; {newest_checkpoint(last_checkpoint)}") from None
-        if config.log.sample_every and step % config.log.sample_every == 0 and preview_vae is not False:
-            preview(config, ema, preview_vae, device, run_dir / "samples" / f"step_{step:08d}.png")
-        if checkpoint_due:
-            try:
-                saved = save_checkpoint(accelerator, run_dir, step, model, ema, optimizer, config, log.skipped)
-            except NonFiniteError as error:
-                log.close()
-                accelerator.end_training()
-                raise NonFiniteError(f"{error}; {newest_checkpoint(last_checkpoint)}") from None
-            last_checkpoint = saved
+            if config.log.sample_every and step % config.log.sample_every == 0 and preview_vae is not False:
+                preview(config, ema, preview_vae, device, run_dir / "samples" / f"step_{step:08d}.png")
+            if checkpoint_due:
+                last_checkpoint = save_checkpoint(
+                    accelerator, run_dir, step, model, ema, optimizer, config, log.skipped
+                )
+        except NonFiniteError as error:
+            log.close()
+            accelerator.end_training()
+            raise NonFiniteError(f"{error}; {newest_checkpoint(last_checkpoint)}") from None
     log.close(run_dir / "loss.png")
     accelerator.end_training()
     return TrainResult(run_dir, tc.max_steps, log.losses, last_checkpoint, accelerator.is_main_process)
