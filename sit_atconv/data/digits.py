@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -31,6 +34,7 @@ class DigitsDataset(Dataset):
         return self.images[index], self.labels[index]
 
 
+@functools.cache
 def digit_classifier():
     """A classifier of the real 8x8 digits (scikit-learn SVC, ~99% held-out accuracy), for scoring samples."""
     from sklearn.datasets import load_digits
@@ -40,13 +44,40 @@ def digit_classifier():
     return SVC(gamma=0.001, C=10.0).fit(digits.data, digits.target)
 
 
-def score_digit_samples(images_uint8, labels) -> float:
-    """Fraction of generated digits (N, H, W, 3) uint8 that the classifier reads as their requested label.
+@functools.cache
+def digit_feature_network():
+    """A one-hidden-layer MLP (64 ReLU units) fitted to the real 8x8 digits; its hidden layer is the feature
+    space of the digits' Frechet distance (`digit_features`), as Inception's pool layer is FID's."""
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier
 
-    Samples are averaged to grey, area-downsampled to the original 8x8 and mapped to its 0..16 scale."""
-    import numpy as np
+    digits = load_digits()
+    network = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=1000, random_state=0)
+    network.fit(digits.data / 16.0, digits.target)
+    # Units that never fire on a real digit would give the covariance zero rows: keep the live ones.
+    network.live_units_ = np.flatnonzero((_hidden(network, digits.data / 16.0) > 0).any(axis=0))
+    return network
 
+
+def to_classifier_input(images_uint8) -> np.ndarray:
+    """Images (N, H, W, 3) uint8 -> (N, 64) on the originals' 8x8 0..16 scale: averaged to grey and
+    area-downsampled, the path every generated or real digit takes before a classifier sees it."""
     grey = torch.from_numpy(np.asarray(images_uint8)).float().mean(-1)[:, None] / 255.0  # (N, 1, H, W)
-    small = F.adaptive_avg_pool2d(grey, 8).reshape(len(grey), 64) * 16.0
-    predictions = digit_classifier().predict(small.numpy())
+    return (F.adaptive_avg_pool2d(grey, 8).reshape(len(grey), 64) * 16.0).double().numpy()
+
+
+def score_digit_samples(images_uint8, labels) -> float:
+    """Fraction of generated digits (N, H, W, 3) uint8 that the classifier reads as their requested label."""
+    predictions = digit_classifier().predict(to_classifier_input(images_uint8))
     return float((predictions == np.asarray(labels)).mean())
+
+
+def digit_features(images_uint8) -> np.ndarray:
+    """(N, H, W, 3) uint8 digits -> (N, D) float64 hidden-layer activations of `digit_feature_network`, its
+    D <= 64 units that fire on some real digit."""
+    network = digit_feature_network()
+    return _hidden(network, to_classifier_input(images_uint8) / 16.0)[:, network.live_units_]
+
+
+def _hidden(network, x: np.ndarray) -> np.ndarray:
+    return np.maximum(x @ network.coefs_[0] + network.intercepts_[0], 0.0)  # (N, 64), ReLU
