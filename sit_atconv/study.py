@@ -16,14 +16,16 @@ classifier trained on the real digits (`FD_digits`); `--inception-fid` adds FID 
 Study folder:
     study.json                       what every run shares (a re-run with other settings is refused)
     runs/<variant>/seed<k>/          training run folders; evaluation.json (per evaluated step) and, once
-                                     the run is trained and evaluated, result.json
+                                     the run is trained and evaluated, result.json (the evaluated checkpoints
+                                     before the last are then deleted, unless --keep-checkpoints)
     results.json, results.md         per-run numbers and the table
     loss.png, metrics.png            training loss and evaluation metrics against steps (mean over seeds)
     samples/<variant>.png            a CFG grid from the first seed's final EMA weights
 
-Re-running the command resumes: finished runs (result.json) are read back, unfinished ones continue from
-their newest checkpoint, and evaluated steps are not evaluated again. Adding variants or seeds to a
-finished study trains only the new runs.
+Runs go one after another on one device (a GPU when there is one). Re-running the command resumes:
+finished runs (result.json) are read back, unfinished ones continue from their newest checkpoint, and
+evaluated steps are not evaluated again. Adding variants or seeds to a finished study trains only the
+new runs.
 """
 
 from __future__ import annotations
@@ -85,6 +87,12 @@ class Variant:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"variant family {self.family!r} is not one of {list(FAMILIES)}")
+        recipe = [o for o in self.overrides if not o.startswith("model.") or o.startswith("model.name=")]
+        if recipe:
+            raise ValueError(
+                f"variant overrides {recipe} change more than the model; a study keeps data, recipe and budget "
+                "the same for every variant (put them in the base config or its overrides, and the family in 'family')"
+            )
 
     def definition(self) -> dict:
         return {"family": self.family, "mixer": self.mixer, "overrides": list(self.overrides)}

@@ -386,7 +386,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
 
 
 def csc(x: torch.Tensor, sigma: float = 1.0) -> float:
-    """Channel spatial contrast E|x - G_sigma x| / E|x| of x (B, C, H, W), in float64: the share of the
+    """Centre-surround contrast E|x - G_sigma x| / E|x| of x (B, C, H, W), in float64: the share of the
     signal that is not smooth at scale sigma (0 for a constant map, ~1 for white noise)."""
     x = x.double()
     return float((x - gaussian_blur(x, sigma)).abs().mean() / x.abs().mean())
