@@ -213,8 +213,8 @@ class Evaluation:
     - samples (`num_samples`, balanced labels, ODE Euler with CFG, noise from `eval_seed`): on the digits,
       the classifier's accuracy and FD_digits, the Frechet distance between Gaussians fitted to the hidden
       features of `digit_feature_network` for the samples and for all real digits; with `inception_fid`,
-      FID against the real images (digits, or the latent folder's stored images); latent models decode
-      with `log.preview_vae`, without one they get the loss only.
+      FID against the real images (all digits, or the latent folder's stored images of the loss set); latent
+      models decode with `log.preview_vae`, without one they get the loss only.
     """
 
     def __init__(self, settings: StudySettings, base: DictConfig, device: torch.device):
@@ -235,7 +235,7 @@ class Evaluation:
 
             mean, std = torch.stack([i[0] for i in items]).float(), torch.stack([i[1] for i in items]).float()
             x = autoencoder.sample_latents(mean, std, torch.randn(mean.shape, generator=generator))
-            reference_images = np.stack([item[3].numpy() for item in items])  # (N, H, W, 3) uint8
+            reference_images = np.stack([item[3].permute(1, 2, 0).numpy() for item in items])  # (N, H, W, 3) uint8
         self.loss_set = {
             "x": x,
             "y": labels,

@@ -245,3 +245,59 @@ def test_inception_fid_joins_the_metrics_and_decides_the_verdict(monkeypatch):
     samples = features(evaluation.sample(model)[0])
     expected = study.quiet_frechet_distance(samples, (real.mean(0), np.cov(real, rowvar=False)))
     assert metrics["fid"] == pytest.approx(expected)
+
+
+def test_study_on_a_latent_data_set(tmp_path, monkeypatch):
+    """Latent folders: the eval loss from fixed posterior draws, samples decoded with log.preview_vae and
+    scored by FID (stand-in features, as above); no digit metrics, no grids."""
+    from accelerate import Accelerator
+    from helpers import tiny_vae
+    from PIL import Image
+
+    import sit_atconv.evaluation.evaluator as evaluator
+    from sit_atconv.data.images import ImageFolderDataset
+    from sit_atconv.data.latents import extract_latents
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(4):
+            image = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / "images" / label / f"{i}.png")
+    vae = tiny_vae()  # f2: 16 px images, 8x8 latents
+    vae.save_pretrained(tmp_path / "vae")
+    images = ImageFolderDataset(tmp_path / "images", 16)
+    extract_latents(Accelerator(cpu=True), images, vae, tmp_path / "latents", 4, 4, False, 0, progress=False)
+
+    class StandIn(torch.nn.Module):
+        def __init__(self, weights=None, download=True):
+            super().__init__()
+
+        def forward(self, images):  # (B, 3, H, W) uint8 -> per-channel means and spreads
+            x = images.double() / 255
+            pool = torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+            return pool, pool, pool
+
+    monkeypatch.setattr(evaluator, "InceptionFeatures", StandIn)
+    latents = [
+        "data.kind=latents",
+        f"data.path={tmp_path / 'latents'}",
+        "model.in_channels=4",
+        "model.num_classes=2",
+        "model.input_size=8",
+        "model.patch_size=2",
+        "train.global_batch_size=4",
+    ]
+    out = tmp_path / "study"
+    tiny = [a for a in TINY if a != "train.global_batch_size=16"]
+    args = ["--out", str(out), "--variants", "sit,atconv", "--seeds", "0", "--num-samples=8", *tiny, *latents]
+    summary = main([*args, "--inception-fid", f"log.preview_vae={tmp_path / 'vae'}"])
+    for name in ("sit", "atconv"):
+        assert {"eval_loss", "fid", "sample_images_per_s"} <= summary[name].keys()
+        assert "accuracy" not in summary[name] and "fd_digits" not in summary[name]
+        assert math.isfinite(summary[name]["fid"][0]) and summary[name]["fid"][0] > 0
+    assert "FID after 4 steps" in json.loads((out / "results.json").read_text())["verdict"]
+    assert not (out / "samples").exists()  # latent models: training's previews show them
+
+    plain = main([*args, "--out", str(tmp_path / "plain")])  # without a decoder: the loss only
+    assert plain["sit"].keys() >= {"eval_loss"} and not plain["sit"].keys() & {"fid", "sample_images_per_s"}
