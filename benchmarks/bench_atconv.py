@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from sit_atconv.io import atomic_output, write_json_atomic
+from sit_atconv.io import save_figure, write_json_atomic
 
 OP_VARIANTS = ("atconv", "atconv_unoptimised", "attention")
 MODEL_VARIANTS = ("SiT-XL/2", "SiT-ATConv-XL/2", "SiT-Hybrid-XL/2")
@@ -276,9 +276,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle(results["machine"], fontsize=8)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+    save_figure(fig, path, dpi=120)
     print(f"wrote {path}")
 
 

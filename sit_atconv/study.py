@@ -57,6 +57,7 @@ from sit_atconv.io import (
     non_negative_int,
     positive_int,
     run_cli,
+    save_figure,
     write_json_atomic,
 )
 from sit_atconv.models.loading import load_model
@@ -518,7 +519,7 @@ def plot_curves(results: dict[str, list[dict]], variants: dict[str, Variant], ou
     ax.set(xlabel="step", ylabel="training loss (mean over seeds)", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save_figure(fig, out / "loss.png")
+    save_figure(fig, out / "loss.png")
 
     metrics = [(k, title) for k, title in CURVE_METRICS if any(k in p for r in results.values() for p in r[0]["curve"])]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
@@ -529,22 +530,13 @@ def plot_curves(results: dict[str, list[dict]], variants: dict[str, Variant], ou
         ax.set(xlabel="step", title=title)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    _save_figure(fig, out / "metrics.png")
+    save_figure(fig, out / "metrics.png")
 
 
 def _mean_curve(curves: list[dict]) -> tuple[list[int], list[float], list[float]]:
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     stats = [mean_std([c[s] for c in curves]) for s in steps]
     return steps, [m for m, _ in stats], [s for _, s in stats]
-
-
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 def sample_grids(results, settings: StudySettings, out: Path, seeds: list[int], device) -> None:

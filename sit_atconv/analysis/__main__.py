@@ -32,7 +32,7 @@ from sit_atconv.analysis import (
     noisy_inputs,
     without_modulation,
 )
-from sit_atconv.io import atomic_output, check_output_path, positive_int, run_cli, write_json_atomic
+from sit_atconv.io import check_output_path, positive_int, run_cli, save_figure, write_json_atomic
 from sit_atconv.models.registry import create_model, describe_mixers
 
 ERRORS = (ValueError, FileNotFoundError)  # reported in one line by run_cli
@@ -222,10 +222,7 @@ def plot_influence(results: list[tuple[str, dict]], anchors, path: Path) -> None
         ax.set_title(f"lateral inhibition {r['li'][:, 0].mean():.2f}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_influence(args) -> dict:
@@ -276,10 +273,7 @@ def plot_features(record: dict, path: Path) -> None:
         ax.set_xticks(blocks)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_features(args) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sit_atconv.io import atomic_output, named_os_error
+from sit_atconv.io import atomic_output, named_os_error, save_figure
 from sit_atconv.training.config import flatten
 
 METRIC_FIELDS = (
@@ -189,8 +189,5 @@ def plot_losses(metrics_path: Path, path: Path) -> Path | None:
     ax.set_ylabel("flow-matching loss")
     ax.set_yscale("log" if values and min(values) > 0 and max(values) / min(values) > 10 else "linear")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
     return path
