@@ -1,5 +1,7 @@
 """Small random models shared by the test modules."""
 
+from pathlib import Path
+
 import torch
 
 from sit_atconv.models import create_model
@@ -89,3 +91,27 @@ def tiny_overrides(run_dir, steps=6, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def tiny_latent_folder(root: Path, per_class: int = 4) -> tuple[Path, Path]:
+    """(latent folder, VAE folder): 16 px random images in two classes under root/images, encoded by
+    `tiny_vae()` (f2: 8x8x4 latents, the size of `tiny_sit`) into root/latents; the VAE saved to root/vae."""
+    import numpy as np
+    from accelerate import Accelerator
+    from PIL import Image
+
+    from sit_atconv.data.images import ImageFolderDataset
+    from sit_atconv.data.latents import extract_latents
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / "images" / label).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                root / "images" / label / f"{i}.png"
+            )
+    vae = tiny_vae()
+    vae.save_pretrained(root / "vae")
+    images = ImageFolderDataset(root / "images", 16)
+    extract_latents(Accelerator(cpu=True), images, vae, root / "latents", 4, 4, False, 0, progress=False)
+    return root / "latents", root / "vae"

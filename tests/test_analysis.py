@@ -256,3 +256,18 @@ def test_features_command(tmp_path):
         main(["features", "--ckpt", save(model, tmp_path / "g2"), "--images", str(images), "--out", str(out)])
     with pytest.raises(ValueError, match=r"has no ATConv blocks \(mixers: attention in all 2 blocks\)"):
         main(["features", "--model", "SiT-S/2", *small, "--out", str(out)])
+
+
+def test_features_on_latents(tmp_path):
+    from helpers import tiny_latent_folder
+
+    latents, _ = tiny_latent_folder(tmp_path)
+    model = save(tiny_sit("SiT-ATConv-S/2"), tmp_path / "latent_model")  # 8x8x4 inputs
+    out = tmp_path / "fig3.png"
+    common = ["features", "--ckpt", model, "--out", str(out), "--num-inputs", "3", "--t", "0.3"]
+    record = main([*common, "--latents", str(latents)])
+    assert record["settings"]["latents"] == str(latents) and record["settings"]["num_inputs"] == 3
+    assert record["curves"] != main(common)["curves"]  # the latents, not Gaussian stand-ins
+    grey = save(tiny_sit("SiT-ATConv-S/2", in_channels=1), tmp_path / "grey")
+    with pytest.raises(ValueError, match="holds 4-channel latents; the model takes 1"):
+        main(["features", "--ckpt", grey, "--out", str(out), "--latents", str(latents)])

@@ -250,24 +250,11 @@ def test_inception_fid_joins_the_metrics_and_decides_the_verdict(monkeypatch):
 def test_study_on_a_latent_data_set(tmp_path, monkeypatch):
     """Latent folders: the eval loss from fixed posterior draws, samples decoded with log.preview_vae and
     scored by FID (stand-in features, as above); no digit metrics, no grids."""
-    from accelerate import Accelerator
-    from helpers import tiny_vae
-    from PIL import Image
+    from helpers import tiny_latent_folder
 
     import sit_atconv.evaluation.evaluator as evaluator
-    from sit_atconv.data.images import ImageFolderDataset
-    from sit_atconv.data.latents import extract_latents
 
-    rng = np.random.default_rng(0)
-    for label in ("a", "b"):
-        (tmp_path / "images" / label).mkdir(parents=True)
-        for i in range(4):
-            image = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
-            Image.fromarray(image).save(tmp_path / "images" / label / f"{i}.png")
-    vae = tiny_vae()  # f2: 16 px images, 8x8 latents
-    vae.save_pretrained(tmp_path / "vae")
-    images = ImageFolderDataset(tmp_path / "images", 16)
-    extract_latents(Accelerator(cpu=True), images, vae, tmp_path / "latents", 4, 4, False, 0, progress=False)
+    latent_folder, vae_folder = tiny_latent_folder(tmp_path)
 
     class StandIn(torch.nn.Module):
         def __init__(self, weights=None, download=True):
@@ -281,7 +268,7 @@ def test_study_on_a_latent_data_set(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluator, "InceptionFeatures", StandIn)
     latents = [
         "data.kind=latents",
-        f"data.path={tmp_path / 'latents'}",
+        f"data.path={latent_folder}",
         "model.in_channels=4",
         "model.num_classes=2",
         "model.input_size=8",
@@ -291,7 +278,7 @@ def test_study_on_a_latent_data_set(tmp_path, monkeypatch):
     out = tmp_path / "study"
     tiny = [a for a in TINY if a != "train.global_batch_size=16"]
     args = ["--out", str(out), "--variants", "sit,atconv", "--seeds", "0", "--num-samples=8", *tiny, *latents]
-    summary = main([*args, "--inception-fid", f"log.preview_vae={tmp_path / 'vae'}"])
+    summary = main([*args, "--inception-fid", f"log.preview_vae={vae_folder}"])
     for name in ("sit", "atconv"):
         assert {"eval_loss", "fid", "sample_images_per_s"} <= summary[name].keys()
         assert "accuracy" not in summary[name] and "fd_digits" not in summary[name]

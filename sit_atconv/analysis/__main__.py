@@ -66,11 +66,26 @@ def read_state_dict(path: Path) -> dict:
 
 
 def model_inputs(model, args, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(x0, noise, labels) for a SiT: --images (uint8 RGB .npz, scaled to [-1, 1]) or seeded Gaussian stand-ins
-    for data, seeded Gaussian noise, and --label (default: the null class, else 0; None when unconditional)."""
+    """(x0, noise, labels) for a SiT: --images (uint8 RGB .npz, scaled to [-1, 1]), --latents (draws from a latent
+    folder's posteriors) or seeded Gaussian stand-ins for data; seeded Gaussian noise; and --label (default: the
+    null class, else 0; None when unconditional)."""
     generator = torch.Generator().manual_seed(args.seed)
     channels, patch = model.config.in_channels, model.config.patch_size
-    if args.images is not None:
+    if args.images is not None and args.latents is not None:
+        raise ValueError("pass --images (pixel models) or --latents (latent models), not both")
+    if args.latents is not None:  # a draw from each of the first stored posteriors, scaled as in training
+        from sit_atconv.data.latents import LatentDataset
+        from sit_atconv.vae import sample_latents
+
+        dataset = LatentDataset(args.latents, use_flips=False)
+        items = [dataset[i] for i in range(min(args.num_inputs, len(dataset)))]
+        mean, std = torch.stack([item[0] for item in items]), torch.stack([item[1] for item in items])
+        if mean.shape[1] != channels:
+            raise ValueError(
+                f"--latents {args.latents} holds {mean.shape[1]}-channel latents; the model takes {channels}"
+            )
+        x0 = sample_latents(mean, std, torch.randn(mean.shape, generator=generator))
+    elif args.images is not None:
         from sit_atconv.evaluation import load_images
 
         images = load_images(args.images)[: args.num_inputs]  # (B, H, W, 3) uint8
@@ -96,6 +111,10 @@ def model_inputs(model, args, device) -> tuple[torch.Tensor, torch.Tensor, torch
             raise ValueError(f"--label {label} is not a class of the model (0..{model.config.num_classes})")
         labels = torch.full((len(x0),), label, dtype=torch.long)
     return x0.to(device), noise.to(device), None if labels is None else labels.to(device)
+
+
+def _path(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def load_sit(args, device):
@@ -180,7 +199,7 @@ def influence_operators(args, device, dtype) -> tuple[list[tuple[str, torch.nn.M
         for i in blocks
     ]
     settings = {"source": str(args.ckpt), "blocks": blocks, "t": args.t, "path": path}
-    settings.update(images=None if args.images is None else str(args.images), size=list(x0.shape[-2:]))
+    settings.update(images=_path(args.images), latents=_path(args.latents), size=list(x0.shape[-2:]))
     settings["label"] = None if labels is None else int(labels[0])
     return built, settings
 
@@ -296,7 +315,8 @@ def run_features(args) -> dict:
         "settings": {
             "source": str(args.ckpt) if args.ckpt is not None else args.model,
             "model_overrides": args.model_overrides if args.ckpt is None else None,
-            "images": None if args.images is None else str(args.images),
+            "images": _path(args.images),
+            "latents": _path(args.latents),
             "num_inputs": len(x0),
             "size": list(x0.shape[-2:]),
             "label": None if labels is None else int(labels[0]),
@@ -326,7 +346,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         sub.add_argument("--out", required=True, type=Path, help="the PNG")
         sub.add_argument("--json", type=Path, help="the numbers (default: --out with .json)")
         sub.add_argument("--ckpt", type=Path, help="a SiT: training checkpoint, model or pipeline folder")
-        sub.add_argument("--images", type=Path, help="ADM-style .npz (arr_0 uint8 (N, H, W, 3)) for 3-channel models")
+        sub.add_argument("--images", type=Path, help="ADM-style .npz (arr_0 uint8 (N, H, W, 3)) for pixel models")
+        sub.add_argument("--latents", type=Path, help="a folder of sit_atconv.data.latents, for latent models")
         sub.add_argument("--num-inputs", type=positive_int, default=num_inputs)
         sub.add_argument("--size", type=positive_int, help="H = W of random inputs (default: 16 / the model's)")
         sub.add_argument("--label", type=int, help="class label (default: the null class, else 0)")
