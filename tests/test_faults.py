@@ -661,6 +661,8 @@ def test_unwritable_outputs_fail_before_the_checkpoint_is_read(
         (["--num-samples", "-1"], "--num-samples"),
         (["--atol", "nan"], "--atol"),
         (["--seed", "-1"], "--seed"),
+        (["--time-shift", "0"], "time_shift must be a finite number > 0"),
+        (["--time-shift", "-2"], "time_shift must be a finite number > 0"),
     ],
 )
 def test_meaningless_values_are_usage_errors_before_any_work(flags, named, assets, tmp_path, monkeypatch, capsys):

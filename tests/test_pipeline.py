@@ -112,10 +112,9 @@ def test_scheduler_reproduces_the_euler_sampler(path):
     pipe = SiTPipeline(model, flow_match_scheduler(), transport={"path": path})
     labels = torch.tensor([1, 2, 3])
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    for steps, cfg, high in ((10, 1.0, 1.0), (25, 2.5, 0.7)):
-        ours, calls = sample(
-            predictor(model, labels, cfg, 0.0, high), Transport(path=path), x, SamplerConfig(num_steps=steps)
-        )
+    for steps, cfg, high, shift in ((10, 1.0, 1.0, 1.0), (25, 2.5, 0.7, 1.0), (8, 2.0, 1.0, 3.0)):
+        config = SamplerConfig(num_steps=steps, time_shift=shift)
+        ours, calls = sample(predictor(model, labels, cfg, 0.0, high), Transport(path=path), x, config)
         got = pipe(
             class_labels=labels.tolist(),
             guidance_scale=cfg,
@@ -123,9 +122,12 @@ def test_scheduler_reproduces_the_euler_sampler(path):
             num_inference_steps=steps,
             latents=x,
             output_type="latent",
+            time_shift=None if shift == 1.0 else shift,
         ).images
         assert calls == steps and (got - ours).abs().max() < 1e-5
-        assert torch.allclose(pipe.scheduler.sigmas, torch.linspace(1, 0, steps + 1), atol=1e-7)
+        grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+        grid = shift * grid / (1 + (shift - 1) * grid)  # SD3's shift, written out
+        assert torch.allclose(pipe.scheduler.sigmas.double(), grid, atol=1e-7)
 
 
 def test_pipeline_matches_sample_py_generation(pipe):

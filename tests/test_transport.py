@@ -112,6 +112,36 @@ def test_sde_samplers_reproduce_gaussian(path, sampler):
     assert calls == (config.num_steps if sampler == "euler" else 2 * (config.num_steps - 1) + 1)
 
 
+def test_time_shift_grid_is_sd3s_and_keeps_its_ends():
+    from sit_atconv.transport import time_grid
+
+    u = torch.linspace(1, 0, 9, dtype=torch.float64)
+    for shift in (0.5, 1.0, 3.0):
+        grid = time_grid(1.0, 0.0, 9, shift)
+        assert torch.allclose(grid, shift * u / (1 + (shift - 1) * u), atol=1e-15)  # t' = s t / (1 + (s - 1) t)
+    assert time_grid(1.0, 0.0, 5, 3.0)[2] == 0.75  # the midpoint moves towards the noise for s > 1
+    shifted = time_grid(0.96, 0.04, 7, 2.0)  # other ends: the shift acts on the position between them
+    assert shifted[0] == 0.96 and shifted[-1] == 0.04 and (shifted.diff() < 0).all()
+    sde = sampling_grid(Transport(), SamplerConfig(mode="sde", num_steps=5, time_shift=2.0))
+    assert sde[-1] == 0.0 and sde[-2] == pytest.approx(0.04) and (sde.diff() < 0).all()  # the last step stays
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="time_shift must be a finite number > 0"):
+            SamplerConfig(time_shift=bad)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SamplerConfig(sampler="heun", num_steps=25, time_shift=3.0),
+        SamplerConfig(sampler="euler", num_steps=200, time_shift=0.5),
+        SamplerConfig(mode="sde", sampler="heun", num_steps=100, time_shift=2.0),
+    ],
+)
+def test_time_shifted_grids_still_reach_the_exact_distribution(config):
+    samples, _ = run_sampler(Transport(path="linear"), config)
+    assert_gaussian(samples)
+
+
 @pytest.mark.parametrize("prediction", ["noise", "score"])
 def test_noise_and_score_predictions_sample_the_same_distribution(prediction):
     transport = Transport(path="linear", prediction=prediction)

@@ -18,6 +18,7 @@ name of `sit_atconv.transport.SAMPLERS` (or a `SamplerConfig`) through `sit_atco
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import json
@@ -147,6 +148,7 @@ class SiTPipeline(DiffusionPipeline):
         cfg_channels: int | None = None,
         sampler: str | SamplerConfig | None = None,
         batch_size: int | None = None,
+        time_shift: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images.
 
@@ -164,6 +166,9 @@ class SiTPipeline(DiffusionPipeline):
                 ("euler", "heun", "dopri5", "sde-euler", "sde-heun") or a `SamplerConfig`, to run the
                 project's samplers.
             batch_size: number of images of an unconditional or single-class model (default 1).
+            time_shift: SD3's shift s of the time grid (`sit_atconv.transport.time_grid`; s > 1 puts more of
+                few steps near the noise); the scheduler's Euler steps follow the same grid. None: 1 (no
+                shift), or the `SamplerConfig`'s own.
         Returns:
             `ImagePipelineOutput` with `.images`, or a one-element tuple when return_dict is False.
 
@@ -173,7 +178,9 @@ class SiTPipeline(DiffusionPipeline):
         """
         labels = self.prepare_labels(class_labels, batch_size, latents)
         count = len(labels) if labels is not None else batch_size or (len(latents) if latents is not None else 1)
-        config = self.generation_config(guidance_scale, guidance_interval, cfg_channels, sampler, num_inference_steps)
+        config = self.generation_config(
+            guidance_scale, guidance_interval, cfg_channels, sampler, num_inference_steps, time_shift
+        )
         self.check_inputs(config, labels, count, latents, output_type)
         x = self.prepare_latents(count, generator, latents)
         x = self.denoise(x, labels, config, use_scheduler=sampler is None, generator=generator)
@@ -203,12 +210,15 @@ class SiTPipeline(DiffusionPipeline):
         cfg_channels: int | None,
         sampler: str | SamplerConfig | None,
         num_inference_steps: int,
+        time_shift: float | None = None,
     ) -> GenerationConfig:
         """The sampling settings of a call (the transport is the one the model was trained with)."""
         if not isinstance(sampler, SamplerConfig):
             if sampler is not None and sampler not in SAMPLERS:
                 raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)} or a SamplerConfig")
             sampler = SamplerConfig.from_name(sampler or "euler", num_steps=num_inference_steps)
+        if time_shift is not None:
+            sampler = dataclasses.replace(sampler, time_shift=time_shift)
         low, high = guidance_interval
         guidance = dict(cfg_scale=guidance_scale, guidance_low=low, guidance_high=high, cfg_channels=cfg_channels)
         return GenerationConfig(sampler=sampler, **guidance, **self.config.transport)

@@ -24,6 +24,7 @@ a resumed run repeats the uninterrupted one and N processes compute what one pro
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -302,8 +303,9 @@ def start_run(config: DictConfig, run_dir: Path):
     """The Accelerator of a run (one process or DDP; CPU-only machines join their process group too) and
     the seeds. Writes nothing."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
+    check_process_count()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,
@@ -311,6 +313,14 @@ def start_run(config: DictConfig, run_dir: Path):
         log_with=None if config.log.tracker == "none" else config.log.tracker,
         project_dir=str(run_dir / "logs"),
     )
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # FSDP shards the parameters into DTensors: the EMA update (a lerp against full tensors) and
+        # save_pretrained of the unwrapped model both fail on them, the first at step 1.
+        raise ValueError(
+            "distributed_type: FSDP (configs/accelerate/fsdp_xl2_512.yaml) is not supported by the trainer yet: "
+            "its EMA update and checkpoints need the full weights, which FSDP shards; launch with "
+            "configs/accelerate/8gpu.yaml (DDP) and train.grad_checkpointing=true instead"
+        )
     split = accelerator.num_processes * config.train.grad_accumulation
     if config.train.global_batch_size % split:
         raise ValueError(
@@ -321,6 +331,24 @@ def start_run(config: DictConfig, run_dir: Path):
     if accelerator.device.type == "cuda":
         set_tf32(config.train.tf32)
     return accelerator
+
+
+def check_process_count() -> None:
+    """Refuse more processes on this node than it has CUDA devices, before Accelerate assigns each one a
+    device (whose own failure, "invalid device ordinal" from torch.cuda.set_device, names no setting)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")  # set by accelerate launch (torchrun) for each node
+    if local is None or not torch.cuda.is_available():
+        return
+    devices = torch.cuda.device_count()
+    if int(local) > devices:
+        world = os.environ.get("WORLD_SIZE", local)
+        machines = max(int(world) // int(local), 1)
+        raise ValueError(
+            f"accelerate launch started {local} processes on this node (num_processes={world} over num_machines="
+            f"{machines}) but only {devices} CUDA device(s) are visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): set num_processes in the "
+            f"accelerate config, or pass --num_processes, to at most {devices * machines} (GPUs per machine x machines)"
+        )
 
 
 def set_tf32(enabled: bool) -> None:

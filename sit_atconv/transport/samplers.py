@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -275,6 +276,10 @@ class SamplerConfig:
         default="mean", metadata={"help": "SDE: final deterministic step to t = 0", "choices": LAST_STEPS}
     )
     last_step_size: float = field(default=0.04, metadata={"help": "SDE: length of that final step"})
+    time_shift: float = field(
+        default=1.0,
+        metadata={"help": "SD3 time shift s of the grid, t' = s t / (1 + (s - 1) t); s > 1: more steps near noise"},
+    )
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -289,6 +294,8 @@ class SamplerConfig:
                 raise ValueError(f"unknown {option} {getattr(self, option)!r}; expected one of {list(choices)}")
         if self.mode == "sde" and self.last_step != "none" and not 0 < self.last_step_size < 1:
             raise ValueError(f"last_step_size must be in (0, 1), got {self.last_step_size}")
+        if not isinstance(self.time_shift, (int, float)) or not 0 < self.time_shift < math.inf:
+            raise ValueError(f"time_shift must be a finite number > 0 (1: no shift), got {self.time_shift!r}")
 
     @classmethod
     def from_name(cls, name: str, **options) -> SamplerConfig:
@@ -315,9 +322,15 @@ class SamplerConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-def time_grid(t_start: float, t_end: float, points: int) -> torch.Tensor:
-    """`points` equally spaced times from t_start down to t_end, float64."""
-    return torch.linspace(t_start, t_end, points, dtype=torch.float64)
+def time_grid(t_start: float, t_end: float, points: int, shift: float = 1.0) -> torch.Tensor:
+    """`points` times from t_start down to t_end, float64: equally spaced, or with `shift` s != 1 the time
+    shift of SD3 (Esser et al. 2024) and LightningDiT, u' = s u / (1 + (s - 1) u), applied to each point's
+    position u in [0, 1] between t_end (u = 0) and t_start (u = 1). In this project's convention (t = 1 noise,
+    t = 0 data) s > 1 moves the steps towards the noise end, where few-step samplers need them; the ends stay."""
+    u = torch.linspace(1.0, 0.0, points, dtype=torch.float64)
+    if shift != 1.0:
+        u = shift * u / (1 + (shift - 1) * u)
+    return t_end + (t_start - t_end) * u
 
 
 def sampling_grid(transport: Transport, config: SamplerConfig) -> torch.Tensor:
@@ -325,7 +338,8 @@ def sampling_grid(transport: Transport, config: SamplerConfig) -> torch.Tensor:
 
     ODE: num_steps + 1 points (adaptive solvers such as dopri5 take only its ends). SDE: num_steps
     points from t = 1 (or 1 - eps) to `last_step_size`, then the end of the final deterministic step (0,
-    or eps where the path or the prediction is singular there) unless last_step is "none"."""
+    or eps where the path or the prediction is singular there) unless last_step is "none". Both are spaced
+    evenly or, with `config.time_shift`, shifted (`time_grid`); the final SDE step is not shifted."""
     sde = config.mode == "sde"
     last = config.last_step if sde else "none"
     t_min, t_max = transport.time_interval(
@@ -335,8 +349,8 @@ def sampling_grid(transport: Transport, config: SamplerConfig) -> torch.Tensor:
         diffusion_form=config.diffusion_form,
     )
     if not sde:
-        return time_grid(t_max, t_min, config.num_steps + 1)
-    ts = time_grid(t_max, t_min, config.num_steps)
+        return time_grid(t_max, t_min, config.num_steps + 1, config.time_shift)
+    ts = time_grid(t_max, t_min, config.num_steps, config.time_shift)
     if last == "none":
         return ts
     t_end = 0.0 if transport.path.name != "vp" and transport.prediction == "velocity" else transport.sample_eps
