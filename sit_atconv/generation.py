@@ -138,11 +138,19 @@ def grid_classes(num_classes: int, classes: Sequence[int] | None = None) -> list
     return [i % num_classes for i in range(max(8, min(num_classes, 10)))]
 
 
+MIN_CELL = 96  # px: small images (the 16 px demo digits) are enlarged to at least this to be judged by eye
+
+
 def save_labelled_grid(images: torch.Tensor, captions: Sequence[str], path: str | Path, columns: int = 8) -> Path:
-    """Tile images (B, 3, H, W) in [-1, 1] into a PNG with a caption above each tile; written atomically."""
+    """Tile images (B, 3, H, W) in [-1, 1] into a PNG with a caption above each tile; written atomically.
+    Images smaller than MIN_CELL px are enlarged by a whole factor with nearest-neighbour (every generated
+    pixel stays a sharp square)."""
     from PIL import Image, ImageDraw
 
     pixels = to_uint8_nhwc(images).cpu().numpy()
+    factor = math.ceil(MIN_CELL / min(pixels.shape[1:3]))
+    if factor > 1:
+        pixels = pixels.repeat(factor, axis=1).repeat(factor, axis=2)
     count, height, width, _ = pixels.shape
     columns = min(columns, count)
     rows = math.ceil(count / columns)

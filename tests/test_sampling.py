@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import launch_two_processes, single_thread_env, tiny_sit, tiny_vae
 from PIL import Image
 
 import sample as sample_cli
 from sit_atconv import generation
+from sit_atconv.constants import to_uint8_nhwc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,3 +165,27 @@ def test_compiled_sampling_and_the_default_precision(assets, tmp_path, monkeypat
     with np.load(tmp_path / "eager.npz") as eager, np.load(tmp_path / "compiled.npz") as compiled:
         assert np.abs(eager["arr_0"].astype(int) - compiled["arr_0"].astype(int)).max() <= 1  # uint8 rounding
     assert json.loads((tmp_path / "compiled.json").read_text())["settings"]["precision"] == "fp32"
+
+
+def test_small_images_are_enlarged_in_grids_pixel_for_pixel(tmp_path):
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1  # the demo's 16 px
+    path = generation.save_labelled_grid(images, ["0", "1", "2"], tmp_path / "grid.png", columns=3)
+    grid = np.asarray(Image.open(path))
+    factor, cell, pad, caption = 6, 96, 2, 14  # ceil(96 / 16) = 6: every cell at least MIN_CELL px
+    assert grid.shape == (pad + caption + cell + pad, pad + 3 * (cell + pad), 3)
+    expected = to_uint8_nhwc(images)[1].numpy().repeat(factor, 0).repeat(factor, 1)  # nearest neighbour
+    top, left = pad + caption, pad + (cell + pad)
+    assert np.array_equal(grid[top : top + cell, left : left + cell], expected)
+    large = generation.save_labelled_grid(torch.zeros(1, 3, 128, 128), ["x"], tmp_path / "large.png")
+    assert Image.open(large).size == (128 + 2 * pad, 128 + caption + 2 * pad)  # large images stay as they are
+
+
+def test_loss_plot_shows_the_last_preview_beside_the_curve(tmp_path):
+    from sit_atconv.training.logs import plot_losses
+
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("step,loss\n10,1.0\n20,0.5\n")
+    alone = Image.open(plot_losses(metrics, tmp_path / "alone.png")).size
+    preview = generation.save_labelled_grid(torch.zeros(2, 3, 16, 16), ["0", "1"], tmp_path / "step_00000020.png")
+    both = Image.open(plot_losses(metrics, tmp_path / "both.png", preview)).size
+    assert both[0] > 1.5 * alone[0]

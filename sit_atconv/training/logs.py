@@ -144,7 +144,8 @@ class TrainingLog:
     def close(self, plot_path: Path | None = None) -> None:
         self.bar.close()
         if plot_path is not None and self.accelerator.is_main_process:
-            plot_losses(self.metrics_path, plot_path)
+            previews = sorted((self.metrics_path.parent / "samples").glob("step_*.png"))  # zero-padded steps
+            plot_losses(self.metrics_path, plot_path, previews[-1] if previews else None)
 
     def _append(self, row: dict) -> None:
         new = not self.metrics_path.exists()
@@ -168,8 +169,9 @@ class TrainingLog:
             writer.writerows(rows)
 
 
-def plot_losses(metrics_path: Path, path: Path) -> Path | None:
-    """loss.png from metrics.csv (skipped when matplotlib is missing or nothing was logged)."""
+def plot_losses(metrics_path: Path, path: Path, preview: Path | None = None) -> Path | None:
+    """loss.png from metrics.csv (skipped when matplotlib is missing or nothing was logged), with the grid
+    `preview` (a PNG, e.g. the last EMA preview) beside the curve when given."""
     if not metrics_path.exists():
         return None
     try:
@@ -183,7 +185,17 @@ def plot_losses(metrics_path: Path, path: Path) -> Path | None:
         rows = list(csv.DictReader(f))
     steps = [int(r["step"]) for r in rows]
     values = [float(r["loss"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    if preview is not None:
+        from PIL import Image
+
+        fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.2]})
+        with Image.open(preview) as grid:
+            right.imshow(grid.convert("RGB"), interpolation="nearest")
+        step = preview.stem.rpartition("_")[2]
+        right.set_title(f"EMA samples at step {int(step)}" if step.isdigit() else preview.name, fontsize=9)
+        right.axis("off")
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, values)
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss")
