@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sit_atconv.generation import (
+    PRECISIONS,
     GenerationConfig,
     check_generation,
     check_guidance,
@@ -42,7 +43,6 @@ from sit_atconv.models.loading import load_model, resolve_model_folder, sampling
 from sit_atconv.transport import PATHS, PREDICTIONS, SamplerConfig
 from sit_atconv.vae import SD_VAE_DEFAULT, vae_for_model
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 GUIDANCE_FLAGS = ("--cfg", "--guidance-low", "--guidance-high", "--cfg-channels")
 
 

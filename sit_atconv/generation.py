@@ -25,6 +25,7 @@ from sit_atconv.sharded_npz import ShardedNpz
 from sit_atconv.transport import SampleNoise, SamplerConfig, Transport, guided_predictor, sample
 
 IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision -> the model's autocast dtype
 
 
 @dataclass
@@ -221,7 +222,8 @@ def sample_to_npz(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> dict:
-    """Sample indices 0..num_samples-1 across the processes of `accelerator` into `out` (.npz, resumable)."""
+    """Sample indices 0..num_samples-1 across the processes of `accelerator` into `out` (.npz, resumable; a
+    finished `out` of the same settings is kept and its record returned). Returns the record's info."""
     from tqdm import tqdm
 
     labels_all = class_labels(num_samples, model.config.num_classes, label_mode, config.seed)
@@ -234,6 +236,9 @@ def sample_to_npz(
         generation=asdict(config),
     )
     run = ShardedNpz(out, num_samples, batch_size, settings)
+    finished = run.finished()
+    if finished is not None:  # the same command ran to its end before: nothing to sample
+        return finished
     if accelerator.is_main_process:
         run.prepare()
     accelerator.wait_for_everyone()

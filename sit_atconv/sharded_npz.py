@@ -88,6 +88,17 @@ class ShardedNpz:
         self.fingerprint = run_fingerprint(settings)
         self.shards = shard_ranges(num_samples, shard_size)
 
+    def finished(self) -> dict | None:
+        """The record of a finished run of these settings (`out` and a record with this fingerprint), else None:
+        re-running a finished command then reads it instead of sampling again."""
+        if not (self.out.is_file() and self.record.is_file()):
+            return None
+        try:
+            record = json.loads(self.record.read_text())
+        except ValueError:
+            return None
+        return record if isinstance(record, dict) and record.get("fingerprint") == self.fingerprint else None
+
     def shard_path(self, start: int, end: int) -> Path:
         return self.work_dir / f"shard_{self.fingerprint}_{start:08d}_{end:08d}.npz"
 

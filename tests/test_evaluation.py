@@ -1,5 +1,6 @@
 """Evaluation: metrics vs closed forms, Inception features, eval_fid.py end to end, agreement with torch-fidelity."""
 
+import functools
 import hashlib
 import json
 import math
@@ -14,6 +15,7 @@ import eval_fid
 from sit_atconv.evaluation import evaluator as evaluation
 from sit_atconv.evaluation import metrics
 from sit_atconv.evaluation.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from sit_atconv.io import file_sha256
 
 
 def test_fid_of_gaussians_matches_closed_form():
@@ -302,3 +304,132 @@ def test_fid_helper_remap_equals_its_torchscript_features(tmp_path):
     torch.save(state | {"Mixed_6d.branch1x1.conv.weight": torch.zeros(1, 1, 1, 1)}, tmp_path / "bad.pth")
     with pytest.raises(RuntimeError, match="size mismatch for Mixed_6d.branch1x1.conv.weight"):
         evaluation.InceptionFeatures(tmp_path / "bad.pth")
+
+
+# ------------------------------------------------------------------------------------------------
+# FD_DINOv2
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dinov2(tmp_path_factory):
+    """A ViT-S/14 DINOv2 with random weights saved as the released files are, at the native 518 px (a 37 x 37
+    position grid); its LayerScales set to 1 (timm's 1e-5 would make the CLS token nearly independent of the
+    image). Returns (weights file, the literal 224 px model, a file of other weights)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, num_classes=0).eval()
+    state = {key: value.fill_(1.0) if key.endswith(".gamma") else value for key, value in vit.state_dict().items()}
+    state["pos_embed"] = torch.randn(1, 1 + 37 * 37, 384) * 0.5
+    folder = tmp_path_factory.mktemp("dinov2")
+    save_file(state, folder / "dinov2_s.safetensors")
+    save_file(state | {"cls_token": state["cls_token"] + 1}, folder / "dinov2_s_other.safetensors")
+    # The official DINOv2 interpolation of the 37 x 37 grid to 224 px inputs: scale factor 16.1 / 37, no antialiasing
+    grid = state["pos_embed"][:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, scale_factor=16.1 / 37, mode="bicubic", align_corners=False)
+    vit.load_state_dict(state | {"pos_embed": torch.cat([state["pos_embed"][:, :1], grid.flatten(2).mT], dim=1)})
+    return folder / "dinov2_s.safetensors", vit, folder / "dinov2_s_other.safetensors"
+
+
+def literal_dinov2_features(vit, images: np.ndarray) -> np.ndarray:
+    """dgm-eval/EDM2's FD_DINOv2 features written out: uint8 (N, H, W, 3) resized to 224 (bicubic, antialiased),
+    / 255, ImageNet mean/std, the 224 px ViT, the CLS token after the final norm: (N, 384)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", antialias=True) / 255
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    with torch.no_grad():
+        return vit.forward_features((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))[:, 0].double().numpy()
+
+
+def no_inception(*args, **kwargs):
+    raise AssertionError("the Inception was built for fd_dinov2 alone")
+
+
+def test_eval_fid_fd_dinov2_is_the_literal_fd_and_caches_the_reference_per_weights(
+    dinov2, tmp_path, monkeypatch, capsys
+):
+    # A low-rank product of covariances (a few samples of 384-d features) and no Inception: fd_dinov2 alone
+    monkeypatch.setattr(metrics, "sqrtm", low_rank_sqrtm)
+    monkeypatch.setattr(evaluation, "InceptionFeatures", no_inception)
+    calls = []
+    compute = evaluation.compute_dinov2_features
+
+    def recorded(images, *args, **kwargs):
+        calls.append(compute(images, *args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(evaluation, "compute_dinov2_features", recorded)
+    monkeypatch.setattr(evaluation, "load_dinov2", functools.cache(evaluation.load_dinov2))  # once per weights file
+    weights, vit, other_weights = dinov2
+    rng = np.random.default_rng(1)
+    real, fake = rng.integers(0, 256, (3, 16, 16, 3), np.uint8), rng.integers(0, 256, (2, 16, 16, 3), np.uint8)
+    samples, reference = write_npz(tmp_path / "samples.npz", fake), write_npz(tmp_path / "ref.npz", real)
+    argv = ["--ref", str(reference), "--metrics", "fd_dinov2", "--dinov2", "dinov2-vit-s", "--dinov2-weights"]
+
+    with pytest.warns(UserWarning, match="covariance is singular"):
+        first = eval_fid.main([str(samples), *argv, str(weights)])
+    real_features, fake_features = calls
+    literal = literal_dinov2_features(vit, np.concatenate([fake, real[:1]]))
+    np.testing.assert_allclose(np.concatenate([fake_features, real_features[:1]]), literal, rtol=1e-4, atol=1e-4)
+    with pytest.warns(UserWarning, match="covariance is singular"):
+        by_hand = frechet_distance(*feature_statistics(fake_features), *feature_statistics(real_features))
+    assert first["fd_dinov2"] == pytest.approx(by_hand, rel=1e-9) and first["fd_dinov2"] > 1
+    printed = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
+    assert printed == {"fd_dinov2": first["fd_dinov2"], "fd_dinov2_encoder": "dinov2-vit-s"} | {
+        "num_samples": 2,
+        "num_reference": 3,
+    }
+    assert json.loads((tmp_path / "samples.npz.metrics.json").read_text()) == first
+    caches = list(tmp_path.glob(".ref.npz.*"))  # the DINOv2 cache alone: no Inception pass, no Inception cache
+    assert [path.name.split(".")[4] for path in caches] == [f"dinov2-vit-s-{file_sha256(weights)[:16]}"]
+
+    calls.clear()  # the reference against itself, its features from the cache: the samples' pass alone
+    with pytest.warns(UserWarning, match="covariance is singular"):
+        itself = eval_fid.main([str(reference), *argv, str(weights)])
+    assert [len(features) for features in calls] == [3]
+    assert abs(itself["fd_dinov2"]) < 1e-5  # float64 rounding in the square root
+
+    # Other weights must not read the first weights' cache. Only which passes run matters here, so the ViT's
+    # forward (the slow part of this test) is replaced by stand-in features.
+    passes = []
+
+    def stand_in(images, extractor, **kwargs):
+        passes.append((len(images), extractor.cache_key))
+        return np.random.default_rng(len(passes)).normal(size=(len(images), extractor.embed_dim))
+
+    monkeypatch.setattr(evaluation, "compute_dinov2_features", stand_in)
+    with pytest.warns(UserWarning, match="covariance is singular"):
+        eval_fid.main([str(samples), *argv, str(other_weights)])
+    other_key = f"dinov2-vit-s-{file_sha256(other_weights)[:16]}"
+    assert passes == [(3, other_key), (2, other_key)]
+    assert len(list(tmp_path.glob(f".ref.npz.*.{other_key}.features-v*.npz"))) == 1
+
+
+def test_metric_names_are_checked(tmp_path, capsys):
+    assert evaluation.parse_metrics("fid, fd_dinov2,fid") == ("fid", "fd_dinov2")
+    assert evaluation.parse_metrics(["is"]) == ("is",)
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \[''\]"):
+        evaluation.parse_metrics("")
+    with pytest.raises(SystemExit) as exit_:
+        eval_fid.main([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "r.npz"), "--metrics", "fid,bogus"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --metrics: unknown metric(s) ['bogus']" in err and "fid, sfid, is, pr, fd_dinov2" in err
+
+
+def test_dinov2_weights_errors_name_the_flag(dinov2, tmp_path, monkeypatch):
+    from sit_atconv.evaluation.dinov2 import load_dinov2
+    from sit_atconv.repa import EncoderWeightsError
+
+    monkeypatch.setattr(evaluation, "InceptionFeatures", no_inception)
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    samples, reference = write_npz(tmp_path / "s.npz", images), write_npz(tmp_path / "r.npz", images)
+    with pytest.raises(EncoderWeightsError, match="could not load the weights of dinov2-vit-s.*--dinov2-weights /"):
+        evaluation.evaluate(samples, reference, metrics="fd_dinov2", dinov2="dinov2-vit-s")  # offline (conftest)
+    with pytest.raises(EncoderWeightsError, match="cannot be loaded into dinov2-vit-s-reg .*another encoder's file"):
+        load_dinov2("dinov2-vit-s-reg", dinov2[0])  # the file of the ViT-S without registers
+    with pytest.raises(ValueError, match="unknown DINOv2 encoder 'clip'"):
+        load_dinov2("clip")
+    assert sorted(tmp_path.iterdir()) == sorted([samples, reference])  # nothing cached, nothing written

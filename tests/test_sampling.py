@@ -80,6 +80,13 @@ def test_crash_then_rerun_finishes_without_recomputing(assets, tmp_path, monkeyp
     with np.load(out) as a, np.load(reference) as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
 
+    calls.clear()  # the same command once more: finished, nothing sampled, nothing rewritten
+    written = out.stat().st_mtime_ns
+    run(assets, "--num-samples", "12", "--batch-size", "4", "--out", str(out))
+    assert calls == [] and out.stat().st_mtime_ns == written
+    run(assets, "--num-samples", "12", "--batch-size", "4", "--out", str(out), "--cfg", "1.5")  # other settings
+    assert len(calls) == 3
+
 
 def test_two_processes_give_identical_bytes(assets, tmp_path):
     single, double = tmp_path / "single.npz", tmp_path / "double.npz"

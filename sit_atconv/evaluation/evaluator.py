@@ -4,6 +4,7 @@ Per image (uint8, resized to 299 by TF1-style bilinear interpolation inside the 
     pool     (2048,)  pool3, for FID and precision/recall
     spatial  (2023,)  the first 7 channels of Mixed_6d.branch1x1 (TF: mixed_6/conv) at 17 x 17, NHWC order, sFID
     logits   (1008,)  pool3 @ W without bias (`logits_unbiased`), for the Inception Score
+and, for FD_DINOv2, the final CLS token of a DINOv2 ViT (dinov2.py; 1024-d for the default ViT-L/14).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from sit_atconv.data.images import is_image_file
+from sit_atconv.evaluation.dinov2 import DEFAULT_DINOV2, DINOv2Features, compute_dinov2_features, load_dinov2
 from sit_atconv.evaluation.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 from sit_atconv.io import file_sha256, is_writable, write_json_atomic, write_npz_atomic
 
@@ -31,6 +33,22 @@ TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 FEATURES_FORMAT = 1
 STATISTICS = ("mu", "sigma", "mu_s", "sigma_s")
 CACHED_KEYS = ("image_size", "pool", "spatial", "logits", *STATISTICS)
+DINOV2_CACHED_KEYS = ("image_size", "dinov2", "mu_dinov2", "sigma_dinov2")
+# --metrics names: fid, sfid, is (Inception Score), pr (precision and recall) on the Inception; fd_dinov2 on DINOv2
+METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
+DEFAULT_METRICS = ("fid", "sfid", "is", "pr")  # the ADM set; fd_dinov2 is opt-in, it needs DINOv2 weights
+INCEPTION_METRICS = ("fid", "sfid", "is", "pr")
+
+
+def parse_metrics(metrics: str | Iterable[str]) -> tuple[str, ...]:
+    """The metric names of a comma-separated string ("fid,fd_dinov2") or a list, in order, without repeats;
+    an unknown or empty entry is a ValueError listing the valid names."""
+    names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    names = [name.strip() for name in names]
+    unknown = [name for name in names if name not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric(s) {unknown} in {metrics!r}; the metrics are {', '.join(METRICS)}")
+    return tuple(dict.fromkeys(names))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,10 +331,12 @@ def user_cache_dir() -> Path:
     return Path(root) / "sit-atconv" / "fid"
 
 
-def reference_cache_file(path: Path, cache_dir: Path | None) -> Path:
-    """Where the features of reference `path` are cached: keyed by its content and by FEATURES_FORMAT; by
-    default next to it (inside a reference folder), or in `user_cache_dir()` when that place is read-only."""
-    name = f".{path.name}.{file_digest(path)}.features-v{FEATURES_FORMAT}.npz"
+def reference_cache_file(path: Path, cache_dir: Path | None, kind: str = "features", digest: str | None = None) -> Path:
+    """Where the features of reference `path` are cached: keyed by its content (`digest`, file_digest(path) when
+    None), by `kind` (Inception "features", or "<encoder>-<weights>.features" for DINOv2, e.g.
+    "dinov2-vit-l-hub.features") and by FEATURES_FORMAT; by default next to it (inside a reference folder), or
+    in `user_cache_dir()` when that place is read-only."""
+    name = f".{path.name}.{digest or file_digest(path)}.{kind}-v{FEATURES_FORMAT}.npz"
     if cache_dir is not None:
         return Path(cache_dir) / name
     beside = path.parent if path.is_file() else path
@@ -331,22 +351,42 @@ def reference_cache_file(path: Path, cache_dir: Path | None) -> Path:
     return fallback
 
 
+def read_cache(cache_file: Path | None, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """The cached arrays `keys`, or None (no cache, or one that is unreadable or incomplete: a warning)."""
+    if cache_file is None or not cache_file.is_file():
+        return None
+    try:
+        cached = read_npz(cache_file, keys)
+    except (ValueError, OSError) as error:
+        warnings.warn(f"ignoring the reference feature cache: {error}", stacklevel=3)
+        return None
+    missing = sorted(set(keys) - set(cached))
+    if missing:
+        warnings.warn(f"ignoring the reference feature cache {cache_file}: it lacks {missing}", stacklevel=3)
+        return None
+    return cached
+
+
+def write_cache(cache_file: Path | None, arrays: dict[str, np.ndarray]) -> None:
+    """The cache only saves time: one that cannot be written is skipped with a warning."""
+    if cache_file is None:
+        return
+    try:
+        write_npz_atomic(cache_file, **arrays)
+    except OSError as error:  # atomic_output leaves nothing behind and names the file
+        warnings.warn(f"could not cache the reference features: {error}", stacklevel=3)
+
+
 def reference_features(
-    path: Path, extractor: InceptionFeatures, cache_dir: Path | None, use_cache: bool, **kwargs
+    path: Path, extractor: InceptionFeatures, cache_dir: Path | None, use_cache: bool, digest=None, **kwargs
 ) -> dict[str, np.ndarray]:
     """Features and statistics of a reference (.npz, folder, or ADM batch with mu/sigma/mu_s/sigma_s), cached
     under a key derived from the file's hash (and the cache format) so the 10K/50K reference is processed once.
     The cache only saves time: one that cannot be read is recomputed, one that cannot be written is skipped."""
-    cache_file = reference_cache_file(path, cache_dir) if use_cache else None
-    if cache_file is not None and cache_file.is_file():
-        try:
-            cached = read_npz(cache_file, CACHED_KEYS)
-            missing = sorted(set(CACHED_KEYS) - set(cached))
-            if not missing:
-                return cached
-            warnings.warn(f"ignoring the reference feature cache {cache_file}: it lacks {missing}", stacklevel=2)
-        except (ValueError, OSError) as error:
-            warnings.warn(f"ignoring the reference feature cache: {error}", stacklevel=2)
+    cache_file = reference_cache_file(path, cache_dir, digest=digest) if use_cache else None
+    cached = read_cache(cache_file, CACHED_KEYS)
+    if cached is not None:
+        return cached
     reference = {}
     if path.is_file():
         for key, value in read_npz(path, STATISTICS).items():
@@ -360,11 +400,28 @@ def reference_features(
     for key in STATISTICS:
         if not np.isfinite(reference[key]).all():
             raise ValueError(f"reference {path}: '{key}' contains NaN or inf")
-    if cache_file is not None:
-        try:
-            write_npz_atomic(cache_file, **reference)
-        except OSError as error:  # atomic_output leaves nothing behind and names the file
-            warnings.warn(f"could not cache the reference features: {error}", stacklevel=2)
+    write_cache(cache_file, reference)
+    return reference
+
+
+def reference_dinov2_features(
+    path: Path, extractor: DINOv2Features, cache_dir: Path | None, use_cache: bool, digest=None, **kwargs
+) -> dict[str, np.ndarray]:
+    """DINOv2 features (N, D) and their statistics mu_dinov2/sigma_dinov2 of a reference, always from its images
+    (ADM batches carry no DINOv2 statistics), cached like `reference_features` in a file of their own whose name
+    holds the encoder and its weights (`extractor.cache_key`), so another encoder never reads these features."""
+    kind = f"{extractor.cache_key}.features"
+    cache_file = reference_cache_file(path, cache_dir, kind, digest) if use_cache else None
+    cached = read_cache(cache_file, DINOV2_CACHED_KEYS)
+    if cached is not None:
+        return cached
+    images = load_images(path)
+    reference = {"image_size": np.array(images.shape[1:3])}
+    reference["dinov2"] = compute_dinov2_features(images, extractor, **kwargs)
+    reference["mu_dinov2"], reference["sigma_dinov2"] = feature_statistics(reference["dinov2"])
+    if not np.isfinite(reference["dinov2"]).all():
+        raise ValueError(f"reference {path}: its DINOv2 features contain NaN or inf")
+    write_cache(cache_file, reference)
     return reference
 
 
@@ -378,35 +435,62 @@ def evaluate(
     use_cache: bool = True,
     progress: bool = True,
     download: bool = True,
+    metrics: str | Iterable[str] = DEFAULT_METRICS,
+    dinov2: str = DEFAULT_DINOV2,
+    dinov2_weights: str | Path | None = None,
 ) -> dict:
-    """FID, sFID, IS, precision and recall of `samples` against `reference` (ADM definitions)."""
+    """The `metrics` (names of METRICS, or a comma-separated string) of `samples` against `reference`: FID,
+    sFID, IS, precision and recall with ADM's definitions on the TF-FID Inception, FD_DINOv2 on the CLS token of
+    the DINOv2 encoder `dinov2` (dinov2.py). Only what the metrics need is built and run: no Inception for
+    fd_dinov2 alone, no reference pass for IS alone. Results: the requested entries among fid, sfid,
+    inception_score, precision/recall, fd_dinov2 with fd_dinov2_encoder, then num_samples, num_reference,
+    samples, reference."""
+    metrics = parse_metrics(metrics)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     samples, reference = Path(samples), Path(reference)
     # Both inputs are checked from their headers first: the reference pass takes minutes on 10K-50K images.
-    _, *sample_size = image_layout(samples)
-    _, *reference_size = image_layout(reference)
+    num_samples, *sample_size = image_layout(samples)
+    num_reference, *reference_size = image_layout(reference)
     if sample_size != reference_size:
         raise ValueError(
             f"{samples} images are {tuple(sample_size)} but the reference {reference} is {tuple(reference_size)}; "
             "resize one of them (ADM compares same-size images)"
         )
-    extractor = InceptionFeatures(inception_weights, download).eval()
+    # Every network is loaded before any feature pass, so missing weights fail in seconds.
+    inception = InceptionFeatures(inception_weights, download).eval() if set(metrics) & set(INCEPTION_METRICS) else None
+    encoder = load_dinov2(dinov2, dinov2_weights) if "fd_dinov2" in metrics else None
     options = {"batch_size": batch_size, "device": device, "progress": progress}
-    ref = reference_features(reference, extractor, Path(cache_dir) if cache_dir else None, use_cache, **options)
-    images = load_images(samples)
-    fake = compute_features(images, extractor, **options)
-    mu, sigma = feature_statistics(fake["pool"])
-    mu_s, sigma_s = feature_statistics(fake["spatial"])
-    precision, recall = precision_recall(ref["pool"], fake["pool"], device=device)
-    return {
-        "fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
-        "sfid": frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"]),
-        "inception_score": inception_score(fake["logits"]) if extractor.has_classifier else None,
-        "precision": precision,
-        "recall": recall,
-        "num_samples": int(images.shape[0]),
-        "num_reference": int(ref["pool"].shape[0]),
+    cache_dir = Path(cache_dir) if cache_dir else None
+    reference_pass = bool({"fid", "sfid", "pr", "fd_dinov2"} & set(metrics))
+    digest = file_digest(reference) if use_cache and reference_pass else None  # hashed once for both caches
+    images = None
+    results = {}
+    if inception is not None:
+        ref = None
+        if {"fid", "sfid", "pr"} & set(metrics):
+            ref = reference_features(reference, inception, cache_dir, use_cache, digest, **options)
+        images = load_images(samples)
+        fake = compute_features(images, inception, **options)
+        if "fid" in metrics:
+            mu, sigma = feature_statistics(fake["pool"])
+            results["fid"] = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+        if "sfid" in metrics:
+            mu_s, sigma_s = feature_statistics(fake["spatial"])
+            results["sfid"] = frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"])
+        if "is" in metrics:
+            results["inception_score"] = inception_score(fake["logits"]) if inception.has_classifier else None
+        if "pr" in metrics:
+            results["precision"], results["recall"] = precision_recall(ref["pool"], fake["pool"], device=device)
+    if encoder is not None:
+        ref = reference_dinov2_features(reference, encoder, cache_dir, use_cache, digest, **options)
+        images = load_images(samples) if images is None else images
+        mu, sigma = feature_statistics(compute_dinov2_features(images, encoder, **options))
+        results["fd_dinov2"] = frechet_distance(mu, sigma, ref["mu_dinov2"], ref["sigma_dinov2"])
+        results["fd_dinov2_encoder"] = encoder.name
+    return results | {
+        "num_samples": int(num_samples),
+        "num_reference": int(num_reference),
         "samples": str(samples),
         "reference": str(reference),
     }

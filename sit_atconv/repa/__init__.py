@@ -90,29 +90,53 @@ class REPAEncoder(nn.Module):
         return tokens[:, self.backbone.num_prefix_tokens :].float()
 
 
-def load_encoder(name: str, resolution: int = 256, weights: str | Path | None = None) -> REPAEncoder:
-    """A DINOv2 encoder by name, with pretrained weights from `weights` (a local .safetensors/.pth/.bin
-    file, for offline machines) or timm's hub download. Missing weights raise one clear error."""
+class EncoderWeightsError(RuntimeError):
+    """An encoder's pretrained weights could not be had: offline without a file, or a file of another model."""
+
+
+def load_backbone(
+    name: str,
+    img_size: int | None = None,
+    weights: str | Path | None = None,
+    weights_option: str = "repa.encoder_weights=/path/to/model.safetensors",
+) -> nn.Module:
+    """The timm DINOv2 ViT `name` (a key of ENCODERS) for `img_size` px inputs (None: its native 518 px),
+    without classifier, pretrained weights from `weights` (a local .safetensors/.pth/.bin file, for offline
+    machines) or timm's hub download. Missing or mismatched weights raise one EncoderWeightsError, whose
+    hint names `weights_option` (how the calling tool takes a weights file)."""
     import timm
 
     if name not in ENCODERS:
         raise ValueError(f"unknown REPA encoder {name!r}; expected one of {list(ENCODERS)}")
     timm_name = ENCODERS[name]
-    kwargs = {"img_size": encoder_resolution(resolution), "num_classes": 0}
+    kwargs = {"num_classes": 0} if img_size is None else {"img_size": img_size, "num_classes": 0}
     if weights is not None:
         weights = Path(weights)
         if not weights.is_file():
-            raise FileNotFoundError(f"REPA encoder weights {weights} do not exist")
+            raise FileNotFoundError(f"encoder weights {weights} do not exist")
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
     try:
-        backbone = timm.create_model(timm_name, pretrained=True, **kwargs)
+        return timm.create_model(timm_name, pretrained=True, **kwargs)
     except (OSError, RuntimeError, ValueError) as error:
-        raise RuntimeError(
-            f"could not load the weights of {name} ({timm_name}): {str(error).splitlines()[0]}. On an offline "
-            f"machine download them once (timm/{timm_name} on the Hugging Face hub) and pass their file with "
-            "repa.encoder_weights=/path/to/model.safetensors"
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if weights is not None:
+            # load_state_dict's first line ("Error(s) in loading state_dict for ...") names no tensor: show the next
+            reason = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s)") else lines[0] if lines else ""
+            raise EncoderWeightsError(
+                f"the weights file {weights} cannot be loaded into {name} ({timm_name}): {reason[:300].rstrip('.')}. "
+                f"Is it another encoder's file? Pass the weights of {name} (timm/{timm_name} on the Hugging Face "
+                "hub), or choose the encoder the file belongs to"
+            ) from error
+        raise EncoderWeightsError(
+            f"could not load the weights of {name} ({timm_name}): {lines[0] if lines else type(error).__name__}. "
+            f"On an offline machine download them once (timm/{timm_name} on the Hugging Face hub) and pass their "
+            f"file with {weights_option}"
         ) from error
-    return REPAEncoder(backbone, resolution)
+
+
+def load_encoder(name: str, resolution: int = 256, weights: str | Path | None = None) -> REPAEncoder:
+    """A DINOv2 encoder by name for `resolution` px images, weights as `load_backbone`."""
+    return REPAEncoder(load_backbone(name, encoder_resolution(resolution), weights), resolution)
 
 
 def check_token_counts(

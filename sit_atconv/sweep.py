@@ -1,0 +1,266 @@
+"""Guidance sweeps: sample one checkpoint over a grid of guidance settings, evaluate each, one table.
+
+    python -m sit_atconv.sweep --ckpt CKPT --ref VIRTUAL_imagenet256_labeled.npz --out runs/sweep \\
+        --cfg 1.0 1.4 1.8 2.2 --guidance-high 0.7 1.0 --num-steps 50 --num-samples 10000
+    accelerate launch -m sit_atconv.sweep ...            # sampling spread over the processes
+
+The grid is the product of --cfg, --guidance-low, --guidance-high and --num-steps (settings whose interval
+is inverted are left out). Each setting is sampled through sample.py's code (`generation.sample_to_npz`:
+balanced labels, per-sample seeds, resumable shards) into `<out>/<setting>.npz` and evaluated through
+eval_fid.py's (`evaluation.evaluate`, the reference's features cached once) into `<setting>.metrics.json`.
+`sweep.md`, `sweep.json` and `sweep.png` (metrics against the guidance scale, one line per interval and
+step count, the best FID marked) summarise them. Re-running skips evaluated settings and resumes a
+setting's unfinished sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from sit_atconv.evaluation import evaluate
+from sit_atconv.generation import PRECISIONS, GenerationConfig, check_guidance, sample_to_npz
+from sit_atconv.io import (
+    ExclusiveLock,
+    LockedError,
+    atomic_output,
+    check_output_path,
+    file_sha256,
+    lock_path,
+    non_negative_int,
+    positive_int,
+    run_cli,
+    save_figure,
+    write_json_atomic,
+)
+from sit_atconv.models.loading import load_model, resolve_model_folder, sampling_defaults
+from sit_atconv.transport import SAMPLERS, SamplerConfig
+from sit_atconv.vae import SD_VAE_DEFAULT, vae_for_model
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the grid."""
+
+    cfg: float
+    guidance_low: float
+    guidance_high: float
+    num_steps: int
+
+    @property
+    def name(self) -> str:
+        return f"cfg{self.cfg:g}_low{self.guidance_low:g}_high{self.guidance_high:g}_steps{self.num_steps}"
+
+
+def guidance_grid(cfgs, lows, highs, steps) -> list[Setting]:
+    """The product of the values, without inverted intervals; an empty grid is an error naming the values."""
+    for scale in cfgs:
+        check_guidance(scale, names=("--cfg", "", "", ""))
+    for value in (*lows, *highs):
+        check_guidance(1.0, value, value, names=("", "--guidance-low/--guidance-high", "", ""))
+    grid = [Setting(*values) for values in itertools.product(cfgs, lows, highs, steps) if values[1] <= values[2]]
+    if not grid:
+        raise ValueError(
+            f"the guidance grid is empty: --cfg {list(cfgs)}, --guidance-low {list(lows)}, --guidance-high "
+            f"{list(highs)}, --num-steps {list(steps)} (every interval inverted, or a list empty)"
+        )
+    return list(dict.fromkeys(grid))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="training checkpoint, exported model or pipeline folder")
+    p.add_argument("--ref", required=True, type=Path, help="reference batch (.npz) or image folder, as eval_fid.py")
+    p.add_argument("--out", required=True, type=Path, help="sweep folder (resumed when it exists)")
+    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="guidance scales")
+    p.add_argument("--guidance-low", type=float, nargs="+", default=[0.0], help="interval starts (t)")
+    p.add_argument("--guidance-high", type=float, nargs="+", default=[1.0], help="interval ends (t; REPA: 0.7)")
+    p.add_argument("--num-steps", type=positive_int, nargs="+", default=[50], help="sampler steps")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="euler", help="ODE/SDE sampler (sample.py's)")
+    p.add_argument("--time-shift", type=float, default=1.0, help="time shift of the grid (sample.py's)")
+    p.add_argument("--num-samples", type=positive_int, default=10_000, help="samples per setting (balanced labels)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="samples per process and forward")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--vae", help="as sample.py: AutoencoderKL folder or hub id, 'none' for pixel models")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--precision", choices=list(PRECISIONS), help="model autocast dtype (default: bf16 on CUDA)")
+    p.add_argument("--metrics", default="fid,is,pr", help="eval_fid.py's --metrics")
+    p.add_argument("--inception-weights", help="local TF-FID Inception weights (eval_fid.py)")
+    p.add_argument("--cache-dir", type=Path, help="where the reference features are cached (eval_fid.py)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        args.grid = guidance_grid(args.cfg, args.guidance_low, args.guidance_high, args.num_steps)
+        args.sampler_config = SamplerConfig.from_name(args.sampler, time_shift=args.time_shift)
+    except ValueError as error:
+        p.error(str(error))
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    check_output_path(args.out, folder=True, what="--out")
+    if not args.ref.exists():
+        raise FileNotFoundError(f"reference {args.ref} does not exist")
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main_process = accelerator.is_main_process
+    device = accelerator.device
+    recorded = sampling_defaults(args.ckpt)
+    model = load_model(args.ckpt, ema=args.ema, device=device)
+    vae_choice = args.vae or recorded.get("vae")
+    vae = vae_for_model(model, vae_choice, device)
+    weights = next(resolve_model_folder(args.ckpt, args.ema).glob("*.safetensors"), None)
+    settings = {  # what every setting's .npz record says about the model (as sample.py's)
+        "ckpt": str(Path(args.ckpt).resolve()),
+        "ema": args.ema,
+        "weights_sha256": file_sha256(weights) if weights else None,
+        "vae": None if vae is None else (vae_choice or SD_VAE_DEFAULT),
+        "precision": args.precision or ("bf16" if device.type == "cuda" else "fp32"),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    lock = ExclusiveLock(lock_path(args.out, folder=True), f"sweep folder {args.out}")
+    with lock if main_process else nullcontext():
+        for setting in args.grid:
+            results.append(run_setting(args, setting, accelerator, model, vae, settings, recorded))
+        if main_process:
+            write_summary(args, results)
+    accelerator.wait_for_everyone()
+    return results
+
+
+def run_setting(args, setting: Setting, accelerator, model, vae, settings: dict, recorded: dict) -> dict:
+    """Sample and evaluate one setting, or read back its finished evaluation."""
+    npz = args.out / f"{setting.name}.npz"
+    metrics_file = args.out / f"{setting.name}.metrics.json"
+    config = GenerationConfig(
+        sampler=SamplerConfig(**{**asdict(args.sampler_config), "num_steps": setting.num_steps}),
+        cfg_scale=setting.cfg,
+        guidance_low=setting.guidance_low,
+        guidance_high=setting.guidance_high,
+        seed=args.seed,
+        path=recorded.get("path", "linear"),
+        prediction=recorded.get("prediction", "velocity"),
+    )
+    record = {"setting": asdict(setting), "generation": asdict(config), "model": settings, "metrics": args.metrics}
+    if metrics_file.is_file():
+        previous = json.loads(metrics_file.read_text())
+        if {k: previous.get(k) for k in record} == record:
+            return previous
+    info = sample_to_npz(
+        accelerator,
+        model,
+        vae,
+        npz,
+        args.num_samples,
+        args.batch_size,
+        config,
+        settings=settings,
+        autocast_dtype=PRECISIONS[settings["precision"]],
+        progress=not args.no_progress,
+    )
+    result = dict(record)
+    if accelerator.is_main_process:
+        result["evaluation"] = evaluate(
+            npz,
+            args.ref,
+            inception_weights=args.inception_weights,
+            device=str(accelerator.device),
+            cache_dir=args.cache_dir,
+            progress=not args.no_progress,
+            metrics=args.metrics,
+        )
+        result["sampling"] = {k: info.get(k) for k in ("fingerprint", "world_size", "model_calls_per_batch")}
+        write_json_atomic(metrics_file, result)
+        print(f"[sweep] {setting.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in numbers(result).items()))
+    accelerator.wait_for_everyone()
+    return result
+
+
+METRIC_KEYS = (
+    ("fid", "FID", "{:.2f}"),
+    ("sfid", "sFID", "{:.2f}"),
+    ("inception_score", "IS", "{:.1f}"),
+    ("precision", "precision", "{:.3f}"),
+    ("recall", "recall", "{:.3f}"),
+    ("fd_dinov2", "FD_DINOv2", "{:.1f}"),
+)
+
+
+def numbers(result: dict) -> dict[str, float]:
+    """The metric values of a setting's evaluation (those that were computed)."""
+    evaluation = result.get("evaluation") or {}
+    return {key: float(evaluation[key]) for key, _, _ in METRIC_KEYS if isinstance(evaluation.get(key), (int, float))}
+
+
+def best(results: list[dict]) -> dict | None:
+    """The setting with the lowest FID (else the lowest FD_DINOv2, else the highest IS)."""
+    for key, sign in (("fid", 1), ("fd_dinov2", 1), ("inception_score", -1)):
+        scored = [r for r in results if key in numbers(r)]
+        if scored:
+            return min(scored, key=lambda r: sign * numbers(r)[key])
+    return None
+
+
+def write_summary(args, results: list[dict]) -> None:
+    columns = [(k, title, fmt) for k, title, fmt in METRIC_KEYS if any(k in numbers(r) for r in results)]
+    winner = best(results)
+    lines = [
+        f"Sweep of {args.ckpt} against {args.ref}: {args.num_samples} samples per setting, {args.sampler} sampler.",
+        "",
+        "| cfg | interval | steps | " + " | ".join(title for _, title, _ in columns) + " |",
+        "|---:|---|---:|" + "---:|" * len(columns),
+    ]
+    for result in results:
+        s = result["setting"]
+        mark = " **best**" if result is winner else ""
+        cells = " | ".join(fmt.format(numbers(result)[k]) if k in numbers(result) else "-" for k, _, fmt in columns)
+        lines.append(
+            f"| {s['cfg']:g}{mark} | [{s['guidance_low']:g}, {s['guidance_high']:g}] | {s['num_steps']} | {cells} |"
+        )
+    with atomic_output(args.out / "sweep.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    write_json_atomic(args.out / "sweep.json", {"best": winner and winner["setting"], "settings": results})
+    plot_sweep(results, winner, args.out / "sweep.png")
+
+
+def plot_sweep(results: list[dict], winner: dict | None, path: Path) -> None:
+    """Each metric against the guidance scale: one line per (interval, steps), the best setting circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [(k, title) for k, title, _ in METRIC_KEYS if any(k in numbers(r) for r in results)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    lines = {}
+    for result in results:
+        s = result["setting"]
+        lines.setdefault((s["guidance_low"], s["guidance_high"], s["num_steps"]), []).append(result)
+    for ax, (key, title) in zip(axes[0], keys, strict=True):
+        for (low, high, steps), group in lines.items():
+            points = sorted((r["setting"]["cfg"], numbers(r)[key]) for r in group if key in numbers(r))
+            ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=f"[{low:g}, {high:g}], {steps} steps")
+        if winner is not None and key in numbers(winner):
+            ax.plot(winner["setting"]["cfg"], numbers(winner)[key], "o", ms=12, mfc="none", mec="red")
+        ax.set(xlabel="guidance scale", title=title)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+ERRORS = (ValueError, FileNotFoundError, LockedError)  # reported in one line by run_cli
+
+if __name__ == "__main__":
+    run_cli(main, ERRORS)
