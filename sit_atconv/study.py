@@ -402,7 +402,7 @@ def _metric_rows(path: Path) -> list[dict]:
 
 
 def training_losses(path: Path) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r["loss"])) for r in _metric_rows(path)]
+    return [(int(r["step"]), float(r["loss"])) for r in _metric_rows(path) if r.get("loss")]
 
 
 def final_training_loss(path: Path, steps: int) -> float:
@@ -413,7 +413,7 @@ def final_training_loss(path: Path, steps: int) -> float:
 
 def training_throughput(path: Path) -> float:
     """Median training images/s over the logged windows (the first holds the start-up, hence the median)."""
-    return statistics.median(float(r["images_per_s"]) for r in _metric_rows(path))
+    return statistics.median(float(r["images_per_s"]) for r in _metric_rows(path) if r.get("images_per_s"))
 
 
 # ------------------------------------------------------------------------------------------------

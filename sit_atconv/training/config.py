@@ -150,6 +150,25 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:  # sample with the EMA weights and score them while training (sample.py's and eval_fid.py's code)
+    every: int = at_least(0, 0)  # steps between evaluations; 0: none
+    reference: str | None = None  # ADM reference batch (.npz) or image folder, at the samples' resolution
+    num_samples: int = at_least(10_000, 1)  # samples per evaluation, balanced over the classes, over all processes
+    batch_size: int = at_least(32, 1)  # samples per process and forward
+    metrics: str = "fid,is,pr"  # eval_fid.py's --metrics (fid, sfid, is, pr, fd_dinov2)
+    sampler: str = "euler"  # a name of sit_atconv.transport.SAMPLERS (euler, heun, sde-euler, ...)
+    num_steps: int = at_least(50, 1)  # sampler steps
+    cfg: float = at_least(1.0, 0)  # classifier-free guidance scale; 1: none
+    guidance_low: float = at_least(0.0, 0, 1)  # guidance interval in t (REPA: [0, 0.7])
+    guidance_high: float = at_least(1.0, 0, 1)
+    time_shift: float = positive(1.0)  # time shift of the sampler's grid (sample.py --time-shift)
+    seed: int = at_least(0, 0)  # noise of the evaluation samples: the same at every evaluation
+    inception_weights: str | None = None  # local TF-FID Inception weights; None: eval_fid.py's search
+    dinov2_weights: str | None = None  # local DINOv2 weights for fd_dinov2; None: timm's hub
+    keep_samples: bool = False  # keep each evaluation's .npz (eval/step_N.npz); else only its metrics JSON
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -159,6 +178,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config)]

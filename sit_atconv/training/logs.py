@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sit_atconv.io import atomic_output, named_os_error, save_figure
 from sit_atconv.training.config import flatten
+from sit_atconv.training.evaluation import EVAL_FIELDS
 
 METRIC_FIELDS = (
     "step",
@@ -24,6 +25,7 @@ METRIC_FIELDS = (
     "steps_per_s",
     "peak_memory_mib",
     "skipped",
+    *EVAL_FIELDS,  # filled at the steps of eval.every
 )
 
 
@@ -141,6 +143,22 @@ class TrainingLog:
             self._append(row)
         self.window_start, self.window_steps = time.perf_counter(), 0
 
+    def add_evaluation(self, step: int, results: dict | None) -> None:
+        """An evaluation's numbers (`results` on the main process, None elsewhere) into the row of `step` of
+        metrics.csv (a row of their own when the step logged none), to the trackers and the console."""
+        if results is None:
+            return
+        numbers = {key: results[key] for key in EVAL_FIELDS if isinstance(results.get(key), (int, float))}
+        if self.tracking:
+            self.accelerator.log({f"eval/{key}": value for key, value in numbers.items()}, step=step)
+        self.bar.write(f"step {step}: " + ", ".join(f"{key} {value:.4g}" for key, value in numbers.items()))
+        rows = self._rows()
+        row = next((r for r in rows if int(r["step"]) == step), None)
+        if row is None:
+            rows.append(row := {"step": step})
+        row.update(numbers)
+        self._rewrite(rows)
+
     def close(self, plot_path: Path | None = None) -> None:
         self.bar.close()
         if plot_path is not None and self.accelerator.is_main_process:
@@ -159,12 +177,18 @@ class TrainingLog:
             raise named_os_error(error, self.metrics_path) from error
 
     def _truncate(self, step: int) -> None:
+        if self.metrics_path.exists():  # rewritten also to bring an older file's columns up to METRIC_FIELDS
+            self._rewrite([r for r in self._rows() if int(r["step"]) <= step])
+
+    def _rows(self) -> list[dict]:
         if not self.metrics_path.exists():
-            return
+            return []
         with open(self.metrics_path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+            return list(csv.DictReader(f))
+
+    def _rewrite(self, rows: list[dict]) -> None:
         with atomic_output(self.metrics_path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 
@@ -183,6 +207,7 @@ def plot_losses(metrics_path: Path, path: Path, preview: Path | None = None) -> 
         return None
     with open(metrics_path, newline="") as f:
         rows = list(csv.DictReader(f))
+    rows = [r for r in rows if r.get("loss")]  # an evaluation's own row has no loss
     steps = [int(r["step"]) for r in rows]
     values = [float(r["loss"]) for r in rows]
     if preview is not None:

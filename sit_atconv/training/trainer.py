@@ -4,6 +4,7 @@ Run folder layout:
     config.yaml                       the resolved configuration
     checkpoints/                      see `sit_atconv.training.checkpoint`
     metrics.csv, loss.png, samples/   logged scalars, the loss plot, periodic EMA grids
+    eval/                             metrics of the evaluations during training (eval.every; evaluation.py)
     logs/                             tracker output (TensorBoard by default)
 
 A run folder is written by one run at a time (an exclusive lock naming the holder). Before anything is
@@ -51,6 +52,7 @@ from sit_atconv.training.checkpoint import (
     saved_config,
 )
 from sit_atconv.training.config import model_overrides, resume_changes, save_config
+from sit_atconv.training.evaluation import TrainingEvaluation, check_eval_config
 from sit_atconv.training.logs import TrainingLog, record_config_changes
 from sit_atconv.transport import SamplerConfig, Transport, sample_seed
 
@@ -273,6 +275,17 @@ def preview_autoencoder(config: DictConfig, accelerator):
     return False
 
 
+def training_evaluation(config: DictConfig, accelerator, run_dir: Path, sit) -> TrainingEvaluation | None:
+    """The run's `eval.every` evaluations (every process samples), or None when they are off."""
+    if not config.eval.every:
+        return None
+    if config.data.kind != "latents":
+        return TrainingEvaluation(config, accelerator, run_dir, image_size=config.data.resolution)
+    vae = autoencoder.load_vae(config.log.preview_vae, accelerator.device)
+    size = sit.config.input_size * autoencoder.downsample_factor(vae)
+    return TrainingEvaluation(config, accelerator, run_dir, vae, image_size=size)
+
+
 def preview(config: DictConfig, ema, vae, device: torch.device, path: Path) -> None:
     """An EMA sample grid with the transport sampler (decoded with `vae` for latent models)."""
     generation = GenerationConfig(
@@ -389,6 +402,7 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
     """Train until config.train.max_steps; returns the run folder, final step and per-step losses."""
     run_dir = Path(config.run.output_dir)
     check_output_path(run_dir, folder=True, what="run folder")
+    check_eval_config(config, config.data.resolution if config.data.kind == "digits" else None)
     accelerator = start_run(config, run_dir)
     main = accelerator.is_main_process
     lock = ExclusiveLock(lock_path(run_dir, folder=True), f"run folder {run_dir}") if main else nullcontext()
@@ -449,6 +463,7 @@ def train_loop(config: DictConfig, accelerator, run_dir: Path, candidates: list[
         forward_loss = compile_or_eager(forward_loss, device)
     log = TrainingLog(accelerator, config, run_dir, start_step, progress, skipped=state["skipped"])
     preview_vae = preview_autoencoder(config, accelerator)
+    evaluation = training_evaluation(config, accelerator, run_dir, sit)
     sample_shape = dataset[0][0].shape
 
     # The loop. Losses, gradient norms and finiteness stay on the device and are read back (one sync)
@@ -466,6 +481,8 @@ def train_loop(config: DictConfig, accelerator, run_dir: Path, candidates: list[
                 consecutive_skips = review_steps(log.flush(), consecutive_skips, tc, accelerator)
             if config.log.sample_every and step % config.log.sample_every == 0 and preview_vae is not False:
                 preview(config, ema, preview_vae, device, run_dir / "samples" / f"step_{step:08d}.png")
+            if evaluation is not None and evaluation.due(step):  # before the checkpoint: a crash redoes it
+                log.add_evaluation(step, evaluation(ema, step))
             if checkpoint_due:
                 last_checkpoint = save_checkpoint(
                     accelerator, run_dir, step, model, ema, optimizer, config, log.skipped
