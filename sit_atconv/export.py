@@ -8,6 +8,15 @@ checkpoint's config.yaml; --vae (a hub id in the cache, or a folder) ships a VAE
 the pipeline has none (pass `vae=` to from_pretrained, or sample.py --vae); class names default to
 ImageNet's for 1000-class models.
 
+The folder is self-contained: pipeline_sit_atconv.py (generated from this package's source, see
+`sit_atconv.pipelines.remote_code`) lets plain diffusers load it without sit-atconv,
+
+    DiffusionPipeline.from_pretrained("my-sit-atconv", trust_remote_code=True)
+
+and README.md is its model card: architecture, training steps and data (from the checkpoint's
+config.yaml), sampling settings, --metrics-json results (eval_fid.py's samples.npz.metrics.json) and
+--license (default "other": the weights' terms follow their training data, which export cannot know).
+
 This module also writes pipeline folders for `sit_atconv.convert`: both commands share
 `add_pipeline_arguments` and `write_pipeline`.
 """
@@ -25,6 +34,8 @@ from sit_atconv.io import atomic_output, check_output_path, is_writable, run_cli
 from sit_atconv.models import SiT
 from sit_atconv.models.loading import load_model, sampling_defaults
 from sit_atconv.pipelines import SiTPipeline, flow_match_scheduler
+from sit_atconv.pipelines.model_card import DEFAULT_LICENSE, CardInfo, read_metrics, training_record, write_model_card
+from sit_atconv.pipelines.remote_code import generate_code, write_remote_code
 from sit_atconv.transport import PATHS, PREDICTIONS
 
 # The user's mistakes (and a checkpoint's), reported in one line by run_cli; `convert` uses them too.
@@ -97,11 +108,14 @@ def save_pipeline(
     transport: dict[str, str] | None = None,
     extra: Callable[[Path], None] | None = None,
     overwrite: bool = False,
+    card: CardInfo | None = None,
 ) -> Path:
     """Write a pipeline folder atomically: it is built in a hidden sibling folder (plus whatever `extra`
     writes there) and renamed into place, so a crash never leaves a folder that looks complete and a
-    failed --overwrite leaves the old folder as it was."""
+    failed --overwrite leaves the old folder as it was. The folder ships its code (pipeline_sit_atconv.py,
+    for `DiffusionPipeline.from_pretrained(out, trust_remote_code=True)`) and a model card from `card`."""
     out = check_output_folder(out, overwrite)
+    code = generate_code()  # before any writing: a package the generator cannot bundle fails here
     if id2label is None:
         id2label = default_id2label(transformer.config.num_classes)
     pipe = SiTPipeline(
@@ -109,6 +123,8 @@ def save_pipeline(
     )
     with atomic_output(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        write_remote_code(tmp, code)
+        write_model_card(tmp, transformer, pipe.config.transport, vae is not None, card or CardInfo(), out.name)
         if extra is not None:
             extra(tmp)
     return out
@@ -123,6 +139,22 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, transport_default: s
     parser.add_argument("--path", choices=list(PATHS), help=f"transport path (default: {transport_default})")
     parser.add_argument("--prediction", choices=list(PREDICTIONS), help=f"prediction (default: {transport_default})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument(
+        "--license",
+        default=None,
+        help=f"license of the weights for the model card, a Hub license id such as mit or cc-by-nc-4.0 "
+        f"(default: {DEFAULT_LICENSE}, i.e. unspecified)",
+    )
+    parser.add_argument(
+        "--metrics-json", type=Path, help="eval_fid.py results to show in the model card (samples.npz.metrics.json)"
+    )
+
+
+def card_info(args: argparse.Namespace, **fields) -> CardInfo:
+    """The model card's inputs from the flags of `add_pipeline_arguments` (the metrics JSON read now, so a
+    bad file fails before any slow work) plus `fields` of `CardInfo`."""
+    metrics = read_metrics(args.metrics_json) if args.metrics_json is not None else {}
+    return CardInfo(license=args.license or DEFAULT_LICENSE, ema=args.ema, metrics=metrics, **fields)
 
 
 def write_pipeline(
@@ -130,11 +162,14 @@ def write_pipeline(
     model: SiT,
     recorded: dict | None = None,
     extra: Callable[[Path], None] | None = None,
+    card: CardInfo | None = None,
 ) -> Path:
     """The last step of `export` and `convert`: the pipeline folder for `model` with the flags of
     `add_pipeline_arguments`; what the flags leave open comes from `recorded` (a checkpoint's
-    `sampling_defaults`), else linear / velocity and no VAE."""
+    `sampling_defaults`), else linear / velocity and no VAE. `card` (default: `card_info(args)`) feeds
+    the model card."""
     recorded = recorded or {}
+    card = card or card_info(args)
     transport = {
         "path": args.path or recorded.get("path", "linear"),
         "prediction": args.prediction or recorded.get("prediction", "velocity"),
@@ -143,10 +178,12 @@ def write_pipeline(
     if vae is None and autoencoder.is_latent_model(model.config):
         print("note: no --vae, so the pipeline has no vae/ (pass vae= to from_pretrained or --vae to sample.py)")
     id2label = read_id2label(args.id2label, model.config.num_classes) if args.id2label else None
-    out = save_pipeline(args.out, model, vae, id2label, transport, extra=extra, overwrite=args.overwrite)
+    out = save_pipeline(args.out, model, vae, id2label, transport, extra=extra, overwrite=args.overwrite, card=card)
     print(
         f"wrote {out} (transformer{' + vae' if vae is not None else ''}, {transport['path']} {transport['prediction']})"
     )
+    if args.license is None:
+        print(f"note: the model card says license: {DEFAULT_LICENSE}; pass --license to state the weights' terms")
     return out
 
 
@@ -161,8 +198,10 @@ def main(argv=None) -> Path:
     add_pipeline_arguments(p, transport_default="the checkpoint's config, else linear / velocity")
     args = p.parse_args(argv)
     check_output_folder(args.out, args.overwrite)
+    record = training_record(args.ckpt)
+    card = card_info(args, model_name=record.get("model"), training=record)
     model = load_model(args.ckpt, ema=args.ema)
-    return write_pipeline(args, model, sampling_defaults(args.ckpt))
+    return write_pipeline(args, model, sampling_defaults(args.ckpt), card=card)
 
 
 if __name__ == "__main__":

@@ -210,12 +210,16 @@ def test_cli_writes_a_pipeline_that_samples_and_continues_training(tmp_path, cap
     )
     assert "REPA" not in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "model",
         "model_index.json",
+        "pipeline_sit_atconv.py",
         "projector.safetensors",
         "scheduler",
         "transformer",
     ]
+    card = (out / "README.md").read_text()
+    assert "Converted from atconv-official checkpoint last.pt" in card and "# SiT-Hybrid-S/2" in card
     assert load_file(out / "projector.safetensors")["4.weight"].shape == (24, 16)
 
     pipe = SiTPipeline.from_pretrained(out)

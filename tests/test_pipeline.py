@@ -49,10 +49,13 @@ def inputs():
 
 def test_export_round_trip_is_bit_identical(assets, pipe):
     folder = assets / "exported"
-    assert sorted(p.name for p in folder.iterdir()) == ["model_index.json", "scheduler", "transformer", "vae"]
+    names = ["README.md", "model_index.json", "pipeline_sit_atconv.py", "scheduler", "transformer", "vae"]
+    assert sorted(p.name for p in folder.iterdir()) == names
     assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
-    index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "SiTPipeline" and index["transformer"] == ["sit_atconv.models.sit", "SiT"]
+    index = json.loads((folder / "model_index.json").read_text())  # the shipped code (tests/test_remote_code.py)
+    assert index["_class_name"] == ["pipeline_sit_atconv", "SiTPipeline"]
+    assert index["transformer"] == ["pipeline_sit_atconv", "SiT"]
+    assert type(pipe) is SiTPipeline and type(pipe.transformer).__module__ == "sit_atconv.models.sit"
     assert index["transport"] == {"path": "cosine", "prediction": "velocity"}  # from the checkpoint's config.yaml
     assert index["id2label"]["3"] == "3"
     x, t, y = inputs()

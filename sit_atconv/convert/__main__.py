@@ -4,9 +4,10 @@
     python -m sit_atconv.convert --from repa last.pt --model SiT-XL/2 --out repa-sit-xl-2
     python -m sit_atconv.convert --from atconv-official ckpt.pt --model SiT-ATConv-XL/2 --out atconv-xl-2
 
-The folder loads with `SiTPipeline.from_pretrained` and `sample.py --ckpt`. Besides transformer/ (EMA
-weights by default) it keeps model/ (the non-EMA weights, when the file has both) and, for REPA,
-projector.safetensors, so `train.init_from=FOLDER` continues training from it.
+The folder loads with `SiTPipeline.from_pretrained`, `sample.py --ckpt` and, through the code it ships,
+`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`; README.md is its model card. Besides
+transformer/ (EMA weights by default) it keeps model/ (the non-EMA weights, when the file has both) and,
+for REPA, projector.safetensors, so `train.init_from=FOLDER` continues training from it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from sit_atconv.convert import SOURCES, convert_checkpoint
-from sit_atconv.export import ERRORS, add_pipeline_arguments, check_output_folder, write_pipeline
+from sit_atconv.export import ERRORS, add_pipeline_arguments, card_info, check_output_folder, write_pipeline
 from sit_atconv.io import run_cli
 from sit_atconv.models import list_models
 
@@ -40,6 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> Path:
     args = parse_args(argv)
     check_output_folder(args.out, args.overwrite)
+    card = card_info(
+        args,
+        model_name=args.model,
+        source=f"Converted from {args.source} checkpoint {args.checkpoint.name} (python -m sit_atconv.convert)",
+    )
     overrides = {"input_size": args.input_size} if args.input_size else {}
     converted = convert_checkpoint(
         args.checkpoint,
@@ -58,7 +64,7 @@ def main(argv=None) -> Path:
             projector = {k: v.contiguous() for k, v in converted.projector_state.items()}
             save_file(projector, folder / "projector.safetensors")
 
-    out = write_pipeline(args, converted.model, extra=keep_training_state)
+    out = write_pipeline(args, converted.model, extra=keep_training_state, card=card)
     for note in converted.notes:
         print(f"note: {note}")
     print(f"converted {args.checkpoint} ({args.source}, {converted.convention} convention)")

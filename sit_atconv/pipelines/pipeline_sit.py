@@ -9,7 +9,10 @@ A pipeline folder holds model_index.json (with `id2label` and the `transport` th
 on), transformer/ (SiT config.json + diffusion_pytorch_model.safetensors), scheduler/
 (FlowMatchEulerDiscreteScheduler) and, for latent models, vae/. Converted checkpoints may also keep
 model/ (non-EMA weights) and projector.safetensors (REPA) for continued training. `sit_atconv.export`
-writes such folders.
+writes such folders, with a model card (README.md) and this module's code generated into
+pipeline_sit_atconv.py (`sit_atconv.pipelines.remote_code`), so that plain diffusers loads them too:
+`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`. Code that this module runs at sampling
+time must therefore be importable at the top of its modules (see remote_code's docstring).
 
 Sampling runs through the project's own code: guidance from `guided_predictor`, the default Euler
 steps from the diffusers scheduler on the project's time grid (identical to `sample_euler`), and any
@@ -89,6 +92,21 @@ class SiTPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=autoencoder.downsample_factor(vae))
 
     # -- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' model_index.json reader. Exported folders name their shipped code there
+        (`_class_name: [module, "SiTPipeline"]`, `transformer: [module, "SiT"]`, for
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`); this class loads them with its
+        own classes instead, as if the entries named `SiTPipeline` and the module defining `SiT`."""
+        result = super().load_config(*args, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        if isinstance(config.get("_class_name"), (list, tuple)) and config["_class_name"][1] == cls.__name__:
+            config["_class_name"] = cls.__name__
+        transformer = config.get("transformer")
+        if isinstance(transformer, (list, tuple)) and transformer[1] == SiT.__name__:
+            config["transformer"] = [SiT.__module__, SiT.__name__]
+        return result
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SiTPipeline:
