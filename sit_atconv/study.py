@@ -46,6 +46,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from sit_atconv.constants import to_uint8_nhwc
+from sit_atconv.evaluation.evaluator import RESULT_FORMATS
 from sit_atconv.evaluation.metrics import feature_statistics, frechet_distance
 from sit_atconv.generation import GenerationConfig, check_guidance, class_labels, generate, sample_grid
 from sit_atconv.io import (
@@ -429,7 +430,7 @@ COLUMNS = (
     ("eval_loss", "eval loss", "{:.4f}"),
     ("accuracy", "accuracy", "{:.3f}"),
     ("fd_digits", "FD_digits", "{:.3f}"),
-    ("fid", "FID", "{:.2f}"),
+    ("fid", *RESULT_FORMATS["fid"]),
 )
 CURVE_METRICS = (
     ("eval_loss", "eval loss (EMA, fixed noise)"),

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from sit_atconv.evaluation import evaluate
+from sit_atconv.evaluation.evaluator import RESULT_FORMATS
 from sit_atconv.generation import PRECISIONS, GenerationConfig, check_guidance, sample_to_npz
 from sit_atconv.io import (
     ExclusiveLock,
@@ -186,14 +187,7 @@ def run_setting(args, setting: Setting, accelerator, model, vae, settings: dict,
     return result
 
 
-METRIC_KEYS = (
-    ("fid", "FID", "{:.2f}"),
-    ("sfid", "sFID", "{:.2f}"),
-    ("inception_score", "IS", "{:.1f}"),
-    ("precision", "precision", "{:.3f}"),
-    ("recall", "recall", "{:.3f}"),
-    ("fd_dinov2", "FD_DINOv2", "{:.1f}"),
-)
+METRIC_KEYS = tuple((key, title, fmt) for key, (title, fmt) in RESULT_FORMATS.items())  # table columns
 
 
 def numbers(result: dict) -> dict[str, float]:

@@ -38,6 +38,15 @@ DINOV2_CACHED_KEYS = ("image_size", "dinov2", "mu_dinov2", "sigma_dinov2")
 METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
 DEFAULT_METRICS = ("fid", "sfid", "is", "pr")  # the ADM set; fd_dinov2 is opt-in, it needs DINOv2 weights
 INCEPTION_METRICS = ("fid", "sfid", "is", "pr")
+# How tables show the numbers of `evaluate`'s results: key -> (title, format).
+RESULT_FORMATS = {
+    "fid": ("FID", "{:.2f}"),
+    "sfid": ("sFID", "{:.2f}"),
+    "inception_score": ("IS", "{:.1f}"),
+    "precision": ("precision", "{:.3f}"),
+    "recall": ("recall", "{:.3f}"),
+    "fd_dinov2": ("FD_DINOv2", "{:.1f}"),
+}
 
 
 def parse_metrics(metrics: str | Iterable[str]) -> tuple[str, ...]:
