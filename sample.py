@@ -24,6 +24,7 @@ from sit_atconv.generation import (
     check_generation,
     check_guidance,
     grid_classes,
+    model_record,
     sample_grid,
     sample_to_npz,
 )
@@ -32,14 +33,13 @@ from sit_atconv.io import (
     add_dataclass_arguments,
     check_output_path,
     dataclass_from_args,
-    file_sha256,
     lock_path,
     non_negative_int,
     positive_int,
     run_cli,
 )
 from sit_atconv.models import check_architecture, list_models, model_config, name_fields
-from sit_atconv.models.loading import load_model, resolve_model_folder, sampling_defaults
+from sit_atconv.models.loading import load_model, sampling_defaults
 from sit_atconv.transport import PATHS, PREDICTIONS, SamplerConfig
 from sit_atconv.vae import SD_VAE_DEFAULT, vae_for_model
 
@@ -158,14 +158,7 @@ def sample_with_args(args: argparse.Namespace, accelerator) -> None:
         return
 
     vae = vae_for_model(model, vae_choice, device)
-    weights = next(resolve_model_folder(args.ckpt, args.ema).glob("*.safetensors"), None)
-    settings = {
-        "ckpt": str(Path(args.ckpt).resolve()),
-        "ema": args.ema,
-        "weights_sha256": file_sha256(weights) if weights else None,
-        "vae": None if vae is None else (vae_choice or SD_VAE_DEFAULT),
-        "precision": precision,
-    }
+    settings = model_record(args.ckpt, args.ema, vae, vae_choice, precision)
     options = dict(
         label_mode=args.label_mode, settings=settings, keep_shards=args.keep_shards, autocast_dtype=autocast_dtype
     )

@@ -20,7 +20,8 @@ import torch
 
 from sit_atconv import vae as autoencoder
 from sit_atconv.constants import to_uint8_nhwc
-from sit_atconv.io import atomic_output
+from sit_atconv.io import atomic_output, file_sha256
+from sit_atconv.models.loading import resolve_model_folder
 from sit_atconv.sharded_npz import ShardedNpz
 from sit_atconv.transport import SampleNoise, SamplerConfig, Transport, guided_predictor, sample
 
@@ -206,6 +207,20 @@ def class_labels(num_samples: int, num_classes: int, mode: str, seed: int) -> np
         raise ValueError(f"unknown label mode {mode!r}; expected 'balanced' or 'random'")
     labels = np.arange(num_samples, dtype=np.int64) % num_classes
     return rng.permutation(labels)
+
+
+def model_record(ckpt: str | Path, ema: bool, vae, vae_choice: str | None, precision: str) -> dict:
+    """What an .npz run's record says about the model that drew it (part of its settings' fingerprint): the
+    checkpoint, EMA or not, the weights' SHA-256, the VAE (`vae_choice`, or the default when a VAE was loaded
+    without one) and the autocast precision."""
+    weights = next(resolve_model_folder(ckpt, ema).glob("*.safetensors"), None)
+    return {
+        "ckpt": str(Path(ckpt).resolve()),
+        "ema": ema,
+        "weights_sha256": file_sha256(weights) if weights else None,
+        "vae": None if vae is None else (vae_choice or autoencoder.SD_VAE_DEFAULT),
+        "precision": precision,
+    }
 
 
 def sample_to_npz(

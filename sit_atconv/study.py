@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import shutil
 import statistics
@@ -45,6 +46,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from sit_atconv import vae as autoencoder
 from sit_atconv.constants import to_uint8_nhwc
 from sit_atconv.evaluation.evaluator import RESULT_FORMATS
 from sit_atconv.evaluation.metrics import feature_statistics, frechet_distance
@@ -233,8 +235,6 @@ class Evaluation:
             x = torch.stack([item[0] for item in items])
             reference_images = to_uint8_nhwc(dataset.images).numpy()
         else:  # latents: a fixed draw from each stored posterior
-            from sit_atconv import vae as autoencoder
-
             mean, std = torch.stack([i[0] for i in items]).float(), torch.stack([i[1] for i in items]).float()
             x = autoencoder.sample_latents(mean, std, torch.randn(mean.shape, generator=generator))
             reference_images = np.stack([item[3].permute(1, 2, 0).numpy() for item in items])  # (N, H, W, 3) uint8
@@ -247,8 +247,6 @@ class Evaluation:
         self.samples = self.digits or bool(base.log.preview_vae)  # pixels, or latents with a decoder
         self.vae = None
         if not self.digits and self.samples:
-            from sit_atconv import vae as autoencoder
-
             self.vae = autoencoder.load_vae(base.log.preview_vae, device)
         self.reference = {}
         if self.digits:
@@ -278,8 +276,8 @@ class Evaluation:
         """(images (N, H, W, 3) uint8, labels (N,), seconds spent sampling)."""
         settings = self.settings
         labels = class_labels(settings.num_samples, model.config.num_classes, "balanced", settings.eval_seed)
-        config = generation_config(settings, self.transport, conditional=model.config.num_classes > 0)
         conditional = model.config.num_classes > 0
+        config = generation_config(settings, self.transport, conditional)
         images, batch, started = [], 250, time.perf_counter()
         for start in range(0, settings.num_samples, batch):
             end = min(start + batch, settings.num_samples)
@@ -370,15 +368,19 @@ def run_variant(
         )
 
     final = evaluations[str(settings.steps)]
+    rows = metric_rows(run_dir / "metrics.csv")
+    losses = [(int(r["step"]), float(r["loss"])) for r in rows if r.get("loss")]  # evaluation rows have none
+    with torch.device("meta"):  # the parameter count needs no weights
+        params = sum(p.numel() for p in build_model(config).parameters())
     result = {
         "variant": variant.definition(),
         "seed": seed,
-        "params": sum(p.numel() for p in load_model(checkpoints[settings.steps]).parameters()),
-        "train_loss": final_training_loss(run_dir / "metrics.csv", settings.steps),
-        "train_images_per_s": training_throughput(run_dir / "metrics.csv"),
+        "params": params,
+        "train_loss": final_training_loss(losses, settings.steps),
+        "train_images_per_s": statistics.median(float(r["images_per_s"]) for r in rows if r.get("images_per_s")),
         **final,
         "curve": [{"step": int(step), **metrics} for step, metrics in evaluations.items()],
-        "loss_curve": training_losses(run_dir / "metrics.csv"),
+        "loss_curve": losses,
     }
     write_json_atomic(result_path, result)
     if not keep_checkpoints:  # evaluated and recorded: only the final weights are worth their disk space
@@ -389,32 +391,21 @@ def run_variant(
 
 
 def read_json(path: Path) -> dict:
-    import json
-
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); delete it to recompute it") from error
 
 
-def _metric_rows(path: Path) -> list[dict]:
+def metric_rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
-def training_losses(path: Path) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r["loss"])) for r in _metric_rows(path) if r.get("loss")]
-
-
-def final_training_loss(path: Path, steps: int) -> float:
-    """Mean logged training loss over the last tenth of the run (single steps are noisy)."""
-    losses = [loss for step, loss in training_losses(path) if step > 0.9 * steps and math.isfinite(loss)]
-    return statistics.fmean(losses) if losses else float("nan")
-
-
-def training_throughput(path: Path) -> float:
-    """Median training images/s over the logged windows (the first holds the start-up, hence the median)."""
-    return statistics.median(float(r["images_per_s"]) for r in _metric_rows(path) if r.get("images_per_s"))
+def final_training_loss(losses: list[tuple[int, float]], steps: int) -> float:
+    """Mean logged training loss over the last tenth of the run (single steps are noisy); losses: (step, loss)."""
+    tail = [loss for step, loss in losses if step > 0.9 * steps and math.isfinite(loss)]
+    return statistics.fmean(tail) if tail else float("nan")
 
 
 # ------------------------------------------------------------------------------------------------

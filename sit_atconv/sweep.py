@@ -26,13 +26,12 @@ import torch
 
 from sit_atconv.evaluation import evaluate
 from sit_atconv.evaluation.evaluator import RESULT_FORMATS
-from sit_atconv.generation import PRECISIONS, GenerationConfig, check_guidance, sample_to_npz
+from sit_atconv.generation import PRECISIONS, GenerationConfig, check_guidance, model_record, sample_to_npz
 from sit_atconv.io import (
     ExclusiveLock,
     LockedError,
     atomic_output,
     check_output_path,
-    file_sha256,
     lock_path,
     non_negative_int,
     positive_int,
@@ -40,9 +39,9 @@ from sit_atconv.io import (
     save_figure,
     write_json_atomic,
 )
-from sit_atconv.models.loading import load_model, resolve_model_folder, sampling_defaults
+from sit_atconv.models.loading import load_model, sampling_defaults
 from sit_atconv.transport import SAMPLERS, SamplerConfig
-from sit_atconv.vae import SD_VAE_DEFAULT, vae_for_model
+from sit_atconv.vae import vae_for_model
 
 
 @dataclass(frozen=True)
@@ -119,14 +118,8 @@ def main(argv=None) -> list[dict]:
     model = load_model(args.ckpt, ema=args.ema, device=device)
     vae_choice = args.vae or recorded.get("vae")
     vae = vae_for_model(model, vae_choice, device)
-    weights = next(resolve_model_folder(args.ckpt, args.ema).glob("*.safetensors"), None)
-    settings = {  # what every setting's .npz record says about the model (as sample.py's)
-        "ckpt": str(Path(args.ckpt).resolve()),
-        "ema": args.ema,
-        "weights_sha256": file_sha256(weights) if weights else None,
-        "vae": None if vae is None else (vae_choice or SD_VAE_DEFAULT),
-        "precision": args.precision or ("bf16" if device.type == "cuda" else "fp32"),
-    }
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    settings = model_record(args.ckpt, args.ema, vae, vae_choice, precision)  # as sample.py's records
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     lock = ExclusiveLock(lock_path(args.out, folder=True), f"sweep folder {args.out}")

@@ -39,7 +39,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained({folder!r}, trust_remote_code=True)
-inputs = torch.load({inputs!r})
+inputs = torch.load({inputs!r}, weights_only=True)
 euler = pipe(class_labels=[1, 2], guidance_scale=1.8, num_inference_steps=2, latents=inputs, output_type="pt")
 heun = pipe(class_labels=[3, 4], num_inference_steps=2, latents=inputs, output_type="latent", sampler="heun")
 torch.save({{"euler": euler.images, "heun": heun.images}}, {result!r})
@@ -85,7 +85,7 @@ def test_diffusers_loads_and_samples_without_the_package(exported, tmp_path):
     # One SiT class for the pipeline and its transformer, so diffusers' type check has nothing to say.
     assert "Expected types" not in run.stderr and "custom code" not in run.stderr
 
-    got = torch.load(tmp_path / "out.pt")
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
     pipe = SiTPipeline.from_pretrained(exported)
     euler = pipe(class_labels=[1, 2], guidance_scale=1.8, num_inference_steps=2, latents=latents, output_type="pt")
     heun = pipe(class_labels=[3, 4], num_inference_steps=2, latents=latents, output_type="latent", sampler="heun")

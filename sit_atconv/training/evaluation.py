@@ -65,6 +65,8 @@ class TrainingEvaluation:
     results on the main process and None on the others."""
 
     def __init__(self, config: DictConfig, accelerator, run_dir: Path, vae=None, image_size: int | None = None):
+        """`vae` and `image_size`: a latent model's decoder and the side of its decoded images, checked against
+        the reference here (`check_eval_config` checked pixel models before the run began)."""
         ec = config.eval
         self.config, self.accelerator, self.vae = config, accelerator, vae
         self.folder = run_dir / "eval"
@@ -72,8 +74,9 @@ class TrainingEvaluation:
         if image_size is not None:
             check_reference_size(ec.reference, image_size)
         if set(self.metrics) & set(INCEPTION_METRICS):
-            try:
-                resolve_inception_weights(ec.inception_weights, download=True)
+            try:  # every process must agree on the metrics (sampling is shared); the main one downloads first
+                with accelerator.main_process_first():
+                    resolve_inception_weights(ec.inception_weights, download=True)
             except FileNotFoundError as error:
                 skipped = [m for m in self.metrics if m in INCEPTION_METRICS]
                 self.metrics = [m for m in self.metrics if m not in INCEPTION_METRICS]

@@ -280,7 +280,7 @@ def training_evaluation(config: DictConfig, accelerator, run_dir: Path, sit) -> 
     if not config.eval.every:
         return None
     if config.data.kind != "latents":
-        return TrainingEvaluation(config, accelerator, run_dir, image_size=config.data.resolution)
+        return TrainingEvaluation(config, accelerator, run_dir)  # its reference checked in `train`
     vae = autoencoder.load_vae(config.log.preview_vae, accelerator.device)
     size = sit.config.input_size * autoencoder.downsample_factor(vae)
     return TrainingEvaluation(config, accelerator, run_dir, vae, image_size=size)
