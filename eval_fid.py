@@ -18,7 +18,6 @@ folder is read-only, in $XDG_CACHE_HOME/sit-atconv/fid (default ~/.cache/sit-atc
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from pathlib import Path
@@ -26,24 +25,18 @@ from pathlib import Path
 import torch
 
 from sit_atconv.evaluation.dinov2 import DEFAULT_DINOV2
-from sit_atconv.evaluation.evaluator import DEFAULT_METRICS, METRICS, evaluate, parse_metrics, save_results
-from sit_atconv.io import check_output_path, positive_int, run_cli
+from sit_atconv.evaluation.evaluator import DEFAULT_METRICS, METRICS, evaluate, metric_list, save_results
+from sit_atconv.io import ArgumentParser, check_output_path, positive_int, run_cli
 from sit_atconv.repa import ENCODERS, EncoderWeightsError
 
-NOT_PRINTED = ("samples", "reference")  # bookkeeping entries of the results; every other entry is printed
+# bookkeeping entries of the results (in the JSON file; skipped metrics are warned about); the rest is printed
+NOT_PRINTED = ("samples", "reference", "skipped", "provenance")
 # the user's mistakes (and DINOv2 weights missing offline or of another encoder), reported in one line by run_cli
 ERRORS = (ValueError, FileNotFoundError, EncoderWeightsError)
 
 
-def metric_list(text: str) -> tuple[str, ...]:
-    try:
-        return parse_metrics(text)
-    except ValueError as error:  # argparse shows an ArgumentTypeError's own message (a ValueError's it replaces)
-        raise argparse.ArgumentTypeError(str(error)) from error
-
-
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("samples", type=Path, help=".npz or folder of generated images")
     p.add_argument("--ref", required=True, type=Path, help="reference .npz (ADM batch) or folder")
     p.add_argument("--inception-weights", type=Path, help="torch-fidelity's TF-FID Inception weights file")

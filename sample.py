@@ -29,6 +29,7 @@ from sit_atconv.generation import (
     sample_to_npz,
 )
 from sit_atconv.io import (
+    ArgumentParser,
     ExclusiveLock,
     add_dataclass_arguments,
     check_output_path,
@@ -47,7 +48,7 @@ GUIDANCE_FLAGS = ("--cfg", "--guidance-low", "--guidance-high", "--cfg-channels"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", required=True, help="training checkpoint, exported model or pipeline folder")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights of a checkpoint")
     p.add_argument("--model", choices=list_models(), help="check that the checkpoint is this architecture")
@@ -74,7 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--precision", choices=list(PRECISIONS), help="autocast dtype of the model (default: bf16 on CUDA, else fp32)"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off for long runs on GPU)")
-    p.add_argument("--classes", type=int, nargs="+", help="labels of the grid (default: 8 classes)")
+    p.add_argument(
+        "--classes",
+        type=int,
+        nargs="+",
+        help="labels of the grid (default: DiT's 8 classes for 1000-class models, else 0, 1, ... up to 10 classes)",
+    )
     p.add_argument("--grid-columns", type=positive_int, default=8, help="tiles per row of the grid")
     p.add_argument("--num-samples", type=positive_int, help="write an .npz with this many samples")
     p.add_argument("--label-mode", choices=["balanced", "random"], default="balanced")

@@ -8,14 +8,12 @@ Re-running the same command continues from the newest complete checkpoint (--res
 
 from __future__ import annotations
 
-import argparse
-
-from sit_atconv.io import LockedError, run_cli
-from sit_atconv.training import NonFiniteError, load_config, train
+from sit_atconv.io import ArgumentParser, LockedError, run_cli
+from sit_atconv.training import NonFiniteError, TrainingStopped, load_config, train
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", help="YAML experiment config")
     parser.add_argument("--resume", default="auto", help="'auto' (newest checkpoint of the run), 'none', or a folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -27,7 +25,8 @@ def main(argv=None) -> None:
         print(f"checkpoint: {result.checkpoint}")
 
 
-ERRORS = (ValueError, FileNotFoundError, NonFiniteError, LockedError)  # reported in one line by run_cli
+# reported in one line by run_cli (TrainingStopped exits with 128 + the signal's number)
+ERRORS = (ValueError, FileNotFoundError, NonFiniteError, LockedError, TrainingStopped)
 
 if __name__ == "__main__":
     run_cli(main, ERRORS)

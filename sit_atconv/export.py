@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sit_atconv import vae as autoencoder
-from sit_atconv.io import atomic_output, check_output_path, is_writable, run_cli
+from sit_atconv.io import ArgumentParser, atomic_output, check_output_path, is_writable, run_cli
 from sit_atconv.models import SiT
 from sit_atconv.models.loading import load_model, sampling_defaults
 from sit_atconv.pipelines import SiTPipeline, flow_match_scheduler
@@ -193,7 +193,7 @@ def write_pipeline(
 
 
 def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", required=True, help="training checkpoint (ema/ and model/), model or pipeline folder")
     add_pipeline_arguments(p, transport_default="the checkpoint's config, else linear / velocity")
     args = p.parse_args(argv)

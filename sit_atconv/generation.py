@@ -8,6 +8,7 @@ its checks and the samplers.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import time
@@ -120,6 +121,11 @@ def generate(
     samples, calls = sample(predict, transport, x, config.sampler, noise.randn_like)
     if vae is not None:
         samples = autoencoder.decode(vae, samples)
+    if not torch.isfinite(samples).all():  # clamp would turn NaN into black images that look like results
+        raise ValueError(
+            f"samples {indices[0]}..{indices[-1]} came out non-finite (NaN or inf): the weights or the settings "
+            "(fp16 overflow? --precision fp32 to compare) produce no images"
+        )
     return samples.clamp(-1, 1), calls
 
 
@@ -221,6 +227,16 @@ def model_record(ckpt: str | Path, ema: bool, vae, vae_choice: str | None, preci
         "vae": None if vae is None else (vae_choice or autoencoder.SD_VAE_DEFAULT),
         "precision": precision,
     }
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """16 hex digits of the SHA-256 of a model's state (names, dtypes, shapes and bytes, in name order): what
+    identifies in-memory weights, such as the trainer's EMA, in an .npz run's settings."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def sample_to_npz(

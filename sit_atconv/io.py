@@ -82,17 +82,39 @@ def named_os_error(error: OSError, path: Path) -> OSError:
     return OSError(error.errno, f"could not write {path}: {error.strerror or error}")
 
 
+def process_umask() -> int:
+    """The process's umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path) -> None:
+    """Give the files at or below `path` the permissions the process umask grants new files (0644 under the usual
+    022): temporary files and safetensors' writer create them 0600, readable by their owner only."""
+    if path.is_symlink():
+        return
+    mode = 0o666 & ~process_umask()
+    for file in path.rglob("*") if path.is_dir() else [path]:
+        if file.is_file() and not file.is_symlink():
+            file.chmod(mode)
+
+
 @contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(path: str | Path, follow_symlinks: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path` (a hidden name in the same folder) for the caller to write a
-    file, folder or symlink at; on success it is flushed to disk and renamed to `path`, on any error it is
-    removed (an OSError then names `path`)."""
+    file, folder or symlink at; on success it gets the umask's permissions, is flushed to disk and renamed to
+    `path`, on any error it is removed (an OSError then names `path`). Where `path` is a symlink, its target
+    is written (the link stays), unless `follow_symlinks` is False (links the project points itself)."""
     path = Path(path)
+    if follow_symlinks and path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     _remove(tmp)
     try:
         yield tmp
+        apply_umask(tmp)
         fsync_tree(tmp)
         replace_path(tmp, path)
         fsync_folder(path.parent)
@@ -137,14 +159,37 @@ IO_ERRORS = (OSError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError)
 
 def run_cli(main: Callable[[], object], errors: tuple[type[BaseException], ...]) -> None:
     """Run a command-line entry point: the expected `errors` (bad input, missing files) and I/O failures
-    (full disk, permissions, truncated or pickled files) print one line and exit with status 2; anything
-    else keeps its traceback. Under a launcher (`accelerate launch`), the process exits with it."""
+    (full disk, permissions, truncated or pickled files) print one line and exit with status 2 (or the error's
+    own `exit_code`); anything else keeps its traceback. Under a launcher (`accelerate launch`), the process
+    exits with it."""
     exit_with_launcher()
     try:
         main()
     except (*errors, *IO_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(error, "exit_code", 2))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each option's default at the end of its help (where it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults in --help, and usage errors in one line naming --help instead of the whole usage
+    (exit status 2, as argparse's)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def exit_with_launcher() -> None:
@@ -158,6 +203,36 @@ def exit_with_launcher() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
     if os.getppid() == 1:  # the launcher died before the request was made
         sys.exit("the launcher exited")
+
+
+def check_launch() -> None:
+    """Refuse a launch that cannot use this machine, before Accelerate assigns each process a device: more
+    processes on this node than visible CUDA devices (Accelerate's own failure, "invalid device ordinal", names no
+    setting), or an `accelerate launch` of several processes for GPUs (`use_cpu: false`) on a machine without
+    CUDA, which would silently become that many CPU processes."""
+    import torch
+
+    local = os.environ.get("LOCAL_WORLD_SIZE")  # set by accelerate launch (torchrun) for each node
+    if local is None:
+        return
+    if not torch.cuda.is_available():
+        if int(local) > 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "false":
+            raise ValueError(
+                f"accelerate launch started {local} processes for GPUs (its config has use_cpu: false) but no CUDA "
+                "device is visible here: on a machine without GPUs launch with configs/accelerate/cpu_2proc.yaml "
+                "(use_cpu: true; --num_processes N for N CPU processes)"
+            )
+        return
+    devices = torch.cuda.device_count()
+    if int(local) > devices:
+        world = os.environ.get("WORLD_SIZE", local)
+        machines = max(int(world) // int(local), 1)
+        raise ValueError(
+            f"accelerate launch started {local} processes on this node (num_processes={world} over num_machines="
+            f"{machines}) but only {devices} CUDA device(s) are visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): set num_processes in the "
+            f"accelerate config, or pass --num_processes, to at most {devices * machines} (GPUs per machine x machines)"
+        )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from sit_atconv.evaluation.evaluator import RESULT_FORMATS
 from sit_atconv.evaluation.metrics import feature_statistics, frechet_distance
 from sit_atconv.generation import GenerationConfig, check_guidance, class_labels, generate, sample_grid
 from sit_atconv.io import (
+    ArgumentParser,
     ExclusiveLock,
     LockedError,
     atomic_output,
@@ -584,7 +585,7 @@ def check_study_folder(out: Path, fingerprint: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     defaults = StudySettings()
     parser.add_argument("--out", default="runs/study", help="study folder (resumed when it exists)")
     parser.add_argument("--config", default=defaults.config, help="base training config (YAML)")

@@ -25,9 +25,18 @@ from pathlib import Path
 import torch
 
 from sit_atconv.evaluation import evaluate
-from sit_atconv.evaluation.evaluator import RESULT_FORMATS
+from sit_atconv.evaluation.evaluator import (
+    INCEPTION_METRICS,
+    RESULT_FORMATS,
+    file_digest,
+    metric_list,
+    parse_metrics,
+    resolve_inception_weights,
+    weights_sha256,
+)
 from sit_atconv.generation import PRECISIONS, GenerationConfig, check_guidance, model_record, sample_to_npz
 from sit_atconv.io import (
+    ArgumentParser,
     ExclusiveLock,
     LockedError,
     atomic_output,
@@ -40,6 +49,7 @@ from sit_atconv.io import (
     write_json_atomic,
 )
 from sit_atconv.models.loading import load_model, sampling_defaults
+from sit_atconv.sharded_npz import settings_diff
 from sit_atconv.transport import SAMPLERS, SamplerConfig
 from sit_atconv.vae import vae_for_model
 
@@ -74,7 +84,7 @@ def guidance_grid(cfgs, lows, highs, steps) -> list[Setting]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", required=True, help="training checkpoint, exported model or pipeline folder")
     p.add_argument("--ref", required=True, type=Path, help="reference batch (.npz) or image folder, as eval_fid.py")
     p.add_argument("--out", required=True, type=Path, help="sweep folder (resumed when it exists)")
@@ -90,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae", help="as sample.py: AutoencoderKL folder or hub id, 'none' for pixel models")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--precision", choices=list(PRECISIONS), help="model autocast dtype (default: bf16 on CUDA)")
-    p.add_argument("--metrics", default="fid,is,pr", help="eval_fid.py's --metrics")
+    p.add_argument("--metrics", type=metric_list, default="fid,is,pr", help="eval_fid.py's --metrics")
     p.add_argument("--inception-weights", help="local TF-FID Inception weights (eval_fid.py)")
     p.add_argument("--cache-dir", type=Path, help="where the reference features are cached (eval_fid.py)")
     p.add_argument("--no-progress", action="store_true")
@@ -120,20 +130,41 @@ def main(argv=None) -> list[dict]:
     vae = vae_for_model(model, vae_choice, device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     settings = model_record(args.ckpt, args.ema, vae, vae_choice, precision)  # as sample.py's records
+    evaluation = evaluation_record(args)  # (the Inception is found, or missing, before any sampling)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     lock = ExclusiveLock(lock_path(args.out, folder=True), f"sweep folder {args.out}")
     with lock if main_process else nullcontext():
         for setting in args.grid:
-            results.append(run_setting(args, setting, accelerator, model, vae, settings, recorded))
+            results.append(run_setting(args, setting, accelerator, model, vae, settings, recorded, evaluation))
         if main_process:
             write_summary(args, results)
     accelerator.wait_for_everyone()
     return results
 
 
-def run_setting(args, setting: Setting, accelerator, model, vae, settings: dict, recorded: dict) -> dict:
-    """Sample and evaluate one setting, or read back its finished evaluation."""
+def evaluation_record(args) -> dict:
+    """What a setting's numbers depend on besides its samples: the reference (path and content digest), the
+    metrics and the Inception weights (file and SHA-256) that will compute them."""
+    metrics = parse_metrics(args.metrics)
+    inception = None
+    if set(metrics) & set(INCEPTION_METRICS):
+        kind, path = resolve_inception_weights(args.inception_weights, download=True)
+        inception = {"source": kind, "weights": str(path), "sha256": weights_sha256(path)}
+    return {
+        "reference": str(args.ref.resolve()),
+        "reference_sha256": file_digest(args.ref),
+        "metrics": list(metrics),
+        "inception": inception,
+    }
+
+
+def run_setting(
+    args, setting: Setting, accelerator, model, vae, settings: dict, recorded: dict, evaluation: dict
+) -> dict:
+    """Sample and evaluate one setting, or read back its finished evaluation when everything it depends on (model,
+    sampling, sample count, reference, metrics, Inception weights) is the same; else sample again where the
+    samples' settings changed, and evaluate again."""
     npz = args.out / f"{setting.name}.npz"
     metrics_file = args.out / f"{setting.name}.metrics.json"
     config = GenerationConfig(
@@ -145,11 +176,24 @@ def run_setting(args, setting: Setting, accelerator, model, vae, settings: dict,
         path=recorded.get("path", "linear"),
         prediction=recorded.get("prediction", "velocity"),
     )
-    record = {"setting": asdict(setting), "generation": asdict(config), "model": settings, "metrics": args.metrics}
+    record = {
+        "setting": asdict(setting),
+        "generation": asdict(config),
+        "model": settings,
+        "samples": {"num_samples": args.num_samples, "batch_size": args.batch_size, "label_mode": "balanced"},
+        "evaluation_of": evaluation,
+    }
     if metrics_file.is_file():
-        previous = json.loads(metrics_file.read_text())
-        if {k: previous.get(k) for k in record} == record:
+        try:
+            previous = json.loads(metrics_file.read_text())
+        except ValueError:
+            previous = {}
+        stored, wanted = {key: previous.get(key) for key in record}, json.loads(json.dumps(record))
+        if stored == wanted:
             return previous
+        if accelerator.is_main_process:
+            changes = "; ".join(settings_diff(stored, wanted)[:4])
+            print(f"[sweep] {setting.name}: its stored results were made with other settings ({changes})")
     info = sample_to_npz(
         accelerator,
         model,

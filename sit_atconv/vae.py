@@ -12,12 +12,14 @@ from pathlib import Path
 
 import torch
 
+from sit_atconv.hub import WeightsUnavailable, cached_or_reachable
 from sit_atconv.models.loading import from_pretrained_strict
 
 SD_VAE_SCALE = 0.18215  # SD-VAE (ft-ema / ft-mse) latent scaling, as in LDM, DiT, SiT and REPA
 SD_VAE_DEFAULT = "stabilityai/sd-vae-ft-ema"
 SD_VAE_DOWNSAMPLE = 8  # image pixels per latent pixel
 LATENT_CHANNELS = 4
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def is_latent_model(model_config) -> bool:
@@ -25,34 +27,87 @@ def is_latent_model(model_config) -> bool:
     return model_config.in_channels == LATENT_CHANNELS
 
 
-def load_vae(name_or_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-    """A diffusers AutoencoderKL from a local folder or a hub id (cached or downloadable), loaded strictly:
-    weights that do not match the config raise instead of being left random."""
+def local_copy(setting: str, example: str) -> str:
+    """How a flag (`--vae`) or a config key (`log.preview_vae`) takes `example`."""
+    return f"{setting} {example}" if setting.startswith("--") else f"{setting}={example}"
+
+
+def find_vae(name_or_path: str | Path, setting: str = "--vae") -> Path | str:
+    """Where the VAE `name_or_path` loads from: a local folder, a cached hub snapshot, or the hub id itself when it
+    is not cached but the hub answers. Offline without a copy: one WeightsUnavailable naming `setting`, the flag
+    or config key that chose the VAE (no hub retries)."""
+    if Path(name_or_path).exists():
+        return Path(name_or_path)
+    example = local_copy(setting, "/path/to/a/folder/with/config.json/and/weights")
+    what = f"the VAE {setting} {str(name_or_path)!r}"
+    cached = cached_or_reachable(str(name_or_path), ["config.json", VAE_WEIGHTS], what, example)
+    return cached if cached is not None else str(name_or_path)
+
+
+def load_vae(
+    name_or_path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    setting: str = "--vae",
+):
+    """A diffusers AutoencoderKL from `find_vae`'s source, loaded strictly: weights that do not match the config
+    raise instead of being left random."""
     from diffusers import AutoencoderKL
 
-    if Path(name_or_path).exists():
-        return from_pretrained_strict(AutoencoderKL, name_or_path, dtype).to(device).eval()
+    source = find_vae(name_or_path, setting)
     try:
-        vae = from_pretrained_strict(AutoencoderKL, str(name_or_path), dtype)
+        vae = from_pretrained_strict(AutoencoderKL, source, dtype)
     except ValueError as error:
+        if isinstance(source, Path):
+            raise
         cause = error.__cause__ or error
-        raise RuntimeError(
-            f"could not load the VAE {str(name_or_path)!r} ({type(cause).__name__}: {str(cause).splitlines()[0]}). "
-            f"On an offline machine, download it once elsewhere (e.g. `huggingface-cli download {name_or_path}`) "
-            "and copy the HF cache, or pass --vae /path/to/a/folder/with/config.json/and/weights"
+        example = local_copy(setting, "/path/to/a/folder/with/config.json/and/weights")
+        raise WeightsUnavailable(
+            f"could not download the VAE {setting} {source!r} ({type(cause).__name__}: {str(cause).splitlines()[0]}):"
+            f" run `hf download {source}` on a machine with internet and copy its cache here, or pass a local "
+            f"copy: {example}"
         ) from error
     return vae.to(device).eval()
 
 
-def vae_for_model(model, choice: str | None, device: torch.device | str = "cpu", default: str | None = SD_VAE_DEFAULT):
-    """The autoencoder that decodes `model`'s samples: None for `choice` "none", and for pixel models
-    when nothing is chosen; else `choice`, or `default` when nothing is chosen (None: no autoencoder)."""
+def vae_for_model(
+    model,
+    choice: str | None,
+    device: torch.device | str = "cpu",
+    default: str | None = SD_VAE_DEFAULT,
+    setting: str = "--vae",
+    needs_images: bool = True,
+):
+    """The autoencoder that decodes `model`'s samples: None for pixel models, else `choice`, or `default` when
+    nothing is chosen (None: no autoencoder). Refused before anything is loaded, naming `setting`: a VAE for a
+    pixel model, and with `needs_images` (outputs that must be images) `choice` "none" for a latent model; after
+    loading, a VAE whose latent channels are not the model's."""
+    channels = model.config.in_channels
+    latent = is_latent_model(model.config)
     if choice is not None and str(choice).lower() == "none":
+        if latent and needs_images:
+            raise ValueError(
+                f"{setting} none: this is a latent model ({channels} input channels), whose samples are latents, not "
+                f"images; leave {setting} out (default {default or SD_VAE_DEFAULT}) or pass a local VAE folder"
+            )
         return None
-    if choice is None and not is_latent_model(model.config):
+    if not latent:
+        if choice is not None:
+            raise ValueError(
+                f"{setting} {choice}: this is a pixel-space model ({channels} input channels), whose samples are "
+                f"images already; leave {setting} out"
+            )
         return None
     source = choice or default
-    return load_vae(source, device) if source else None
+    if not source:
+        return None
+    vae = load_vae(source, device, setting=setting)
+    if vae.config.latent_channels != channels:
+        raise ValueError(
+            f"{setting} {source}: the VAE has {vae.config.latent_channels} latent channels but the model generates "
+            f"{channels}; use the VAE the model was trained with"
+        )
+    return vae
 
 
 def downsample_factor(vae) -> int:

@@ -27,7 +27,7 @@ def tiny_sit(name: str = "SiT-Hybrid-S/2", seed: int = 0, std: float = 0.05, **o
     return (randomise(model, seed, std) if std else model).eval()
 
 
-def tiny_vae(blocks: int = 2):
+def tiny_vae(blocks: int = 2, latent_channels: int = 4):
     """A randomly initialised f(2^(blocks-1)) AutoencoderKL with 4 latent channels (seeded)."""
     from diffusers import AutoencoderKL
 
@@ -36,7 +36,7 @@ def tiny_vae(blocks: int = 2):
         block_out_channels=(8, 16, 16, 16)[:blocks],
         down_block_types=("DownEncoderBlock2D",) * blocks,
         up_block_types=("UpDecoderBlock2D",) * blocks,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         layers_per_block=1,
     ).eval()
@@ -52,10 +52,12 @@ def single_thread_env(**extra: str) -> dict[str, str]:
 
 def two_process_launch(args: list[str], port: int) -> list[str]:
     """The `accelerate launch` command line of `args` (a script and its arguments) as a real 2-process gloo
-    group on the CPU (see DESIGN.md: --multi_gpu with Accelerator(cpu=True))."""
+    group on the CPU: configs/accelerate/cpu_2proc.yaml (torchrun's launcher with use_cpu: true, which the
+    trainer and sample.py require of a multi-process launch on a machine without CUDA)."""
     import sys
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu_2proc.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [*launch, "--main_process_port", str(port), *args]
 

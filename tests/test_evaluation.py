@@ -144,8 +144,16 @@ def test_eval_fid_end_to_end_with_cache(inception_weights, tmp_path, monkeypatch
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert math.isfinite(saved[key])
     printed = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
-    assert printed == {key: value for key, value in results.items() if key not in ("samples", "reference")}
-    cache = tmp_path / f".ref.npz.{digest}.features-v{evaluation.FEATURES_FORMAT}.npz"
+    assert printed == {key: value for key, value in results.items() if key not in eval_fid.NOT_PRINTED}
+    # What produced the numbers: the reference's content and the Inception weights file (name and SHA-256)
+    network = {
+        "source": "torch-fidelity",
+        "weights": str(inception_weights),
+        "sha256": file_sha256(inception_weights)[:16],
+    }
+    assert saved["provenance"] == {"reference_sha256": digest, "inception": network} and saved["skipped"] == {}
+    # The reference cache is keyed by those weights too: other Inception weights never read these features
+    cache = tmp_path / f".ref.npz.{digest}.inception-{network['sha256']}.features-v{evaluation.FEATURES_FORMAT}.npz"
     assert sorted(tmp_path.glob(".ref.npz.*")) == sorted([cache, *stale])
 
     calls.clear()
@@ -426,7 +434,7 @@ def test_dinov2_weights_errors_name_the_flag(dinov2, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "InceptionFeatures", no_inception)
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     samples, reference = write_npz(tmp_path / "s.npz", images), write_npz(tmp_path / "r.npz", images)
-    with pytest.raises(EncoderWeightsError, match="could not load the weights of dinov2-vit-s.*--dinov2-weights /"):
+    with pytest.raises(FileNotFoundError, match="the weights of dinov2-vit-s .*: not in the .*--dinov2-weights /"):
         evaluation.evaluate(samples, reference, metrics="fd_dinov2", dinov2="dinov2-vit-s")  # offline (conftest)
     with pytest.raises(EncoderWeightsError, match="cannot be loaded into dinov2-vit-s-reg .*another encoder's file"):
         load_dinov2("dinov2-vit-s-reg", dinov2[0])  # the file of the ViT-S without registers

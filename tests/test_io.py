@@ -2,8 +2,12 @@
 
 import argparse
 import dataclasses
+import os
+import stat
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from sit_atconv.io import add_dataclass_arguments, atomic_output, dataclass_from_args, file_sha256, write_json_atomic
 
@@ -30,9 +34,30 @@ def test_folders_and_symlinks_are_replaced_whole(tmp_path):
     assert (target / "file").read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
     with atomic_output(tmp_path / "latest") as tmp:
         tmp.symlink_to("folder")
-    with atomic_output(tmp_path / "latest") as tmp:  # an existing link is replaced, not followed
+    with atomic_output(tmp_path / "latest", follow_symlinks=False) as tmp:  # the link itself is replaced
         tmp.symlink_to("elsewhere")
     assert (tmp_path / "latest").readlink().name == "elsewhere" and (target / "file").exists()
+
+
+def test_a_symlinked_output_is_written_through_and_files_get_the_umask(tmp_path):
+    """An output that is a symlink (say, to a results disk) stays a link and its target gets the content (issue 19:
+    the link was replaced by a file); files get the permissions of the process umask, also those safetensors
+    writes 0600."""
+    real = tmp_path / "storage" / "samples.json"
+    real.parent.mkdir()
+    real.write_text("old")
+    (tmp_path / "samples.json").symlink_to(real)
+    old_mask = os.umask(0o027)
+    try:
+        with atomic_output(tmp_path / "samples.json") as tmp:
+            tmp.write_text("new")
+        with atomic_output(tmp_path / "weights.safetensors") as tmp:
+            save_file({"w": torch.ones(2)}, tmp)
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "samples.json").is_symlink() and real.read_text() == "new"
+    assert stat.S_IMODE(real.stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "weights.safetensors").stat().st_mode) == 0o640
 
 
 def test_file_sha256(tmp_path):

@@ -10,10 +10,11 @@ from accelerate.commands.config.config_args import ClusterConfig, load_config_fr
 from accelerate.utils import DistributedType
 from helpers import single_thread_env, tiny_overrides
 
+from sit_atconv.io import check_launch
 from sit_atconv.models import sit as sit_module
 from sit_atconv.models.loading import load_model
 from sit_atconv.training import load_config
-from sit_atconv.training.trainer import check_process_count, start_run
+from sit_atconv.training.trainer import start_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = ROOT / "configs" / "accelerate"
@@ -123,7 +124,7 @@ def test_as_many_processes_as_gpus_passes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    check_process_count()
+    check_launch()
 
 
 def test_fsdp_is_refused_with_a_clear_error(tmp_path, monkeypatch):

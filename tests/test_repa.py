@@ -83,5 +83,7 @@ def test_missing_encoder_weights_give_clear_errors(tmp_path):
         load_encoder("dinov2-vit-b", weights=tmp_path / "nope.safetensors")
     with pytest.raises(ValueError, match="unknown REPA encoder 'clip'"):
         load_encoder("clip")
-    with pytest.raises(RuntimeError, match="repa.encoder_weights=/path"):
+    with pytest.raises(
+        FileNotFoundError, match="repa.encoder_weights unset.*HF_HUB_OFFLINE.*repa.encoder_weights=/path"
+    ):
         load_encoder("dinov2-vit-s")  # offline (conftest), nothing cached

@@ -24,9 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     tiny_sit().save_pretrained(root / "model")
-    tiny_sit(num_classes=0).save_pretrained(root / "uncond")
+    tiny_sit(in_channels=3).save_pretrained(root / "pixels")  # pixel models: no VAE
+    tiny_sit(in_channels=3, num_classes=0).save_pretrained(root / "uncond")
     tiny_vae().save_pretrained(root / "vae")
     return root
+
+
+def run_pixels(assets, *args):
+    sample_cli.main(["--ckpt", str(assets / "pixels"), "--num-steps", "4", *args])
 
 
 def run(assets, *args):
@@ -106,8 +111,8 @@ def test_two_processes_give_identical_bytes(assets, tmp_path):
 
 def test_samples_do_not_depend_on_batch_size(assets, tmp_path):
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
-    run(assets, "--num-samples", "6", "--batch-size", "6", "--out", str(a), "--vae", "none")
-    run(assets, "--num-samples", "6", "--batch-size", "2", "--out", str(b), "--vae", "none")
+    run_pixels(assets, "--num-samples", "6", "--batch-size", "6", "--out", str(a))
+    run_pixels(assets, "--num-samples", "6", "--batch-size", "2", "--out", str(b))
     with np.load(a) as x, np.load(b) as y:
         assert np.abs(x["arr_0"].astype(int) - y["arr_0"].astype(int)).max() <= 1  # float-level differences only
 
@@ -115,9 +120,7 @@ def test_samples_do_not_depend_on_batch_size(assets, tmp_path):
 def test_bad_inputs_fail_before_any_work(assets, tmp_path, capsys):
     out = tmp_path / "bad.npz"
     with pytest.raises(ValueError, match="needs a class-conditional model"):
-        sample_cli.main(
-            ["--ckpt", str(assets / "uncond"), "--vae", "none", "--cfg", "2", "--num-samples", "4", "--out", str(out)]
-        )
+        sample_cli.main(["--ckpt", str(assets / "uncond"), "--cfg", "2", "--num-samples", "4", "--out", str(out)])
     with pytest.raises(ValueError, match=r"class labels \[10, -1\] are outside \[0, 10\)"):
         run(assets, "--classes", "3", "10", "-1", "--out", str(tmp_path / "g.png"))
     with pytest.raises(SystemExit):  # SamplerConfig's own check, reported as a usage error
@@ -139,15 +142,18 @@ def test_bad_inputs_fail_before_any_work(assets, tmp_path, capsys):
 
 def test_missing_vae_offline_gives_instructions(assets, tmp_path):
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest: offline, empty cache
-    with pytest.raises(RuntimeError, match="could not load the VAE 'stabilityai/sd-vae-ft-ema'.*--vae /path"):
+    with pytest.raises(
+        FileNotFoundError,
+        match="the VAE --vae 'stabilityai/sd-vae-ft-ema': not in the Hugging .*hf download stabilityai/.*--vae /path",
+    ):
         sample_cli.main(["--ckpt", str(assets / "model"), "--num-steps", "1", "--out", str(tmp_path / "g.png")])
 
 
 def test_shards_of_another_run_are_not_mixed(assets, tmp_path):
     out = tmp_path / "s.npz"
-    run(assets, "--num-samples", "4", "--batch-size", "2", "--out", str(out), "--keep-shards", "--vae", "none")
+    run_pixels(assets, "--num-samples", "4", "--batch-size", "2", "--out", str(out), "--keep-shards")
     with pytest.raises(ValueError, match="holds shards of a different run"):
-        run(assets, "--num-samples", "4", "--batch-size", "2", "--out", str(out), "--seed", "5", "--vae", "none")
+        run_pixels(assets, "--num-samples", "4", "--batch-size", "2", "--out", str(out), "--seed", "5")
     shutil.rmtree(tmp_path / "s.npz.shards")
 
 

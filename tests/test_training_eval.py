@@ -97,7 +97,10 @@ def test_samples_are_removed_and_missing_inception_weights_skip_only_their_metri
     monkeypatch.setattr(training_evaluation, "evaluate", stand_in)
     monkeypatch.setattr(training_evaluation, "resolve_inception_weights", offline)
     run = tmp_path / "run"
-    config = load_config(DEMO, eval_overrides(run, reference, "unused.pth", **{"eval.metrics": "fid,fd_dinov2"}))
+    dinov2_weights = tmp_path / "dinov2.safetensors"  # there (checked before the run), read by the stand-in only
+    dinov2_weights.touch()
+    extra = {"eval.metrics": "fid,fd_dinov2", "eval.dinov2_weights": str(dinov2_weights)}
+    config = load_config(DEMO, eval_overrides(run, reference, "unused.pth", **extra))
     with pytest.warns(UserWarning, match=r"eval.metrics: fid skipped for this run, no Inception weights"):
         train(config, resume="none", progress=False)
     assert seen == [((10, 8, 8, 3), ["fd_dinov2"])] * 2  # the run went on with what it could compute

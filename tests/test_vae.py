@@ -18,12 +18,20 @@ def test_latent_models_are_the_four_channel_ones():
 def test_which_autoencoder_a_model_gets(tmp_path):
     tiny_vae().save_pretrained(tmp_path / "vae")
     latent, pixels = tiny_sit(), tiny_sit(in_channels=3)
-    assert autoencoder.vae_for_model(pixels, None) is None  # pixels: none unless asked for
-    assert autoencoder.vae_for_model(latent, "none") is None and autoencoder.vae_for_model(latent, "None") is None
+    assert autoencoder.vae_for_model(pixels, None) is None and autoencoder.vae_for_model(pixels, "none") is None
+    assert autoencoder.vae_for_model(latent, "None", needs_images=False) is None  # export: latents are fine
     assert autoencoder.vae_for_model(latent, None, default=None) is None  # export: no VAE unless given
     assert autoencoder.vae_for_model(latent, str(tmp_path / "vae")) is not None
-    with pytest.raises(RuntimeError, match="could not load the VAE 'stabilityai/sd-vae-ft-ema'.*--vae /path"):
+    with pytest.raises(FileNotFoundError, match="the VAE --vae 'stabilityai/sd-vae-ft-ema': not in the .*--vae /path"):
         autoencoder.vae_for_model(latent, None)  # the default hub id, offline in the tests
+    # Mismatches are refused before any VAE is loaded, naming the setting
+    with pytest.raises(ValueError, match="--vae none: this is a latent model .4 input channels"):
+        autoencoder.vae_for_model(latent, "none")
+    with pytest.raises(ValueError, match=r"log.preview_vae .*vae: this is a pixel-space model \(3 input channels\)"):
+        autoencoder.vae_for_model(pixels, str(tmp_path / "vae"), setting="log.preview_vae")
+    tiny_vae(latent_channels=16).save_pretrained(tmp_path / "vae16")
+    with pytest.raises(ValueError, match="the VAE has 16 latent channels but the model generates 4"):
+        autoencoder.vae_for_model(latent, str(tmp_path / "vae16"))
 
 
 def test_strict_loading_names_the_folder(tmp_path):

@@ -32,7 +32,7 @@ from sit_atconv.analysis import (
     noisy_inputs,
     without_modulation,
 )
-from sit_atconv.io import check_output_path, positive_int, run_cli, save_figure, write_json_atomic
+from sit_atconv.io import ArgumentParser, check_output_path, positive_int, run_cli, save_figure, write_json_atomic
 from sit_atconv.models.registry import create_model, describe_mixers
 
 ERRORS = (ValueError, FileNotFoundError)  # reported in one line by run_cli
@@ -337,9 +337,7 @@ def run_features(args) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m sit_atconv.analysis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(prog="python -m sit_atconv.analysis", description=__doc__)
     commands = p.add_subparsers(dest="command", required=True)
 
     def common(sub, num_inputs):

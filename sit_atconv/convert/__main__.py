@@ -19,12 +19,12 @@ from safetensors.torch import save_file
 
 from sit_atconv.convert import SOURCES, convert_checkpoint
 from sit_atconv.export import ERRORS, add_pipeline_arguments, card_info, check_output_folder, write_pipeline
-from sit_atconv.io import run_cli
+from sit_atconv.io import ArgumentParser, run_cli
 from sit_atconv.models import list_models
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="which project wrote the file")
     p.add_argument("checkpoint", type=Path, help="the .pt file")
     p.add_argument("--model", required=True, choices=list_models(), help="architecture of the checkpoint")

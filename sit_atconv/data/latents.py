@@ -12,7 +12,6 @@ already written (atomically); unreadable images are skipped and listed in `skipp
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import json
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from sit_atconv import vae as autoencoder
 from sit_atconv.data.images import ImageFolderDataset, collate_skipping_bad
 from sit_atconv.io import (
+    ArgumentParser,
     atomic_output,
     check_output_path,
     non_negative_int,
@@ -202,7 +202,7 @@ class LatentDataset(Dataset):
 def main(argv=None) -> None:
     from accelerate import Accelerator
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--data", required=True, type=Path, help="image folder (ImageNet layout, or --unconditional)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--resolution", type=positive_int, default=256)

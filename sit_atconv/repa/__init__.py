@@ -12,14 +12,17 @@ tokens at 256 px; the position embedding is resampled by timm for 512 px).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sit_atconv.hub import cached_or_reachable
 from sit_atconv.vae import SD_VAE_DOWNSAMPLE
 
+TIMM_WEIGHTS = "model.safetensors"  # the file of timm's hub repositories (timm/<model name>)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ENCODERS = {  # our name -> timm model name (weights tag lvd142m)
@@ -94,6 +97,26 @@ class EncoderWeightsError(RuntimeError):
     """An encoder's pretrained weights could not be had: offline without a file, or a file of another model."""
 
 
+def encoder_weights_file(
+    name: str, weights: str | Path | None, weights_option: str = "repa.encoder_weights=/path/to/model.safetensors"
+) -> Path | None:
+    """The local weights file of encoder `name`: `weights` (which must exist), else timm's copy in the Hugging Face
+    cache; None when neither is there but the hub answers (timm downloads it). Offline without either: one
+    WeightsUnavailable naming `weights_option`, checked without building anything."""
+    if weights is not None:
+        weights = Path(weights)
+        if not weights.is_file():
+            raise FileNotFoundError(f"encoder weights {weights} do not exist (given as {weights_option.split('=')[0]})")
+        return weights
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; expected one of {list(ENCODERS)}")
+    setting = re.split(r"[= ]", weights_option)[0]
+    repo = f"timm/{ENCODERS[name]}"
+    what = f"the weights of {name} ({setting} unset: the hub's {repo})"
+    cached = cached_or_reachable(repo, [TIMM_WEIGHTS], what, weights_option)
+    return cached / TIMM_WEIGHTS if cached is not None else None
+
+
 def load_backbone(
     name: str,
     img_size: int | None = None,
@@ -110,10 +133,8 @@ def load_backbone(
         raise ValueError(f"unknown REPA encoder {name!r}; expected one of {list(ENCODERS)}")
     timm_name = ENCODERS[name]
     kwargs = {"num_classes": 0} if img_size is None else {"img_size": img_size, "num_classes": 0}
+    weights = encoder_weights_file(name, weights, weights_option)
     if weights is not None:
-        weights = Path(weights)
-        if not weights.is_file():
-            raise FileNotFoundError(f"encoder weights {weights} do not exist")
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
     try:
         return timm.create_model(timm_name, pretrained=True, **kwargs)

@@ -19,7 +19,9 @@ complete checkpoint that reads, and falls back to older ones with a warning.
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -32,9 +34,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sit_atconv.io import atomic_output, fsync_folder, fsync_tree, replace_path
+from sit_atconv.io import apply_umask, atomic_output, fsync_folder, fsync_tree, replace_path
 from sit_atconv.models import check_architecture
-from sit_atconv.models.loading import from_pretrained_strict, resolve_model_folder
+from sit_atconv.models.loading import load_sit, resolve_model_folder
 from sit_atconv.training.config import save_config
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -128,12 +130,13 @@ def save_checkpoint(
         if accelerator.is_main_process:
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1))
+            apply_umask(tmp)  # safetensors writes 0600
             fsync_tree(tmp)  # the marker must never reach the disk before the files it vouches for
             replace_path(tmp, final)
             fsync_folder(root)
-            with atomic_output(root / "latest") as link:
+            with atomic_output(root / "latest", follow_symlinks=False) as link:
                 link.symlink_to(final.name)
-            prune_checkpoints(run_dir, config.checkpoint.keep_last, config.checkpoint.milestone_every)
+            prune_checkpoints(run_dir, final, config.checkpoint.keep_last, config.checkpoint.milestone_every)
     accelerator.wait_for_everyone()
     return final
 
@@ -150,14 +153,102 @@ def write_errors_named(checkpoint: Path, tmp: Path | None) -> Iterator[None]:
         raise OSError(f"could not write checkpoint {checkpoint}: {error}") from error
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int, milestone_every: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints plus every multiple of `milestone_every` steps;
-    folders that are not complete checkpoints are left alone."""
-    checkpoints = complete_checkpoints(run_dir)
-    for path in checkpoints[: max(len(checkpoints) - keep_last, 0)]:
+def prune_checkpoints(run_dir: Path, current: Path, keep_last: int, milestone_every: int) -> None:
+    """Keep `current` (the checkpoint just written), the newest `keep_last - 1` complete checkpoints before it, and
+    every multiple of `milestone_every` steps. Folders that are not complete checkpoints are left alone, and so are
+    checkpoints of later steps (another history: `set_aside_later_steps` moves those away before a run starts)."""
+    step = checkpoint_step(current)
+    older = [path for path in complete_checkpoints(run_dir) if checkpoint_step(path) < step]
+    for path in older[: max(len(older) - (keep_last - 1), 0)]:
         if milestone_every and checkpoint_step(path) % milestone_every == 0:
             continue
         shutil.rmtree(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# One history per run folder
+# ------------------------------------------------------------------------------------------------
+
+SUPERSEDED = "superseded"  # run_dir/superseded/<date-time>/: what a fresh start or an older resume set aside
+# What a run writes into its folder (`config.yaml` alone, written before the first step, is no run yet).
+RUN_ARTEFACTS = (
+    "checkpoints",
+    "metrics.csv",
+    "config_changes.csv",
+    "loss.png",
+    "samples",
+    "eval",
+    "logs",
+    "config.yaml",
+)
+STEP_FILE = re.compile(r"^\.?step_(\d{8})\b")  # eval/step_N.metrics.json, eval/.step_N.npz.lock, samples/step_N.png
+
+
+def previous_run(run_dir: Path) -> list[Path]:
+    """The files of a run already in `run_dir`, which a run starting from step 0 there must not mix with."""
+    found = [run_dir / name for name in RUN_ARTEFACTS if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+    return found if any(path.name != "config.yaml" for path in found) else []
+
+
+def later_steps(run_dir: Path, step: int) -> list[Path]:
+    """Complete checkpoints, evaluation results and preview grids of steps after `step`: another history's, once
+    a run continues from `step`. Incomplete `step_N` folders are not a run's, and stay."""
+    found = [path for path in complete_checkpoints(run_dir) if checkpoint_step(path) > step]
+    for folder in ("eval", "samples"):
+        if (run_dir / folder).is_dir():
+            for path in sorted((run_dir / folder).iterdir()):
+                match = STEP_FILE.match(path.name)
+                if match and int(match.group(1)) > step:
+                    found.append(path)
+    return found
+
+
+def set_aside(run_dir: Path, move: list[Path], copy: list[Path] = ()) -> Path:
+    """Move `move` and copy `copy` (paths inside `run_dir`) to the same places under run_dir/superseded/<date-time>/,
+    which is returned. Nothing is deleted: the user decides what to keep."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    destination = run_dir / SUPERSEDED / stamp
+    count = 1
+    while destination.exists():
+        count += 1
+        destination = run_dir / SUPERSEDED / f"{stamp}-{count}"
+    for path in copy:
+        target = destination / path.relative_to(run_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    for path in move:
+        target = destination / path.relative_to(run_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        fsync_folder(path.parent)
+    fsync_tree(destination)
+    return destination
+
+
+def set_aside_previous_run(run_dir: Path) -> Path | None:
+    """Before a run starts from step 0 in `run_dir`: move a previous run's files into superseded/ (returned)."""
+    found = previous_run(run_dir)
+    return set_aside(run_dir, found) if found else None
+
+
+def set_aside_later_steps(run_dir: Path, resumed: Path) -> Path | None:
+    """After resuming from checkpoint `resumed`: move the checkpoints, evaluations and previews of later steps of
+    `run_dir` into superseded/ (returned) with a copy of the logs whose later rows the resumed run drops, and
+    point `latest` at the resumed checkpoint where it pointed at a moved one."""
+    step = checkpoint_step(resumed)
+    found = later_steps(run_dir, step)
+    if not found:
+        return None
+    logs = [run_dir / name for name in ("metrics.csv", "config_changes.csv") if (run_dir / name).is_file()]
+    destination = set_aside(run_dir, found, logs)
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.is_symlink() and not latest.exists():
+        if resumed.resolve().parent == latest.parent.resolve():
+            with atomic_output(latest, follow_symlinks=False) as link:
+                link.symlink_to(resumed.resolve().name)
+        else:
+            latest.unlink()
+    return destination
 
 
 def resume_candidates(run_dir: Path, resume: str | None) -> tuple[list[Path], list[str]]:
@@ -252,7 +343,7 @@ def init_weights(path: str | Path, sit, ema, projector: nn.Module | None) -> lis
     except FileNotFoundError:
         online_folder = ema_folder
     notes = []
-    sources = {folder: from_pretrained_strict(type(sit), folder) for folder in {online_folder, ema_folder}}
+    sources = {folder: load_sit(folder) for folder in {online_folder, ema_folder}}
     for target, folder in ((sit, online_folder), (ema, ema_folder)):
         source = sources[folder]
         what = f"train.init_from {folder} is another architecture than the config (set model.<field> to match)"

@@ -20,6 +20,7 @@ base file; chains of bases apply the outermost base first.
 """
 
 import dataclasses
+import difflib
 import inspect
 import math
 import re
@@ -117,7 +118,9 @@ class TrainConfig:
     max_steps: int = at_least(400_000, 1)  # optimizer steps (the paper's Table VIII: 400K)
     lr: float = at_least(1e-4, 0)  # AdamW learning rate, constant (SiT: 1e-4)
     weight_decay: float = at_least(0.0, 0)  # AdamW weight decay, on matrices and kernels only (SiT: 0)
-    betas: list[float] = at_least([0.9, 0.999], 0, 1)  # AdamW (beta1, beta2)
+    betas: list[float] = field(  # AdamW (beta1, beta2), each in [0, 1)
+        default_factory=lambda: [0.9, 0.999], metadata={"min": 0, "below": 1, "length": 2}
+    )
     eps: float = positive(1e-8)  # AdamW epsilon
     grad_clip: float = at_least(1.0, 0)  # max global gradient norm; 0: no clipping
     grad_accumulation: int = at_least(1, 1)  # micro-batches per optimizer step (global_batch_size is split over them)
@@ -196,13 +199,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         config = OmegaConf.merge(OmegaConf.structured(Config), *layers)
         OmegaConf.resolve(config)  # so an interpolation of the wrong type fails now too
     except ConfigKeyError as error:
-        raise ValueError(f"unknown config key: {error.full_key}") from error
+        raise ValueError(f"unknown config key: {error.full_key}{_did_you_mean(error.full_key)}") from error
     except OmegaConfBaseException as error:  # a value of the wrong type, an interpolation of a missing key
         raise ValueError(_explain(error)) from error
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.type):
             _check_value(f"{section.name}.{f.name}", config[section.name][f.name], f.metadata)
+    _check_across_sections(config)
     return config
+
+
+def _did_you_mean(full_key: str) -> str:
+    """'; did you mean train.max_steps?' for a misspelt dotted key (or section), else ''."""
+    section, _, key = full_key.partition(".")
+    if section in SECTIONS and key:
+        names = [f.name for f in dataclasses.fields(Config.__dataclass_fields__[section].type)]
+        close = difflib.get_close_matches(key.split(".")[0].split("[")[0], names, n=1)
+        return f"; did you mean {section}.{close[0]}?" if close else f"; the keys of {section} are {', '.join(names)}"
+    close = difflib.get_close_matches(section, SECTIONS, n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _check_across_sections(config: DictConfig) -> None:
+    """Settings that are each valid but do not fit together, refused at load time rather than at the first step."""
+    depth = model_config(config.model.name, **model_overrides(config))["depth"]
+    if config.repa.enabled and config.repa.encoder_depth > depth:
+        raise ValueError(
+            f"repa.encoder_depth={config.repa.encoder_depth} is deeper than the model ({depth} blocks): align after a "
+            f"block in [1, {depth}] (REPA: 4 for B/2, 8 for L/2 and XL/2)"
+        )
 
 
 def _check_value(key: str, value: Any, rules: typing.Mapping) -> None:
@@ -210,8 +235,10 @@ def _check_value(key: str, value: Any, rules: typing.Mapping) -> None:
     if "choices" in rules and value not in rules["choices"]:
         raise ValueError(f"{key}={value!r} is not one of {list(rules['choices'])}")
     if isinstance(value, typing.Sequence) and not isinstance(value, str):
+        if "length" in rules and len(value) != rules["length"]:
+            raise ValueError(f"{key}={list(value)}: expected {rules['length']} values, got {len(value)}")
         for i, element in enumerate(value):
-            _check_value(f"{key}[{i}]", element, rules)
+            _check_value(f"{key}[{i}]", element, {k: v for k, v in rules.items() if k != "length"})
         return
     if not isinstance(value, int | float) or isinstance(value, bool):
         return
@@ -223,6 +250,8 @@ def _check_value(key: str, value: Any, rules: typing.Mapping) -> None:
         raise ValueError(f"{key}={value}: expected a value <= {rules['max']}")
     if "above" in rules and value <= rules["above"]:
         raise ValueError(f"{key}={value}: expected a value > {rules['above']}")
+    if "below" in rules and value >= rules["below"]:
+        raise ValueError(f"{key}={value}: expected a value < {rules['below']}")
 
 
 def model_overrides(config: DictConfig) -> dict[str, Any]:
@@ -303,7 +332,13 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig
         raise FileNotFoundError(f"config file {path} does not exist")
     if path.resolve() in seen:
         raise ValueError(f"config {path} includes itself through base:")
-    layer = OmegaConf.load(path)
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as error:  # duplicate keys, bad indentation: the first line says what, the mark where
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"config file {path} is not valid YAML{where}: {problem}") from error
     if not isinstance(layer, DictConfig):
         raise ValueError(f"config file {path} must hold a mapping of sections, not a list")
     base = layer.pop("base", None)
@@ -324,7 +359,8 @@ def _check_layer(layer: DictConfig) -> None:
     """Top-level keys must be known sections holding mappings (what OmegaConf reports less clearly)."""
     unknown = sorted(set(layer) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"unknown config section(s) {unknown}; expected {SECTIONS}")
+        hint = _did_you_mean(unknown[0]) if len(unknown) == 1 else ""
+        raise ValueError(f"unknown config section(s) {unknown}{hint or f'; expected {SECTIONS}'}")
     for section in dataclasses.fields(Config):
         values = layer.get(section.name)
         if values is None:  # absent, or a section whose keys are all commented out

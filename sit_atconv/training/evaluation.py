@@ -21,7 +21,7 @@ from sit_atconv.evaluation.evaluator import (
     parse_metrics,
     resolve_inception_weights,
 )
-from sit_atconv.generation import GenerationConfig, sample_to_npz
+from sit_atconv.generation import GenerationConfig, sample_to_npz, weights_digest
 from sit_atconv.io import write_json_atomic
 from sit_atconv.transport import SAMPLERS, SamplerConfig
 
@@ -101,7 +101,9 @@ class TrainingEvaluation:
     def __call__(self, ema, step: int) -> dict | None:
         ec = self.config.eval
         out = self.folder / f"step_{step:08d}.npz"
-        settings = {"step": step, "run": str(self.folder.parent)}  # part of the shards' fingerprint
+        # Part of the shards' fingerprint: samples of other weights (a resume with another lr, a fresh start) are
+        # never taken for these.
+        settings = {"step": step, "run": str(self.folder.parent), "ema_sha256": weights_digest(ema)}
         sample_to_npz(
             self.accelerator,
             ema,

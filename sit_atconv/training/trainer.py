@@ -24,8 +24,10 @@ a resumed run repeats the uninterrupted one and N processes compute what one pro
 
 from __future__ import annotations
 
+import collections
 import copy
-import os
+import signal
+import threading
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,10 +41,12 @@ from torch.utils.data import DataLoader
 from sit_atconv import vae as autoencoder
 from sit_atconv.data import DigitsDataset, StepBatchSampler
 from sit_atconv.data.latents import LatentDataset
+from sit_atconv.evaluation.dinov2 import DEFAULT_DINOV2
+from sit_atconv.evaluation.evaluator import parse_metrics
 from sit_atconv.generation import GenerationConfig, sample_grid
-from sit_atconv.io import ExclusiveLock, check_output_path, lock_path
+from sit_atconv.io import ExclusiveLock, check_launch, check_output_path, lock_path
 from sit_atconv.models import create_model
-from sit_atconv.repa import alignment_loss, build_projector, check_token_counts, load_encoder
+from sit_atconv.repa import alignment_loss, build_projector, check_token_counts, encoder_weights_file, load_encoder
 from sit_atconv.training.checkpoint import (
     NonFiniteError,
     init_weights,
@@ -50,6 +54,8 @@ from sit_atconv.training.checkpoint import (
     resume_candidates,
     save_checkpoint,
     saved_config,
+    set_aside_later_steps,
+    set_aside_previous_run,
 )
 from sit_atconv.training.config import model_overrides, resume_changes, save_config
 from sit_atconv.training.evaluation import TrainingEvaluation, check_eval_config
@@ -270,7 +276,7 @@ def preview_autoencoder(config: DictConfig, accelerator):
     if config.data.kind != "latents":
         return None
     if config.log.preview_vae:
-        return autoencoder.load_vae(config.log.preview_vae, accelerator.device)
+        return autoencoder.load_vae(config.log.preview_vae, accelerator.device, setting="log.preview_vae")
     accelerator.print("note: log.preview_vae is not set, so a latent model gets no preview grids")
     return False
 
@@ -281,7 +287,7 @@ def training_evaluation(config: DictConfig, accelerator, run_dir: Path, sit) -> 
         return None
     if config.data.kind != "latents":
         return TrainingEvaluation(config, accelerator, run_dir)  # its reference checked in `train`
-    vae = autoencoder.load_vae(config.log.preview_vae, accelerator.device)
+    vae = autoencoder.load_vae(config.log.preview_vae, accelerator.device, setting="log.preview_vae")
     size = sit.config.input_size * autoencoder.downsample_factor(vae)
     return TrainingEvaluation(config, accelerator, run_dir, vae, image_size=size)
 
@@ -318,7 +324,7 @@ def start_run(config: DictConfig, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
-    check_process_count()
+    check_launch()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,
@@ -344,24 +350,6 @@ def start_run(config: DictConfig, run_dir: Path):
     if accelerator.device.type == "cuda":
         set_tf32(config.train.tf32)
     return accelerator
-
-
-def check_process_count() -> None:
-    """Refuse more processes on this node than it has CUDA devices, before Accelerate assigns each one a
-    device (whose own failure, "invalid device ordinal" from torch.cuda.set_device, names no setting)."""
-    local = os.environ.get("LOCAL_WORLD_SIZE")  # set by accelerate launch (torchrun) for each node
-    if local is None or not torch.cuda.is_available():
-        return
-    devices = torch.cuda.device_count()
-    if int(local) > devices:
-        world = os.environ.get("WORLD_SIZE", local)
-        machines = max(int(world) // int(local), 1)
-        raise ValueError(
-            f"accelerate launch started {local} processes on this node (num_processes={world} over num_machines="
-            f"{machines}) but only {devices} CUDA device(s) are visible "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): set num_processes in the "
-            f"accelerate config, or pass --num_processes, to at most {devices * machines} (GPUs per machine x machines)"
-        )
 
 
 def set_tf32(enabled: bool) -> None:
@@ -398,28 +386,66 @@ def check_resume(config: DictConfig, run_dir: Path, resume: str | None, warn: bo
     return candidates
 
 
+def check_data(config: DictConfig, dataset) -> None:
+    """What the data set must hold for the config (checked before the run folder is written)."""
+    if len(dataset) < config.train.global_batch_size:
+        raise ValueError(
+            f"train.global_batch_size={config.train.global_batch_size} is more than the data set holds "
+            f"({len(dataset):,} items, data.kind={config.data.kind}): lower it"
+        )
+
+
+def check_pretrained(config: DictConfig) -> None:
+    """Find the pretrained networks the run will load (the VAE of latent previews and evaluations, REPA's encoder,
+    FD_DINOv2's) before the run folder is created: offline without a copy, one error naming the setting that
+    takes one (no hub retries)."""
+    decodes = config.log.sample_every or config.eval.every
+    if config.data.kind == "latents" and decodes and config.log.preview_vae:
+        autoencoder.find_vae(config.log.preview_vae, "log.preview_vae")
+    if config.repa.enabled:
+        encoder_weights_file(config.repa.encoder, config.repa.encoder_weights)
+    if config.eval.every and "fd_dinov2" in parse_metrics(config.eval.metrics):
+        option = "eval.dinov2_weights=/path/to/model.safetensors"
+        encoder_weights_file(DEFAULT_DINOV2, config.eval.dinov2_weights, option)
+
+
 def train(config: DictConfig, resume: str | None = "auto", progress: bool = True) -> TrainResult:
-    """Train until config.train.max_steps; returns the run folder, final step and per-step losses."""
+    """Train until config.train.max_steps; returns the run folder, final step and per-step losses.
+
+    A run folder holds one run's history: a run that starts from step 0 where another run's files are moves them
+    into superseded/<date-time>/ first, and one resumed from an older checkpoint moves the later checkpoints,
+    evaluations and previews there (`set_aside_previous_run`, `set_aside_later_steps`). SIGTERM or SIGUSR1 stop
+    the run after the current step with a checkpoint (TrainingStopped)."""
     run_dir = Path(config.run.output_dir)
     check_output_path(run_dir, folder=True, what="run folder")
     check_eval_config(config, config.data.resolution if config.data.kind == "digits" else None)
+    dataset = build_dataset(config)
+    check_data(config, dataset)
+    check_pretrained(config)
     accelerator = start_run(config, run_dir)
     main = accelerator.is_main_process
     lock = ExclusiveLock(lock_path(run_dir, folder=True), f"run folder {run_dir}") if main else nullcontext()
     with lock:
         candidates = check_resume(config, run_dir, resume, warn=main)
+        accelerator.wait_for_everyone()  # every process has listed the checkpoints before any is moved
         if main:
+            outside = candidates and run_dir.resolve() not in candidates[0].resolve().parents
+            if not candidates or outside:
+                moved = set_aside_previous_run(run_dir)
+                if moved is not None:
+                    print(f"note: the previous run in {run_dir} was moved to {moved} (a run folder holds one run)")
             save_config(config, run_dir / "config.yaml")
-        return train_loop(config, accelerator, run_dir, candidates, progress)
+        return train_loop(config, accelerator, run_dir, candidates, progress, dataset)
 
 
-def train_loop(config: DictConfig, accelerator, run_dir: Path, candidates: list[Path], progress: bool) -> TrainResult:
+def train_loop(
+    config: DictConfig, accelerator, run_dir: Path, candidates: list[Path], progress: bool, dataset
+) -> TrainResult:
     """Set-up and steps of `train`, in the locked run folder; `candidates`: the checkpoints to resume from."""
     tc = config.train
     device = accelerator.device
 
-    # Set-up: data, model, EMA, REPA, optimizer, the state to resume or initialise from.
-    dataset = build_dataset(config)
+    # Set-up: model, EMA, REPA, optimizer, the state to resume or initialise from.
     sit = build_model(config)
     if tc.grad_checkpointing:
         sit.enable_gradient_checkpointing()
@@ -442,6 +468,10 @@ def train_loop(config: DictConfig, accelerator, run_dir: Path, candidates: list[
         for note in notes if accelerator.is_main_process else []:
             warnings.warn(note, stacklevel=2)
         apply_optimizer_settings(optimizer, tc)
+        if accelerator.is_main_process:
+            moved = set_aside_later_steps(run_dir, last_checkpoint)
+            if moved is not None:
+                print(f"note: what {run_dir} held after step {state['step']} was moved to {moved}")
         changes = resume_changes(saved_config(last_checkpoint), config).applied
         if changes and accelerator.is_main_process:
             record_config_changes(run_dir, state["step"] + 1, changes)
@@ -459,41 +489,132 @@ def train_loop(config: DictConfig, accelerator, run_dir: Path, candidates: list[
     )
     loader = iter(build_loader(dataset, sampler, config, device))
     forward_loss = forward_loss_fn(transport, encoder, config.repa.proj_coeff)
-    if use_compile(config, device):
+    compiled = use_compile(config, device)
+    if compiled:
         forward_loss = compile_or_eager(forward_loss, device)
     log = TrainingLog(accelerator, config, run_dir, start_step, progress, skipped=state["skipped"])
     preview_vae = preview_autoencoder(config, accelerator)
     evaluation = training_evaluation(config, accelerator, run_dir, sit)
     sample_shape = dataset[0][0].shape
+    accelerator.print(startup_line(config, accelerator, sit, start_step, compiled))
 
     # The loop. Losses, gradient norms and finiteness stay on the device and are read back (one sync)
     # at log and checkpoint steps, where non-finite steps are reported, counted and may stop the run.
     model.train()
     consecutive_skips = 0
-    for step in range(start_step + 1, tc.max_steps + 1):
-        noise = step_noise(config, transport, step, sample_shape, sit.config.class_dropout_prob, device)
-        result = train_step(accelerator, model, optimizer, loader, sampler, noise, forward_loss, config)
-        update_ema(ema, sit, tc.ema_decay, apply=result.finite)
-        log.record(step, result, optimizer.param_groups[0]["lr"])
-        checkpoint_due = step % config.checkpoint.every == 0 or step == tc.max_steps
-        try:  # a non-finite step (read back here) or non-finite weights (before a checkpoint) stop the run
-            if log.due(step) or checkpoint_due:
-                consecutive_skips = review_steps(log.flush(), consecutive_skips, tc, accelerator)
-            if config.log.sample_every and step % config.log.sample_every == 0 and preview_vae is not False:
-                preview(config, ema, preview_vae, device, run_dir / "samples" / f"step_{step:08d}.png")
-            if evaluation is not None and evaluation.due(step):  # before the checkpoint: a crash redoes it
-                log.add_evaluation(step, evaluation(ema, step))
-            if checkpoint_due:
-                last_checkpoint = save_checkpoint(
-                    accelerator, run_dir, step, model, ema, optimizer, config, log.skipped
-                )
-        except NonFiniteError as error:
-            log.close()
-            accelerator.end_training()
-            raise NonFiniteError(f"{error}; {newest_checkpoint(last_checkpoint)}") from None
+    with StopSignals(accelerator) as signals:
+        for step in range(start_step + 1, tc.max_steps + 1):
+            noise = step_noise(config, transport, step, sample_shape, sit.config.class_dropout_prob, device)
+            result = train_step(accelerator, model, optimizer, loader, sampler, noise, forward_loss, config)
+            update_ema(ema, sit, tc.ema_decay, apply=result.finite)
+            log.record(step, result, optimizer.param_groups[0]["lr"])
+            stopping = signals.agreed()  # the same answer on every process
+            checkpoint_due = step % config.checkpoint.every == 0 or step == tc.max_steps or stopping
+            try:  # a non-finite step (read back here) or non-finite weights (before a checkpoint) stop the run
+                if log.due(step) or checkpoint_due:
+                    consecutive_skips = review_steps(log.flush(), consecutive_skips, tc, accelerator)
+                previews = config.log.sample_every and step % config.log.sample_every == 0
+                if previews and preview_vae is not False and not stopping:
+                    preview(config, ema, preview_vae, device, run_dir / "samples" / f"step_{step:08d}.png")
+                if evaluation is not None and evaluation.due(step) and not stopping:  # before the checkpoint: a
+                    log.add_evaluation(step, evaluation(ema, step))  # crash redoes it
+                if checkpoint_due:
+                    last_checkpoint = save_checkpoint(
+                        accelerator, run_dir, step, model, ema, optimizer, config, log.skipped
+                    )
+            except NonFiniteError as error:
+                log.close()
+                accelerator.end_training()
+                raise NonFiniteError(f"{error}; {newest_checkpoint(last_checkpoint)}") from None
+            if stopping:
+                log.close(run_dir / "loss.png")
+                accelerator.end_training()
+                raise TrainingStopped(signals.signal_name, step, last_checkpoint)
     log.close(run_dir / "loss.png")
     accelerator.end_training()
     return TrainResult(run_dir, tc.max_steps, log.losses, last_checkpoint, accelerator.is_main_process)
+
+
+def startup_line(config: DictConfig, accelerator, sit, start_step: int, compiled: bool) -> str:
+    """One line on what the run is about to do: model, device, processes, batch split, precision, compile."""
+    tc, device, processes = config.train, accelerator.device, accelerator.num_processes
+    where = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+    per_process = tc.global_batch_size // (processes * tc.grad_accumulation)
+    params = sum(p.numel() for p in sit.parameters() if p.requires_grad)
+    plural = "es" if processes > 1 else ""
+    start = f"resuming after step {start_step:,}" if start_step else "from step 0"
+    return (
+        f"training {config.model.name} ({params:,} parameters) on {where}, {processes} process{plural}: "
+        f"{per_process} images per process x {processes} x {tc.grad_accumulation} micro-batch(es) = global batch "
+        f"{tc.global_batch_size}; precision {tc.mixed_precision}; compile {'on' if compiled else 'off'}; {start} "
+        f"to {tc.max_steps:,}"
+    )
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on a signal (SIGTERM: a scheduler's preemption; SIGUSR1: a requeue script), after writing a
+    checkpoint; re-running the same command resumes. `exit_code` is the shell's 128 + signal number."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None):
+        self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGTERM))
+        super().__init__(
+            f"{signal_name} received: stopped after step {step} with checkpoint {checkpoint}; re-run the same command "
+            "to resume"
+        )
+
+
+class StopSignals:
+    """SIGTERM (what SLURM and Kubernetes send before they kill a job) and SIGUSR1 (what requeue scripts ask for
+    with `#SBATCH --signal=USR1@120`) ask the loop to stop after the current step. All processes must stop at
+    the same step, so with several processes each step's request is summed over them; on CUDA the sum is read
+    back LAG steps later, when the GPU is long done with it (the loop never waits for it). Handlers are
+    installed in the main thread only (Python's rule) and restored on exit."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+    LAG = 2
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.received: str | None = None
+        self.pending: collections.deque = collections.deque()
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                self.previous[name] = signal.signal(getattr(signal, name), self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, handler in self.previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
+
+    @property
+    def signal_name(self) -> str:
+        return self.received or "SIGTERM"  # (a process that did not receive it stops with the others)
+
+    def agreed(self) -> bool:
+        """Whether every process stops after this step; called once per step by every process."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        asked = torch.tensor([float(self.received is not None)], device=accelerator.device)
+        total = accelerator.reduce(asked, "sum")
+        if accelerator.device.type != "cuda":
+            return bool(total.item() > 0)
+        host = torch.empty(1, pin_memory=True)
+        host.copy_(total, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self.pending.append((host, done))
+        if len(self.pending) <= self.LAG:
+            return False
+        host, done = self.pending.popleft()
+        done.synchronize()
+        return bool(host.item() > 0)
 
 
 def review_steps(steps: list[tuple[int, bool, float]], consecutive: int, tc: DictConfig, accelerator) -> int:
