@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from sit_atconv.io import (
     ArgumentParser,
     ExclusiveLock,
     add_dataclass_arguments,
+    check_launch,
     check_output_path,
     dataclass_from_args,
     lock_path,
@@ -129,46 +131,66 @@ def check_outputs(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_outputs(args)
+    check_launch()
 
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     # The main process speaks for the run: the others write only the shards it assigns them.
     lock = ExclusiveLock(lock_path(args.out), f"sampling output {args.out}")
+    if accelerator.is_main_process:
+        lock.check_free()
+    job = prepare(args, accelerator)  # every check before anything is written, the lock's folder included
     with lock if accelerator.is_main_process else nullcontext():
-        sample_with_args(args, accelerator)
+        write_samples(args, accelerator, job)
 
 
-def sample_with_args(args: argparse.Namespace, accelerator) -> None:
-    """Load the model and write the grid or the .npz of `args`."""
+@dataclass
+class SamplingJob:
+    model: torch.nn.Module
+    vae: torch.nn.Module | None
+    config: GenerationConfig
+    vae_choice: str | None
+    precision: str
+
+
+def prepare(args: argparse.Namespace, accelerator) -> SamplingJob:
+    """Load and check the model, the VAE and the settings of `args`; writes nothing."""
     recorded = sampling_defaults(args.ckpt)
     config = generation_config(args, recorded)
     vae_choice = args.vae or recorded.get("vae")
     device = accelerator.device
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    autocast_dtype = PRECISIONS[precision]
     model = load_model(args.ckpt, ema=args.ema, device=device)
     if args.model:
         expected = model_config(args.model)
         check_architecture(model.config, expected, f"the checkpoint is not a {args.model}", name_fields(args.model))
+    labels = grid_classes(model.config.num_classes, args.classes) if args.num_samples is None else None
+    check_generation(model, config, labels)
+    vae = vae_for_model(model, vae_choice, device)
     if args.compile:  # in place; CFG's doubled batch and a last, smaller shard make the batch dimension dynamic
         model.compile()
+    return SamplingJob(model, vae, config, vae_choice, precision)
 
+
+def write_samples(args: argparse.Namespace, accelerator, job: SamplingJob) -> None:
+    """Write the grid or the .npz of `args`."""
+    autocast_dtype = PRECISIONS[job.precision]
     if args.num_samples is None:  # grid
-        check_generation(model, config, grid_classes(model.config.num_classes, args.classes))
-        vae = vae_for_model(model, vae_choice, device)
         if accelerator.is_main_process:
-            columns = args.grid_columns
-            count, calls = sample_grid(model, vae, config, args.out, args.classes, columns, device, autocast_dtype)
+            columns, device = args.grid_columns, accelerator.device
+            count, calls = sample_grid(
+                job.model, job.vae, job.config, args.out, args.classes, columns, device, autocast_dtype
+            )
             print(f"wrote {args.out} ({count} samples, {calls} model calls each)")
         return
-
-    vae = vae_for_model(model, vae_choice, device)
-    settings = model_record(args.ckpt, args.ema, vae, vae_choice, precision)
+    settings = model_record(args.ckpt, args.ema, job.vae, job.vae_choice, job.precision)
     options = dict(
         label_mode=args.label_mode, settings=settings, keep_shards=args.keep_shards, autocast_dtype=autocast_dtype
     )
-    info = sample_to_npz(accelerator, model, vae, args.out, args.num_samples, args.batch_size, config, **options)
+    info = sample_to_npz(
+        accelerator, job.model, job.vae, args.out, args.num_samples, args.batch_size, job.config, **options
+    )
     if accelerator.is_main_process:
         print(json.dumps({"out": info["out"], "arr_0": info["arr_0_shape"], "world_size": info["world_size"]}))
 

@@ -301,6 +301,24 @@ class ExclusiveLock:
         os.fsync(self.fd)
         return self
 
+    def check_free(self) -> None:
+        """Refuse now, creating nothing, when a live process holds the lock (the lock is taken later, after slow
+        read-only work such as loading a model; taking it then still refuses a holder that came in between)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:  # no lock file (or none readable): nobody to refuse yet
+            return
+        try:
+            holder = self._holder(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            self._refuse(holder)
+        except OSError:  # no flock on this file system: the lock itself decides later
+            pass
+        finally:
+            os.close(fd)
+
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
             self.path.unlink(missing_ok=True)  # while still holding it: a waiting opener sees the unlink

@@ -40,6 +40,7 @@ from sit_atconv.io import (
     ExclusiveLock,
     LockedError,
     atomic_output,
+    check_launch,
     check_output_path,
     lock_path,
     non_negative_int,
@@ -118,6 +119,7 @@ def main(argv=None) -> list[dict]:
     check_output_path(args.out, folder=True, what="--out")
     if not args.ref.exists():
         raise FileNotFoundError(f"reference {args.ref} does not exist")
+    check_launch()
 
     from accelerate import Accelerator
 

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import single_thread_env, tiny_overrides, tiny_sit, two_process_launch
+from helpers import single_thread_env, tiny_latent_folder, tiny_overrides, tiny_sit, two_process_launch
 from safetensors.torch import load_file, save_file
 
 import eval_fid
@@ -36,7 +37,7 @@ import train_sit
 from sit_atconv import export, generation, sharded_npz
 from sit_atconv.data.latents import LatentDataset
 from sit_atconv.evaluation import evaluator as evaluation
-from sit_atconv.io import ExclusiveLock, LockedError, atomic_output, lock_path, run_cli
+from sit_atconv.io import ExclusiveLock, LockedError, atomic_output, file_sha256, lock_path, process_umask, run_cli
 from sit_atconv.training import NonFiniteError, complete_checkpoints, load_config, train
 from sit_atconv.training.checkpoint import MARKER, checkpoint_problem
 from sit_atconv.transport import Transport
@@ -1196,3 +1197,375 @@ def test_reads_npz_without_unpickling(tmp_path):
     assert evaluation.read_npz(path, ["plain"])["plain"].tolist() == [0, 1, 2]  # members are read lazily
     with pytest.raises(ValueError, match=f"{path} holds object arrays"):
         evaluation.read_npz(path, ["objects"])
+
+
+# ================================================================================================
+# Round 3 (issue 19): one history per run folder, results keyed by all they depend on, fail-fast configs,
+# preemption, and a new user's first mistakes
+# ================================================================================================
+
+
+def losses(run_dir) -> list[str]:
+    return [r["loss"] for r in metrics(run_dir)]
+
+
+def test_a_fresh_start_sets_the_previous_run_aside_and_never_prunes_its_own_checkpoint(tmp_path):
+    """Issue 19.1: --resume none in a folder with newer checkpoints used to delete its own step_2 as it was written
+    (pruning kept the highest steps), leave `latest` dangling and mix the two runs' metrics on the next resume."""
+    run(tmp_path, steps=6, **{"checkpoint.every": 2, "checkpoint.keep_last": 2})
+    old_losses = losses(tmp_path)
+    options = {"checkpoint.every": 2, "checkpoint.keep_last": 2, "train.lr": 2e-3}
+    fresh = run(tmp_path, steps=2, resume="none", **options)
+    assert fresh.checkpoint == tmp_path / "checkpoints" / "step_00000002" and fresh.checkpoint.is_dir()
+    assert (tmp_path / "checkpoints" / "latest").resolve() == fresh.checkpoint
+    assert [c.name for c in complete_checkpoints(tmp_path)] == ["step_00000002"]
+    (aside,) = (tmp_path / "superseded").iterdir()  # the old run, whole: nothing deleted
+    assert [c.name for c in complete_checkpoints(aside)] == ["step_00000004", "step_00000006"]
+    assert [r["step"] for r in metrics(aside)] == [str(s) for s in range(1, 7)] and losses(aside) == old_losses
+    assert [r["step"] for r in metrics(tmp_path)] == ["1", "2"]
+    resumed = run(tmp_path, steps=4, **options)  # resumes the new run, not the old one's step 6
+    reference = run(tmp_path / "reference", steps=4, **options)
+    assert resumed.losses == reference.losses[2:] and losses(tmp_path) == losses(tmp_path / "reference")
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_steps_aside(tmp_path):
+    run(tmp_path, steps=6, **{"checkpoint.every": 2})
+    older = tmp_path / "checkpoints" / "step_00000002"
+    result = train(load_config(DEMO, tiny_overrides(tmp_path, 6, **{"checkpoint.every": 2})), str(older), False)
+    (aside,) = (tmp_path / "superseded").iterdir()
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    assert (aside / "metrics.csv").is_file()  # the rows the resumed run drops are kept there
+    assert [c.name for c in complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000004", "step_00000006"]
+    assert (tmp_path / "checkpoints" / "latest").resolve() == result.checkpoint
+
+
+def test_pruning_keeps_the_checkpoint_just_written_whatever_else_is_there(tmp_path):
+    from sit_atconv.training.checkpoint import prune_checkpoints
+
+    run(tmp_path, steps=6, **{"checkpoint.every": 1, "checkpoint.keep_last": 6})
+    current = tmp_path / "checkpoints" / "step_00000003"
+    prune_checkpoints(tmp_path, current, keep_last=2, milestone_every=0)
+    assert [c.name for c in complete_checkpoints(tmp_path)] == [f"step_0000000{s}" for s in (2, 3, 4, 5, 6)]
+
+
+@pytest.fixture
+def sweep_assets(tmp_path, monkeypatch):
+    """A tiny pixel model, two references, two Inception weights files, and `evaluate` replaced by a recorder
+    (the metrics themselves are tested in test_evaluation.py and test_sweep.py)."""
+    from sit_atconv import sweep
+
+    tiny_sit(in_channels=3).save_pretrained(tmp_path / "model")
+    for name, seed in (("ref.npz", 1), ("other.npz", 2)):
+        np.savez(tmp_path / name, arr_0=images(12, seed=seed))
+    for name in ("a.pth", "b.pth"):
+        (tmp_path / name).write_bytes(name.encode())
+    calls = []
+
+    def evaluate(samples, reference, **kwargs):
+        with np.load(samples) as data:
+            calls.append((len(data["arr_0"]), Path(reference).name, kwargs["inception_weights"]))
+        return {"fid": 1.0 + len(calls), "num_samples": calls[-1][0], "samples": str(samples)}
+
+    monkeypatch.setattr(sweep, "evaluate", evaluate)
+    monkeypatch.setattr(sweep, "resolve_inception_weights", lambda path, download: ("torch-fidelity", Path(path)))
+
+    def main(num_samples=4, ref="ref.npz", weights="a.pth"):
+        argv = ["--ckpt", str(tmp_path / "model"), "--ref", str(tmp_path / ref), "--out", str(tmp_path / "sweep")]
+        argv += ["--cfg", "1.5", "--num-steps", "2", "--num-samples", str(num_samples), "--batch-size", "2"]
+        argv += ["--metrics", "fid", "--inception-weights", str(tmp_path / weights), "--no-progress"]
+        sweep.main(argv)
+        return json.loads((tmp_path / "sweep" / "sweep.json").read_text())["settings"][0]
+
+    return main, calls
+
+
+def test_sweep_reruns_with_other_settings_evaluate_again_under_the_right_label(sweep_assets, tmp_path, monkeypatch):
+    """Issue 19.2: a re-run with another --num-samples, --ref or Inception weights returned the stored numbers."""
+    main, calls = sweep_assets
+    sampled = []
+    real_generate = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: (sampled.append(1), real_generate(*a, **k))[1])
+    main()
+    assert calls == [(4, "ref.npz", str(tmp_path / "a.pth"))] and len(sampled) == 2
+    main()  # everything the same: read back
+    assert len(calls) == 1 and len(sampled) == 2
+    result = main(num_samples=6)  # new samples, evaluated again
+    assert calls[-1][0] == 6 and len(sampled) == 5 and result["evaluation"]["num_samples"] == 6
+    assert "| 1.5 **best** |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "6 samples per setting" in (tmp_path / "sweep" / "sweep.md").read_text()
+    main(num_samples=6, ref="other.npz")  # the same samples against another reference
+    assert calls[-1] == (6, "other.npz", str(tmp_path / "a.pth")) and len(sampled) == 5
+    result = main(num_samples=6, ref="other.npz", weights="b.pth")  # other Inception weights
+    assert calls[-1][2] == str(tmp_path / "b.pth") and len(calls) == 4 and len(sampled) == 5
+    assert result["evaluation_of"]["inception"]["sha256"] == file_sha256(tmp_path / "b.pth")[:16]
+
+
+def test_training_evaluation_never_takes_samples_of_other_weights(tmp_path, monkeypatch):
+    """Issue 19.3: the samples of an evaluation are keyed by the EMA weights: the same step in the same folder with
+    other weights (a resume with another lr, a fresh start) samples again."""
+    from accelerate import Accelerator
+
+    from sit_atconv.training import evaluation as training_evaluation
+
+    monkeypatch.setattr(training_evaluation, "evaluate", lambda *a, **k: {"fid": 1.0})
+    reference = tmp_path / "ref.npz"
+    np.savez(reference, arr_0=images(4, size=8))
+    extra = {"eval.every": 2, "eval.reference": str(reference), "eval.num_samples": 4, "eval.batch_size": 2}
+    extra |= {"eval.num_steps": 2, "eval.metrics": "fd_dinov2", "eval.keep_samples": True}
+    config = load_config(DEMO, tiny_overrides(tmp_path / "run", **extra))
+    evaluation_run = training_evaluation.TrainingEvaluation(config, Accelerator(cpu=True), tmp_path / "run")
+    npz = tmp_path / "run" / "eval" / "step_00000002.npz"
+    evaluation_run(tiny_sit(in_channels=3, seed=0), 2)
+    first = read_npz(npz)
+    evaluation_run(tiny_sit(in_channels=3, seed=1), 2)  # a crash, then other weights at the same step
+    assert read_npz(npz) != first
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("depth", 10**9, "depth=1000000000 (the weights hold 2)"),
+        ("in_channels", 10**7, "in_channels=10000000 (the weights hold 3)"),
+        ("hidden_size", 2**20, "hidden_size=1048576 (the weights hold 32)"),
+        ("num_classes", 10**10, "num_classes=10000000000 (the weights hold 10)"),
+        ("patch_size", 0, "patch_size=0 (the weights hold 2)"),
+        ("input_size", 10**6, "input_size=1000000 is outside [1, 8,192]"),
+        ("mixers", ["attention", "attention", "atconv"], "mixers has 3 entries but depth=2"),
+    ],
+)
+def test_absurd_model_configs_are_refused_from_the_headers(assets, tmp_path, capsys, field, value, named):
+    """Issue 19.4: checked against the weights' safetensors headers and bounds before anything is allocated."""
+    model = tmp_path / "model"
+    shutil.copytree(assets / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, field: value}))
+    out = tmp_path / "out" / "samples.npz"
+    started = time.perf_counter()
+    code, err = exit_status(["--ckpt", str(model), "--num-samples", "4", "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"{model / 'config.json'}" in err and named in err, err
+    assert time.perf_counter() - started < 10 and not (tmp_path / "out").exists()
+
+
+def test_non_finite_weights_and_samples_are_refused(assets, tmp_path, capsys, monkeypatch):
+    """Issue 19.5: NaN weights sampled black images and exited 0."""
+    model = tmp_path / "model"
+    shutil.copytree(assets / "model", model)
+    weights = model / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["blocks.1.mlp.fc2.weight"][0, :3] = float("nan")
+    save_file(tensors, weights)
+    code, err = exit_status(["--ckpt", str(model), "--num-samples", "4", "--out", str(tmp_path / "s.npz")], capsys)
+    assert code == 2 and f"the weights in {weights} hold 3 non-finite values" in err and "blocks.1.mlp.fc2" in err
+    assert not (tmp_path / "s.npz").exists() and not (tmp_path / "s.npz.shards").exists()
+    real_sample = generation.sample
+    monkeypatch.setattr(generation, "sample", lambda *a, **k: (real_sample(*a, **k)[0] * float("inf"), 2))
+    code, err = exit_status(npz_args(assets, tmp_path / "t.npz"), capsys)
+    assert code == 2 and "samples 0..1 came out non-finite" in err and not (tmp_path / "t.npz").exists()
+
+
+def sixteen_bit_png(path: Path, values: np.ndarray) -> Path:
+    from PIL import Image
+
+    Image.fromarray(values.astype(np.uint16)).save(path)
+    assert Image.open(path).mode == "I;16"
+    return path
+
+
+def test_sixteen_bit_images_are_scaled_and_wider_ones_refused(tmp_path):
+    """Issue 19.6: 16-bit PNGs read as white (99.5% of the pixels 255)."""
+    from PIL import Image
+
+    from sit_atconv.data.images import ImageFolderDataset, rgb_image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    values = np.arange(64, dtype=np.int64).reshape(8, 8) * 1000
+    sixteen_bit_png(folder / "a.png", values)
+    loaded = evaluation.load_images(folder)
+    expected = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    assert loaded.shape == (1, 8, 8, 3) and (loaded == expected[..., None]).all()
+    (folder / "class").mkdir()
+    sixteen_bit_png(folder / "class" / "b.png", values)
+    image, _, _ = ImageFolderDataset(folder, 8, on_error="abort")[0]  # training images too
+    assert image.shape == (3, 8, 8) and (image[0].numpy() == expected).all()
+    with pytest.raises(ValueError, match="c.tif: floating-point images have no fixed range"):
+        rgb_image(Image.fromarray(np.ones((8, 8), np.float32)), "c.tif")
+
+
+def test_sigterm_checkpoints_the_step_and_the_resume_is_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    """Issue 19.7: SIGTERM (a scheduler's preemption) exited 143 at once without a checkpoint. The step finishes,
+    a checkpoint is written, the run exits with 128 + 15 and a message; re-running goes on as if never stopped."""
+    full = run(tmp_path / "full", steps=6)
+    from sit_atconv.training import logs
+
+    real_record = logs.TrainingLog.record
+
+    def record(self, step, result, lr):
+        real_record(self, step, result, lr)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(logs.TrainingLog, "record", record)
+    argv = ["--config", str(DEMO), *tiny_overrides(tmp_path / "run", 6), "--no-progress"]
+    code, err = cli_exit(train_sit.main, argv, train_sit.ERRORS, capsys)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004"
+    assert code == 143 and f"SIGTERM received: stopped after step 4 with checkpoint {checkpoint}" in err
+    assert checkpoint_problem(checkpoint) is None
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(logs.TrainingLog, "record", real_record)
+    resumed = run(tmp_path / "run", steps=6)
+    assert resumed.losses == full.losses[4:] and losses(tmp_path / "run") == losses(tmp_path / "full")
+
+
+def test_a_gpu_launch_without_gpus_is_refused_and_the_run_says_what_it_does(tmp_path, monkeypatch, capsys):
+    """Issue 19.8: configs/accelerate/8gpu.yaml on a machine without CUDA silently trained 8 CPU processes."""
+    from sit_atconv.io import check_launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")  # what accelerate launch sets for use_cpu: false
+    with pytest.raises(ValueError, match="started 8 processes for GPUs .* no CUDA device .*cpu_2proc.yaml"):
+        check_launch()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # cpu_2proc.yaml
+    check_launch()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    run(tmp_path, steps=1)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("training SiT-ATConv-") and "on cpu, 1 process: 16 images per process x 1 x 1" in line
+    assert "global batch 16; precision no; compile off; from step 0 to 1" in line
+
+
+def test_missing_pretrained_weights_offline_are_one_line_before_the_run_folder(tmp_path, monkeypatch, capsys):
+    """Issue 19.9: offline without a VAE or DINOv2, 23-57 s of hub retries and a 40-line traceback advising a flag
+    train_sit.py does not have. Now: the cache, then one quick contact at most, then one line naming the setting."""
+    from huggingface_hub import constants
+
+    from sit_atconv import hub
+
+    latents, _ = tiny_latent_folder(tmp_path)
+    run_dir = tmp_path / "run"
+    data = {"data.kind": "latents", "data.path": str(latents), "train.global_batch_size": 8}
+    base = tiny_overrides(run_dir, **data)
+    cases = [
+        (["log.sample_every=1", "log.preview_vae=stabilityai/sd-vae-ft-ema"], "the VAE log.preview_vae 'stabilityai/"),
+        (["repa.enabled=true", "repa.encoder_depth=1"], "the weights of dinov2-vit-b (repa.encoder_weights unset"),
+    ]
+    for extra, named in cases:
+        started = time.perf_counter()
+        code, err = cli_exit(train_sit.main, ["--config", str(DEMO), *base, *extra], train_sit.ERRORS, capsys)
+        assert code == 2 and err.count("\n") == 1 and named in err and "hf download " in err, err
+        assert "HF_HUB_OFFLINE is set" in err and time.perf_counter() - started < 10
+        assert not run_dir.exists()
+    # Not marked offline, but the hub does not answer: one contact (a closed local port), the same line
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub, "_contacts", {})
+    code, err = cli_exit(train_sit.main, ["--config", str(DEMO), *base, *cases[0][0]], train_sit.ERRORS, capsys)
+    assert code == 2 and "no download (no answer from http://127.0.0.1:9" in err and not run_dir.exists()
+
+
+def test_a_vae_that_does_not_fit_the_model_is_refused_before_sampling(assets, tmp_path, capsys, monkeypatch):
+    """Issue 19.10: --vae on a pixel model sampled a batch, then failed with a conv shape error leaving .shards;
+    --vae none on a latent model wrote latent noise as a PNG."""
+    from helpers import tiny_vae
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    tiny_sit().save_pretrained(tmp_path / "latent")
+    no_sampling = []
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: no_sampling.append(1))
+    out = tmp_path / "out" / "s.npz"
+    argv = ["--ckpt", str(assets / "model"), "--vae", str(tmp_path / "vae"), "--num-samples", "4", "--out", str(out)]
+    code, err = exit_status(argv, capsys)
+    assert code == 2 and "this is a pixel-space model (3 input channels)" in err and "leave --vae out" in err
+    code, err = exit_status(["--ckpt", str(tmp_path / "latent"), "--vae", "none", "--out", str(out)], capsys)
+    assert code == 2 and "--vae none: this is a latent model (4 input channels)" in err
+    assert not no_sampling and not (tmp_path / "out").exists()
+
+
+def test_skipped_metrics_are_said_and_every_number_names_its_network(inputs, monkeypatch, tmp_path, capsys):
+    """Issue 19.11: without the Inception classifier the IS came back null without a word."""
+
+    class NoClassifier(TinyFeatures):
+        has_classifier = False
+        provenance = {"source": "fid-helper", "weights": "/cache/fid_helper.pt", "sha256": "0123456789abcdef"}
+
+    monkeypatch.setattr(evaluation, "InceptionFeatures", NoClassifier)
+    samples, reference = inputs
+    storage = tmp_path / "storage" / "results.json"
+    storage.parent.mkdir()
+    storage.write_text("{}")
+    (tmp_path / "results.json").symlink_to(storage)  # --out a link: written through (issue 19.12)
+    with pytest.warns(UserWarning, match="inception_score skipped: the Inception weights in use .*have no classifier"):
+        eval_fid.main([str(samples), "--ref", str(reference), "--out", str(tmp_path / "results.json")])
+    assert (tmp_path / "results.json").is_symlink()
+    saved = json.loads(storage.read_text())
+    assert saved["inception_score"] is None and "--inception-weights" in saved["skipped"]["inception_score"]
+    assert saved["provenance"]["inception"] == NoClassifier.provenance
+    assert saved["provenance"]["reference_sha256"] == evaluation.file_digest(reference)
+    assert "provenance" not in capsys.readouterr().out  # the printed numbers stay numbers
+
+
+def write_npz_claiming_more(path: Path, claimed: int, held: int) -> Path:
+    """An .npz whose arr_0 header declares `claimed` 8x8 images while its entry holds `held`."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (claimed, 8, 8, 3)})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("arr_0.npy", header.getvalue() + images(held).tobytes())
+    return path
+
+
+def test_small_things_of_the_first_hour(tmp_path, inputs, inception_calls, capsys, monkeypatch):
+    """Issue 19.12: each of these gave a traceback, a silent wrong result or an unhelpful message."""
+    from PIL import Image
+
+    from sit_atconv.data import score_digits
+
+    run_dir = tmp_path / "run"
+    duplicate = tmp_path / "dup.yaml"
+    duplicate.write_text(f"base: {DEMO}\ntrain:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    for argv, message in [
+        (["--config", str(duplicate)], f"config file {duplicate} is not valid YAML (line 4): found duplicate key lr"),
+        (["train.betas=[0.8]"], r"train.betas=[0.8]: expected 2 values, got 1"),
+        (["train.global_batch_size=1000000"], "train.global_batch_size=1000000 is more than the data set holds"),
+        (["train.maxsteps=3"], "unknown config key: train.maxsteps; did you mean train.max_steps?"),
+        (["trian.max_steps=3"], "unknown config section(s) ['trian']; did you mean train?"),
+        (["repa.enabled=true"], "repa.encoder_depth=8 is deeper than the model (2 blocks): align after a block in"),
+    ]:
+        config = [] if argv[0] == "--config" else ["--config", str(DEMO)]
+        code, err = cli_exit(train_sit.main, [*config, *tiny_overrides(run_dir), *argv], train_sit.ERRORS, capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert not run_dir.exists()  # config.yaml is written only once the config is valid
+
+    # An .npz whose header promises more than it holds fails from the zip directory, before the reference pass
+    samples, reference = inputs
+    short = write_npz_claiming_more(tmp_path / "short.npz", claimed=10, held=4)
+    assert "'arr_0' declares (10, 8, 8, 3) uint8" in eval_error([short, "--ref", reference], capsys)
+    assert inception_calls == []
+    # A decompression bomb is one line naming the file
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    Image.fromarray(images(1, size=64)[0]).save(folder / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is > 2x this: Pillow's bomb error
+    assert f"cannot read image {folder / 'bomb.png'}: Image size" in eval_error([folder, "--ref", reference], capsys)
+
+    # Weights files get the umask's permissions like every other file (safetensors writes 0600)
+    result = run(tmp_path / "perm", steps=1)
+    for file in (result.checkpoint / "ema" / "diffusion_pytorch_model.safetensors", result.checkpoint / MARKER):
+        assert oct(file.stat().st_mode & 0o777) == oct(0o666 & ~process_umask())
+
+    # score_digits has a --help and names its input; usage errors are one line; --help shows defaults
+    with pytest.raises(SystemExit) as stop:
+        score_digits.main(["--help"])
+    assert stop.value.code == 0 and "arr_1" in capsys.readouterr().out
+    code, err = cli_exit(score_digits.main, [str(tmp_path / "missing.npz")], (ValueError, FileNotFoundError), capsys)
+    assert code == 2 and "missing.npz does not exist" in err
+    with pytest.raises(SystemExit) as stop:
+        sample_cli.parse_args(["--ckpt", "x", "--num-samples", "0"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "--num-samples: expected an integer >= 1" in err
+    assert "(see sample.py --help)" in err or "--help)" in err
+    with pytest.raises(SystemExit):
+        sample_cli.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "samples per process and forward (default: 32)" in text
+    assert "labels of the grid (default: DiT's 8 classes for 1000-class models, else 0, 1, ..." in text

@@ -25,8 +25,28 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # Pillow's 16-bit greyscale (a 16-bit PNG, say)
+
+
+def rgb_image(image: Image.Image, source: str | Path = "image") -> Image.Image:
+    """`image` as 8-bit RGB. 16-bit greyscale is scaled to 8 bits (round(v * 255 / 65535)): Pillow's own
+    conversion clips it, turning nearly every pixel white. 32-bit integer and float images, whose range says
+    nothing, are refused naming `source`. (Pillow already reduces 16-bit RGB to 8 bits per channel.)"""
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):  # a PNG's I is 16-bit
+        values = np.asarray(image, dtype=np.uint32)
+        if values.max(initial=0) > 65535:
+            raise ValueError(f"{source}: a 16-bit image with values above 65535")
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    if image.mode in ("I", "F"):
+        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        raise ValueError(f"{source}: {kind} images have no fixed range; convert it to 8 or 16 bits per channel")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def center_crop_arr(image: Image.Image, size: int, source: str | Path = "image") -> np.ndarray:
     """ADM's centre crop to size x size: (size, size, 3) uint8."""
+    image = rgb_image(image, source)
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = size / min(image.size)
@@ -81,7 +101,7 @@ class ImageFolderDataset(Dataset):
         try:
             with Image.open(path) as image:
                 image.load()
-                arr = center_crop_arr(image, self.resolution)
+                arr = center_crop_arr(image, self.resolution, path)
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             if self.on_error == "abort":
                 raise RuntimeError(f"cannot read image {path}: {error}") from error

@@ -10,6 +10,7 @@ and, for FD_DINOv2, the final CLS token of a DINOv2 ViT (dinov2.py; 1024-d for t
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sit_atconv.data.images import is_image_file
+from sit_atconv.data.images import is_image_file, rgb_image
 from sit_atconv.evaluation.dinov2 import DEFAULT_DINOV2, DINOv2Features, compute_dinov2_features, load_dinov2
 from sit_atconv.evaluation.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 from sit_atconv.hub import unreachable
@@ -229,11 +230,20 @@ def npz_array_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype] |
                 if version not in readers:
                     raise ValueError(f"its '{key}' has .npy format version {version}, expected 1.0 or 2.0")
                 shape, _, dtype = readers[version](f)
+                header_size = f.tell()
+            stored = archive.getinfo(f"{key}.npy").file_size  # the zip directory's size of the entry, unpacked
     except (zipfile.BadZipFile, EOFError) as error:
         raise _unreadable_npz(path, error) from error
     except ValueError as error:
         raise ValueError(f"{path} is not a readable .npz: {error}") from error
-    return tuple(int(n) for n in shape), dtype
+    shape = tuple(int(n) for n in shape)
+    declared = header_size + math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and stored < declared:
+        raise ValueError(
+            f"{path}: its '{key}' declares {shape} {dtype} ({declared:,} bytes with the header) but holds only "
+            f"{stored:,} bytes (truncated or corrupt?)"
+        )
+    return shape, dtype
 
 
 def image_layout(path: str | Path) -> tuple[int, int, int]:
@@ -308,7 +318,7 @@ def _folder_layout(folder: Path) -> tuple[int, int, int]:
         try:
             with Image.open(file) as image:  # reads the header only
                 sizes[file] = image.size
-        except OSError as error:
+        except (OSError, Image.DecompressionBombError) as error:  # (Pillow's size limit against memory bombs)
             raise ValueError(f"cannot read image {file}: {error}") from error
         if sizes[file] != sizes[files[0]]:
             raise ValueError(f"{file} is {sizes[file]} (W, H) but {files[0]} is {sizes[files[0]]}")
@@ -326,8 +336,8 @@ def _load_folder(folder: Path) -> np.ndarray:
     for file in files:
         try:
             with Image.open(file) as image:
-                images.append(np.asarray(image.convert("RGB")))
-        except OSError as error:
+                images.append(np.asarray(rgb_image(image, file)))
+        except (OSError, Image.DecompressionBombError) as error:
             raise ValueError(f"cannot read image {file}: {error}") from error
         if images[-1].shape != images[0].shape:
             raise ValueError(f"{file} is {images[-1].shape[:2]} but {files[0]} is {images[0].shape[:2]}")

@@ -163,6 +163,7 @@ def check_model_folder(folder: str | Path) -> str:
         raise ValueError(
             f"{folder / 'config.json'} does not describe the weights {files}: {'; '.join(problems[:3])}{more}"
         )
+    return files
 
 
 def check_finite_weights(model: torch.nn.Module, source: str | Path) -> None:
