@@ -8,5 +8,5 @@ from sit_atconv.models import SiT, create_model, list_models
 from sit_atconv.ops import ATConv
 from sit_atconv.pipelines import SiTPipeline
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 __all__ = ["ATConv", "SiT", "SiTPipeline", "create_model", "list_models"]

@@ -174,7 +174,7 @@ def write_pipeline(
         "path": args.path or recorded.get("path", "linear"),
         "prediction": args.prediction or recorded.get("prediction", "velocity"),
     }
-    vae = autoencoder.vae_for_model(model, args.vae or recorded.get("vae"), "cpu", default=None)
+    vae = autoencoder.vae_for_model(model, args.vae or recorded.get("vae"), "cpu", default=None, needs_images=False)
     if vae is None and autoencoder.is_latent_model(model.config):
         print("note: no --vae, so the pipeline has no vae/ (pass vae= to from_pretrained or --vae to sample.py)")
     id2label = read_id2label(args.id2label, model.config.num_classes) if args.id2label else None

@@ -248,7 +248,7 @@ class Evaluation:
         self.samples = self.digits or bool(base.log.preview_vae)  # pixels, or latents with a decoder
         self.vae = None
         if not self.digits and self.samples:
-            self.vae = autoencoder.load_vae(base.log.preview_vae, device)
+            self.vae = autoencoder.load_vae(base.log.preview_vae, device, setting="log.preview_vae")
         self.reference = {}
         if self.digits:
             from sit_atconv.data.digits import digit_features

@@ -401,12 +401,12 @@ def test_options_may_follow_the_overrides(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
-# Two processes: killed mid-run, resumed bit for bit, one report
+# Two processes: killed (SIGKILL) or terminated (SIGTERM) mid-run, resumed bit for bit, one report
 # ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_two_process_run_killed_mid_run_resumes_bit_for_bit(tmp_path):
+def test_two_process_run_killed_or_terminated_mid_run_resumes_bit_for_bit(tmp_path):
     def command(run_dir):
         return two_process_launch(
             ["train_sit.py", "--config", str(DEMO), *tiny_overrides(run_dir, 60), "--no-progress"], 29531
@@ -429,6 +429,25 @@ def test_two_process_run_killed_mid_run_resumes_bit_for_bit(tmp_path):
     resumed = subprocess.run(command(tmp_path / "run"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["loss"] for r in metrics(tmp_path / "run")] == [r["loss"] for r in metrics(tmp_path / "full")]
+
+    # SIGTERM to every process, as SLURM sends before a preemption kill: both workers finish the same step,
+    # write one checkpoint and stop with a message; re-running goes on as if never stopped.
+    stopped = subprocess.Popen(
+        command(tmp_path / "term"), cwd=ROOT, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True
+    )
+    marker = tmp_path / "term" / "checkpoints" / "step_00000009" / MARKER
+    while not marker.exists() and stopped.poll() is None:
+        time.sleep(0.05)
+    os.killpg(stopped.pid, signal.SIGTERM)
+    _, err = stopped.communicate(timeout=120)
+    match = re.search(r"SIGTERM received: stopped after step (\d+) with checkpoint (\S+);", err)
+    assert match, err[-3000:]
+    step = int(match.group(1))
+    assert 9 <= step < 60 and complete_checkpoints(tmp_path / "term")[-1].name == f"step_{step:08d}"
+    assert sorted(p.name for p in Path(match.group(2)).glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
+    resumed = subprocess.run(command(tmp_path / "term"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["loss"] for r in metrics(tmp_path / "term")] == [r["loss"] for r in metrics(tmp_path / "full")]
 
 
 # ================================================================================================
