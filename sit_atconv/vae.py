@@ -13,13 +13,12 @@ from pathlib import Path
 import torch
 
 from sit_atconv.hub import WeightsUnavailable, cached_or_reachable
-from sit_atconv.models.loading import from_pretrained_strict
+from sit_atconv.models.loading import WEIGHTS_NAME, from_pretrained_strict
 
 SD_VAE_SCALE = 0.18215  # SD-VAE (ft-ema / ft-mse) latent scaling, as in LDM, DiT, SiT and REPA
 SD_VAE_DEFAULT = "stabilityai/sd-vae-ft-ema"
 SD_VAE_DOWNSAMPLE = 8  # image pixels per latent pixel
 LATENT_CHANNELS = 4
-VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def is_latent_model(model_config) -> bool:
@@ -40,7 +39,7 @@ def find_vae(name_or_path: str | Path, setting: str = "--vae") -> Path | str:
         return Path(name_or_path)
     example = local_copy(setting, "/path/to/a/folder/with/config.json/and/weights")
     what = f"the VAE {setting} {str(name_or_path)!r}"
-    cached = cached_or_reachable(str(name_or_path), ["config.json", VAE_WEIGHTS], what, example)
+    cached = cached_or_reachable(str(name_or_path), ["config.json", WEIGHTS_NAME], what, example)
     return cached if cached is not None else str(name_or_path)
 
 

@@ -492,11 +492,11 @@ def train_loop(
     compiled = use_compile(config, device)
     if compiled:
         forward_loss = compile_or_eager(forward_loss, device)
+    accelerator.print(startup_line(config, accelerator, sit, start_step, compiled))  # (before the progress bar)
     log = TrainingLog(accelerator, config, run_dir, start_step, progress, skipped=state["skipped"])
     preview_vae = preview_autoencoder(config, accelerator)
     evaluation = training_evaluation(config, accelerator, run_dir, sit)
     sample_shape = dataset[0][0].shape
-    accelerator.print(startup_line(config, accelerator, sit, start_step, compiled))
 
     # The loop. Losses, gradient norms and finiteness stay on the device and are read back (one sync)
     # at log and checkpoint steps, where non-finite steps are reported, counted and may stop the run.
@@ -601,7 +601,7 @@ class StopSignals:
         accelerator = self.accelerator
         if accelerator.num_processes == 1:
             return self.received is not None
-        asked = torch.tensor([float(self.received is not None)], device=accelerator.device)
+        asked = torch.full((1,), float(self.received is not None), device=accelerator.device)  # (no host copy)
         total = accelerator.reduce(asked, "sum")
         if accelerator.device.type != "cuda":
             return bool(total.item() > 0)
