@@ -257,3 +257,22 @@ def test_the_training_loop_never_waits_for_the_gpu_between_log_steps(tmp_path, m
     with torch._dynamo.config.patch(error_on_recompile=True):
         result = train(load_config(demo, tiny_overrides(tmp_path, 8, **extra)), resume="none", progress=False)
     assert [s for s, _ in result.losses] == list(range(1, 9)) and all(np.isfinite([v for _, v in result.losses]))
+
+
+def test_stop_signals_agree_a_fixed_number_of_steps_later_without_waiting_for_the_gpu():
+    """With several processes the stop request is summed over them every step and read back StopSignals.LAG steps
+    later (on CUDA through pinned memory and an event), so every process stops after the same step. One GPU
+    here: a stand-in accelerator with 2 processes whose sum is the identity."""
+    from types import SimpleNamespace
+
+    from sit_atconv.training.trainer import StopSignals
+
+    accelerator = SimpleNamespace(num_processes=2, device=DEVICE, reduce=lambda tensor, op: tensor.clone())
+    signals = StopSignals(accelerator)
+    answers = []
+    for step in range(1, 9):
+        if step == 3:
+            signals.received = "SIGTERM"  # as the handler sets it
+        answers.append(signals.agreed())
+    lag = StopSignals.LAG if DEVICE.type == "cuda" else 0
+    assert answers == [step >= 3 + lag for step in range(1, 9)]
