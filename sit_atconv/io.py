@@ -186,6 +186,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if "prog" not in kwargs and spec is not None and spec.name.startswith("sit_atconv."):  # not "__main__.py"
+            kwargs["prog"] = f"python -m {spec.name.removesuffix('.__main__')}"
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
