@@ -48,8 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sit_atconv import vae as autoencoder
 from sit_atconv.constants import to_uint8_nhwc
-from sit_atconv.evaluation.evaluator import RESULT_FORMATS
-from sit_atconv.evaluation.metrics import feature_statistics, frechet_distance
+from sit_atconv.evaluation.metrics import RESULTS, feature_statistics, frechet_distance
 from sit_atconv.generation import GenerationConfig, check_guidance, class_labels, generate, sample_grid
 from sit_atconv.io import (
     ArgumentParser,
@@ -422,7 +421,7 @@ COLUMNS = (
     ("eval_loss", "eval loss", "{:.4f}"),
     ("accuracy", "accuracy", "{:.3f}"),
     ("fd_digits", "FD_digits", "{:.3f}"),
-    ("fid", *RESULT_FORMATS["fid"]),
+    ("fid", RESULTS["fid"].title, RESULTS["fid"].fmt),
 )
 CURVE_METRICS = (
     ("eval_loss", "eval loss (EMA, fixed noise)"),

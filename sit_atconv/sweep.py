@@ -27,13 +27,13 @@ import torch
 from sit_atconv.evaluation import evaluate
 from sit_atconv.evaluation.evaluator import (
     INCEPTION_METRICS,
-    RESULT_FORMATS,
     file_digest,
     metric_list,
     parse_metrics,
     resolve_inception_weights,
     weights_sha256,
 )
+from sit_atconv.evaluation.metrics import RESULTS
 from sit_atconv.generation import PRECISIONS, GenerationConfig, check_guidance, model_record, sample_to_npz
 from sit_atconv.io import (
     ArgumentParser,
@@ -226,26 +226,28 @@ def run_setting(
     return result
 
 
-METRIC_KEYS = tuple((key, title, fmt) for key, (title, fmt) in RESULT_FORMATS.items())  # table columns
+RANKED_BY = ("fid", "fd_dinov2", "inception_score")  # which result picks the best setting, first computed wins
 
 
 def numbers(result: dict) -> dict[str, float]:
     """The metric values of a setting's evaluation (those that were computed)."""
     evaluation = result.get("evaluation") or {}
-    return {key: float(evaluation[key]) for key, _, _ in METRIC_KEYS if isinstance(evaluation.get(key), (int, float))}
+    return {key: float(evaluation[key]) for key in RESULTS if isinstance(evaluation.get(key), (int, float))}
 
 
 def best(results: list[dict]) -> dict | None:
-    """The setting with the lowest FID (else the lowest FD_DINOv2, else the highest IS)."""
-    for key, sign in (("fid", 1), ("fd_dinov2", 1), ("inception_score", -1)):
+    """The best setting by the first of RANKED_BY that was computed (FID, else FD_DINOv2, else IS), in the
+    direction the metric table gives."""
+    for key in RANKED_BY:
         scored = [r for r in results if key in numbers(r)]
         if scored:
+            sign = -1 if RESULTS[key].higher_is_better else 1
             return min(scored, key=lambda r: sign * numbers(r)[key])
     return None
 
 
 def write_summary(args, results: list[dict]) -> None:
-    columns = [(k, title, fmt) for k, title, fmt in METRIC_KEYS if any(k in numbers(r) for r in results)]
+    columns = [(k, r.title, r.fmt) for k, r in RESULTS.items() if any(k in numbers(result) for result in results)]
     winner = best(results)
     lines = [
         f"Sweep of {args.ckpt} against {args.ref}: {args.num_samples} samples per setting, {args.sampler} sampler.",
@@ -273,7 +275,7 @@ def plot_sweep(results: list[dict], winner: dict | None, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [(k, title) for k, title, _ in METRIC_KEYS if any(k in numbers(r) for r in results)]
+    keys = [(k, r.title) for k, r in RESULTS.items() if any(k in numbers(result) for result in results)]
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)

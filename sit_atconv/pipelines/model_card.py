@@ -17,21 +17,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sit_atconv.evaluation.metrics import RESULTS
 from sit_atconv.models.registry import describe_mixers
 
 PIPELINE_TAG = "unconditional-image-generation"
 # Weights carry the terms of their training data, which export cannot know: "other" claims nothing, and
 # export says so when --license is not given.
 DEFAULT_LICENSE = "other"
-# eval_fid.py's result keys, in the order and with the names the card shows.
-METRIC_NAMES = {
-    "fid": "FID",
-    "sfid": "sFID",
-    "inception_score": "Inception Score",
-    "precision": "Precision",
-    "recall": "Recall",
-    "fd_dinov2": "FD_DINOv2",
-}
+# eval_fid.py's result keys, in the order and with the names the card shows (the metric table's).
+METRIC_NAMES = {key: result.name for key, result in RESULTS.items()}
 # The training checkpoint layout of sit_atconv.training.checkpoint: step_NNNNNNNN/ with checkpoint.json.
 STEP_FOLDER = re.compile(r"^step_(\d+)$")
 CHECKPOINT_MARKER = "checkpoint.json"

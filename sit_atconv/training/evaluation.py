@@ -21,12 +21,13 @@ from sit_atconv.evaluation.evaluator import (
     parse_metrics,
     resolve_inception_weights,
 )
+from sit_atconv.evaluation.metrics import RESULTS
 from sit_atconv.generation import GenerationConfig, sample_to_npz, weights_digest
 from sit_atconv.io import write_json_atomic
 from sit_atconv.transport import SAMPLERS, SamplerConfig
 
-# The numbers an evaluation adds to metrics.csv (the keys of `evaluate`'s results).
-EVAL_FIELDS = ("fid", "sfid", "inception_score", "precision", "recall", "fd_dinov2")
+# The numbers an evaluation adds to metrics.csv: every result of the metric table.
+EVAL_FIELDS = tuple(RESULTS)
 
 
 def check_eval_config(config: DictConfig, image_size: int | None) -> None:
