@@ -27,12 +27,10 @@ import torch
 from sit_atconv.evaluation.dinov2 import DEFAULT_DINOV2
 from sit_atconv.evaluation.evaluator import DEFAULT_METRICS, METRICS, evaluate, metric_list, save_results
 from sit_atconv.io import ArgumentParser, check_output_path, positive_int, run_cli
-from sit_atconv.repa import ENCODERS, EncoderWeightsError
+from sit_atconv.repa import ENCODERS
 
 # bookkeeping entries of the results (in the JSON file; skipped metrics are warned about); the rest is printed
 NOT_PRINTED = ("samples", "reference", "skipped", "provenance")
-# the user's mistakes (and DINOv2 weights missing offline or of another encoder), reported in one line by run_cli
-ERRORS = (ValueError, FileNotFoundError, EncoderWeightsError)
 
 
 def main(argv=None) -> dict:
@@ -86,4 +84,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main, ERRORS)
+    run_cli(main)

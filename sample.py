@@ -195,7 +195,5 @@ def write_samples(args: argparse.Namespace, accelerator, job: SamplingJob) -> No
         print(json.dumps({"out": info["out"], "arr_0": info["arr_0_shape"], "world_size": info["world_size"]}))
 
 
-ERRORS = (ValueError, FileNotFoundError, RuntimeError)  # (LockedError among them) reported in one line by run_cli
-
 if __name__ == "__main__":
-    run_cli(main, ERRORS)
+    run_cli(main)

@@ -10,8 +10,8 @@ signal's number).
 
 from __future__ import annotations
 
-from sit_atconv.io import ArgumentParser, LockedError, run_cli
-from sit_atconv.training import NonFiniteError, TrainingStopped, load_config, train
+from sit_atconv.io import ArgumentParser, run_cli
+from sit_atconv.training import load_config, train
 
 
 def main(argv=None) -> None:
@@ -32,8 +32,5 @@ def main(argv=None) -> None:
         print(f"checkpoint: {result.checkpoint}")
 
 
-# reported in one line by run_cli (TrainingStopped exits with 128 + the signal's number)
-ERRORS = (ValueError, FileNotFoundError, NonFiniteError, LockedError, TrainingStopped)
-
 if __name__ == "__main__":
-    run_cli(main, ERRORS)
+    run_cli(main)

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sit_atconv import vae as autoencoder
+from sit_atconv.errors import UserError
 from sit_atconv.io import ArgumentParser, atomic_output, check_output_path, is_writable, run_cli
 from sit_atconv.models import SiT
 from sit_atconv.models.loading import load_model, sampling_defaults
@@ -37,9 +38,6 @@ from sit_atconv.pipelines import SiTPipeline, flow_match_scheduler
 from sit_atconv.pipelines.model_card import DEFAULT_LICENSE, CardInfo, read_metrics, training_record, write_model_card
 from sit_atconv.pipelines.remote_code import generate_code, write_remote_code
 from sit_atconv.transport import PATHS, PREDICTIONS
-
-# The user's mistakes (and a checkpoint's), reported in one line by run_cli; `convert` uses them too.
-ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
 
 # ------------------------------------------------------------------------------------------------
 # Class names
@@ -64,19 +62,17 @@ def read_id2label(path: str | Path, num_classes: int) -> dict[int, str]:
     try:
         names = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"could not read class names from {path}: {error}") from error
+        raise UserError(f"could not read class names from {path}: {error}") from error
     if isinstance(names, list):
         names = dict(enumerate(names))
     if not isinstance(names, dict):
-        raise ValueError(f"{path} must hold a JSON object {{index: name}} or a list of names")
+        raise UserError(f"{path} must hold a JSON object {{index: name}} or a list of names")
     try:
         id2label = {int(k): str(v) for k, v in names.items()}
     except ValueError as error:
-        raise ValueError(f"{path}: class indices must be integers ({error})") from error
+        raise UserError(f"{path}: class indices must be integers ({error})") from error
     if sorted(id2label) != list(range(num_classes)):
-        raise ValueError(
-            f"{path} names {len(id2label)} classes, but the model has {num_classes} (0..{num_classes - 1})"
-        )
+        raise UserError(f"{path} names {len(id2label)} classes, but the model has {num_classes} (0..{num_classes - 1})")
     return id2label
 
 
@@ -93,7 +89,7 @@ def check_output_folder(out: str | Path, overwrite: bool) -> Path:
     if out.is_dir() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a pipeline folder; remove it or choose another --out")
+        raise UserError(f"--out {out} is a file, not a pipeline folder; remove it or choose another --out")
     check_output_path(out, folder=True, what="--out")
     if out.is_dir() and not is_writable(out.parent):
         raise PermissionError(errno.EACCES, f"--out {out}: cannot replace it, {out.parent} is not writable")
@@ -205,4 +201,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main, ERRORS)
+    run_cli(main)

@@ -21,6 +21,7 @@ import torch
 
 from sit_atconv import vae as autoencoder
 from sit_atconv.constants import to_uint8_nhwc
+from sit_atconv.errors import UserError
 from sit_atconv.io import atomic_output, file_sha256
 from sit_atconv.models.loading import resolve_model_folder
 from sit_atconv.sharded_npz import ShardedNpz
@@ -65,14 +66,14 @@ def check_guidance(
     values by `names` (sample.py passes its flags)."""
     scale, low, high, channels = names
     if not _is_number(cfg_scale) or not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise ValueError(f"{scale} must be a finite number >= 0, got {cfg_scale!r}")
+        raise UserError(f"{scale} must be a finite number >= 0, got {cfg_scale!r}")
     for name, value in ((low, guidance_low), (high, guidance_high)):
         if not _is_number(value) or not 0 <= value <= 1:
-            raise ValueError(f"{name} must be a time in [0, 1], got {value!r}")
+            raise UserError(f"{name} must be a time in [0, 1], got {value!r}")
     if guidance_low > guidance_high:
-        raise ValueError(f"{low} {guidance_low} is above {high} {guidance_high}; the guidance interval is inverted")
+        raise UserError(f"{low} {guidance_low} is above {high} {guidance_high}; the guidance interval is inverted")
     if cfg_channels is not None and (not _is_number(cfg_channels, numbers.Integral) or cfg_channels < 1):
-        raise ValueError(f"{channels} must be a positive integer or None, got {cfg_channels!r}")
+        raise UserError(f"{channels} must be a positive integer or None, got {cfg_channels!r}")
 
 
 def _is_number(value, kind: type = numbers.Real) -> bool:
@@ -83,14 +84,14 @@ def check_generation(model, config: GenerationConfig, labels: Sequence[int] | No
     """Reject settings the model cannot honour, before any work starts."""
     num_classes = model.config.num_classes
     if config.cfg_scale != 1.0 and model.null_class is None:
-        raise ValueError(
+        raise UserError(
             f"--cfg {config.cfg_scale} needs a class-conditional model trained with label dropout; this model has "
             f"num_classes={num_classes}, class_dropout_prob={model.config.class_dropout_prob}"
         )
     if labels is not None and num_classes > 0:
         bad = [int(c) for c in labels if not 0 <= int(c) < num_classes]
         if bad:
-            raise ValueError(f"class labels {bad[:10]} are outside [0, {num_classes})")
+            raise UserError(f"class labels {bad[:10]} are outside [0, {num_classes})")
 
 
 @torch.no_grad()
@@ -122,7 +123,7 @@ def generate(
     if vae is not None:
         samples = autoencoder.decode(vae, samples)
     if not torch.isfinite(samples).all():  # clamp would turn NaN into black images that look like results
-        raise ValueError(
+        raise UserError(
             f"samples {indices[0]}..{indices[-1]} came out non-finite (NaN or inf): the weights or the settings "
             "(fp16 overflow? --precision fp32 to compare) produce no images"
         )
@@ -210,7 +211,7 @@ def class_labels(num_samples: int, num_classes: int, mode: str, seed: int) -> np
     if mode == "random":
         return rng.integers(0, num_classes, num_samples, dtype=np.int64)
     if mode != "balanced":
-        raise ValueError(f"unknown label mode {mode!r}; expected 'balanced' or 'random'")
+        raise UserError(f"unknown label mode {mode!r}; expected 'balanced' or 'random'")
     labels = np.arange(num_samples, dtype=np.int64) % num_classes
     return rng.permutation(labels)
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sit_atconv.errors import UserError
+
 
 def _remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
@@ -157,15 +159,15 @@ def file_sha256(path: str | Path) -> str:
 IO_ERRORS = (OSError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError)
 
 
-def run_cli(main: Callable[[], object], errors: tuple[type[BaseException], ...]) -> None:
-    """Run a command-line entry point: the expected `errors` (bad input, missing files) and I/O failures
-    (full disk, permissions, truncated or pickled files) print one line and exit with status 2 (or the error's
-    own `exit_code`); anything else keeps its traceback. Under a launcher (`accelerate launch`), the process
-    exits with it."""
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a command-line entry point: a UserError (bad input, settings or machine, explained by its message)
+    and I/O failures (missing files, full disk, permissions, truncated or pickled files) print one line and exit
+    with status 2 (or the error's own `exit_code`); anything else is a bug and keeps its traceback. Under a
+    launcher (`accelerate launch`), the process exits with it."""
     exit_with_launcher()
     try:
         main()
-    except (*errors, *IO_ERRORS) as error:
+    except (UserError, *IO_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(getattr(error, "exit_code", 2))
 
@@ -220,7 +222,7 @@ def check_launch() -> None:
         return
     if not torch.cuda.is_available():
         if int(local) > 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "false":
-            raise ValueError(
+            raise UserError(
                 f"accelerate launch started {local} processes for GPUs (its config has use_cpu: false) but no CUDA "
                 "device is visible here: on a machine without GPUs launch with configs/accelerate/cpu_2proc.yaml "
                 "(use_cpu: true; --num_processes N for N CPU processes)"
@@ -230,7 +232,7 @@ def check_launch() -> None:
     if int(local) > devices:
         world = os.environ.get("WORLD_SIZE", local)
         machines = max(int(world) // int(local), 1)
-        raise ValueError(
+        raise UserError(
             f"accelerate launch started {local} processes on this node (num_processes={world} over num_machines="
             f"{machines}) but only {devices} CUDA device(s) are visible "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): set num_processes in the "
@@ -249,12 +251,12 @@ def check_output_path(path: str | Path, folder: bool = False, what: str = "outpu
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         expected = "a folder" if folder else "a file name"
-        raise ValueError(f"{what} {path} is {'a folder' if path.is_dir() else 'a file'}; expected {expected}")
+        raise UserError(f"{what} {path} is {'a folder' if path.is_dir() else 'a file'}; expected {expected}")
     parent = path if folder and path.is_dir() else path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise ValueError(f"{what} {path}: {parent} is a file, so nothing can be created below it")
+        raise UserError(f"{what} {path}: {parent} is a file, so nothing can be created below it")
     if not is_writable(parent):
         raise PermissionError(errno.EACCES, f"{what} {path}: cannot write to {parent} (permission denied)")
     return path
@@ -265,7 +267,7 @@ def is_writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-class LockedError(RuntimeError):
+class LockedError(UserError, RuntimeError):
     """Another live process holds the lock."""
 
 

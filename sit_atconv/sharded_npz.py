@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sit_atconv.errors import UserError
 from sit_atconv.io import fsync_folder, write_json_atomic, write_npz_atomic
 
 SHARD_NAME = re.compile(r"shard_(?:(?P<fingerprint>[0-9a-f]{16})_)?\d+_\d+\.npz")
@@ -78,7 +79,7 @@ class ShardedNpz:
     def __init__(self, out: str | Path, num_samples: int, shard_size: int, settings: dict):
         for name, value in (("num_samples", num_samples), ("shard_size", shard_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
         self.out = Path(out)
         self.work_dir = self.out.with_name(self.out.name + ".shards")
         self.trash_dir = self.out.with_name(f".{self.work_dir.name}.removing")
@@ -129,7 +130,7 @@ class ShardedNpz:
             else:
                 count = f"{len(foreign)} shard(s) such as {foreign[0]}"
                 differ = f"settings differ: {count} are not of this run's fingerprint {self.fingerprint}"
-            raise ValueError(
+            raise UserError(
                 f"{self.work_dir} holds shards of a different run ({differ}); delete it or choose another --out"
             )
         if not isinstance(recorded, dict) or recorded.get("fingerprint") != self.fingerprint:
@@ -151,9 +152,9 @@ class ShardedNpz:
             with np.load(path) as shard:
                 images, labels = shard["images"], shard["labels"]
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-            raise ValueError(f"shard {path} is unreadable ({error}); delete it and re-run to recompute it") from error
+            raise UserError(f"shard {path} is unreadable ({error}); delete it and re-run to recompute it") from error
         if len(images) != end - start or len(labels) != end - start:
-            raise ValueError(
+            raise UserError(
                 f"shard {path} holds {len(images)} images and {len(labels)} labels, expected {end - start}; "
                 "delete it and re-run to recompute it"
             )

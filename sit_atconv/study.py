@@ -48,12 +48,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from sit_atconv import vae as autoencoder
 from sit_atconv.constants import to_uint8_nhwc
+from sit_atconv.errors import UserError
 from sit_atconv.evaluation.metrics import RESULTS, feature_statistics, frechet_distance
 from sit_atconv.generation import GenerationConfig, check_guidance, class_labels, generate, sample_grid
 from sit_atconv.io import (
     ArgumentParser,
     ExclusiveLock,
-    LockedError,
     atomic_output,
     check_output_path,
     lock_path,
@@ -65,7 +65,7 @@ from sit_atconv.io import (
 )
 from sit_atconv.models.loading import load_model
 from sit_atconv.models.registry import model_config
-from sit_atconv.training import NonFiniteError, load_config, train
+from sit_atconv.training import load_config, train
 from sit_atconv.training.checkpoint import complete_checkpoints
 from sit_atconv.training.config import flatten
 from sit_atconv.training.trainer import build_dataset, build_model
@@ -90,10 +90,10 @@ class Variant:
 
     def __post_init__(self):
         if self.family not in FAMILIES:
-            raise ValueError(f"variant family {self.family!r} is not one of {list(FAMILIES)}")
+            raise UserError(f"variant family {self.family!r} is not one of {list(FAMILIES)}")
         recipe = [o for o in self.overrides if not o.startswith("model.") or o.startswith("model.name=")]
         if recipe:
-            raise ValueError(
+            raise UserError(
                 f"variant overrides {recipe} change more than the model; a study keeps data, recipe and budget "
                 "the same for every variant (put them in the base config or its overrides, and the family in 'family')"
             )
@@ -122,16 +122,16 @@ def load_variants_file(path: str | Path) -> dict[str, Variant]:
     try:
         entries = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {error}") from error
+        raise UserError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(entries, dict):
-        raise ValueError(f"{path}: expected a mapping of variant names to {{family, mixer, overrides}}")
+        raise UserError(f"{path}: expected a mapping of variant names to {{family, mixer, overrides}}")
     variants = {}
     for name, entry in entries.items():
         if not isinstance(entry, dict) or "family" not in entry or set(entry) - {"family", "mixer", "overrides"}:
-            raise ValueError(f"{path}: variant {name!r} needs 'family' and may have 'mixer' and 'overrides' only")
+            raise UserError(f"{path}: variant {name!r} needs 'family' and may have 'mixer' and 'overrides' only")
         overrides = entry.get("overrides") or []
         if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
-            raise ValueError(f"{path}: overrides of variant {name!r} must be a list of key=value strings")
+            raise UserError(f"{path}: overrides of variant {name!r} must be a list of key=value strings")
         variants[str(name)] = Variant(entry["family"], entry.get("mixer"), tuple(overrides), label=str(name))
     return variants
 
@@ -159,7 +159,7 @@ class StudySettings:
 
     def __post_init__(self):
         if self.eval_every > self.steps or self.steps % self.eval_every:
-            raise ValueError(f"--eval-every {self.eval_every} must divide --steps {self.steps}")
+            raise UserError(f"--eval-every {self.eval_every} must divide --steps {self.steps}")
 
     def base_config(self) -> DictConfig:
         return load_config(self.config, list(self.overrides))
@@ -341,7 +341,7 @@ def run_variant(
     if result_path.is_file():
         result = read_json(result_path)
         if result.get("variant") != variant.definition():
-            raise ValueError(
+            raise UserError(
                 f"{run_dir} was trained as variant {name!r} = {result.get('variant')}, but this study defines "
                 f"{name!r} = {variant.definition()}; rename the variant or use another --out"
             )
@@ -394,7 +394,7 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); delete it to recompute it") from error
+        raise UserError(f"{path} is not valid JSON ({error}); delete it to recompute it") from error
 
 
 def metric_rows(path: Path) -> list[dict]:
@@ -576,7 +576,7 @@ def check_study_folder(out: Path, fingerprint: dict) -> None:
             if old.get(key) != new.get(key):
                 differences.append(f"{key}: {old.get(key)!r} there, {new.get(key)!r} now")
     if differences:
-        raise ValueError(
+        raise UserError(
             f"study folder {out} was made with other settings, which its runs cannot share:\n  "
             + "\n  ".join(differences)
             + "\nuse another --out, or the settings it was made with"
@@ -618,7 +618,7 @@ def main(argv=None) -> dict:
         variants.update(load_variants_file(args.variants_file))
     unknown = [name for name in args.variants if name not in variants]
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; expected names from {sorted(variants)}")
+        raise UserError(f"unknown variant(s) {unknown}; expected names from {sorted(variants)}")
     seeds = list(dict.fromkeys(args.seeds))
     settings = StudySettings(
         config=args.config,
@@ -677,7 +677,5 @@ def main(argv=None) -> dict:
     return summary
 
 
-ERRORS = (ValueError, FileNotFoundError, NonFiniteError, LockedError)  # reported in one line by run_cli
-
 if __name__ == "__main__":
-    run_cli(main, ERRORS)
+    run_cli(main)

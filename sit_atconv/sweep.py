@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from sit_atconv.errors import UserError
 from sit_atconv.evaluation import evaluate
 from sit_atconv.evaluation.evaluator import (
     INCEPTION_METRICS,
@@ -38,7 +39,6 @@ from sit_atconv.generation import PRECISIONS, GenerationConfig, check_guidance, 
 from sit_atconv.io import (
     ArgumentParser,
     ExclusiveLock,
-    LockedError,
     atomic_output,
     check_launch,
     check_output_path,
@@ -77,7 +77,7 @@ def guidance_grid(cfgs, lows, highs, steps) -> list[Setting]:
         check_guidance(1.0, value, value, names=("", "--guidance-low/--guidance-high", "", ""))
     grid = [Setting(*values) for values in itertools.product(cfgs, lows, highs, steps) if values[1] <= values[2]]
     if not grid:
-        raise ValueError(
+        raise UserError(
             f"the guidance grid is empty: --cfg {list(cfgs)}, --guidance-low {list(lows)}, --guidance-high "
             f"{list(highs)}, --num-steps {list(steps)} (every interval inverted, or a list empty)"
         )
@@ -295,7 +295,5 @@ def plot_sweep(results: list[dict], winner: dict | None, path: Path) -> None:
     save_figure(fig, path)
 
 
-ERRORS = (ValueError, FileNotFoundError, LockedError)  # reported in one line by run_cli
-
 if __name__ == "__main__":
-    run_cli(main, ERRORS)
+    run_cli(main)

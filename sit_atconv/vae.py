@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from sit_atconv.errors import UserError
 from sit_atconv.hub import WeightsUnavailable, cached_or_reachable
 from sit_atconv.models.loading import WEIGHTS_NAME, from_pretrained_strict
 
@@ -85,14 +86,14 @@ def vae_for_model(
     latent = is_latent_model(model.config)
     if choice is not None and str(choice).lower() == "none":
         if latent and needs_images:
-            raise ValueError(
+            raise UserError(
                 f"{setting} none: this is a latent model ({channels} input channels), whose samples are latents, not "
                 f"images; leave {setting} out (default {default or SD_VAE_DEFAULT}) or pass a local VAE folder"
             )
         return None
     if not latent:
         if choice is not None:
-            raise ValueError(
+            raise UserError(
                 f"{setting} {choice}: this is a pixel-space model ({channels} input channels), whose samples are "
                 f"images already; leave {setting} out"
             )
@@ -102,7 +103,7 @@ def vae_for_model(
         return None
     vae = load_vae(source, device, setting=setting)
     if vae.config.latent_channels != channels:
-        raise ValueError(
+        raise UserError(
             f"{setting} {source}: the VAE has {vae.config.latent_channels} latent channels but the model generates "
             f"{channels}; use the VAE the model was trained with"
         )

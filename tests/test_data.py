@@ -50,7 +50,7 @@ def test_image_folder_labels_and_bad_files(folder, caplog):
     corrupt = dataset.files.index(folder / "dog" / "corrupt.jpg")
     assert dataset[corrupt] == (None, None, corrupt)
     assert "corrupt.jpg" in caplog.text
-    with pytest.raises(RuntimeError, match="cannot read image .*corrupt.jpg"):
+    with pytest.raises(ValueError, match="cannot read image .*corrupt.jpg"):  # a UserError
         ImageFolderDataset(folder, 16, on_error="abort")[corrupt]
 
 

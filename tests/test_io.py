@@ -99,3 +99,25 @@ def test_atomic_output_flushes_the_file_before_the_rename_and_the_folder_after(t
     monkeypatch.setattr(sit_io.os, "replace", lambda a, b: (events.append(f"rename {b}"), real_replace(a, b)))
     write_json_atomic(tmp_path / "shard.json", {"a": 1})
     assert events == [str(tmp_path / ".shard.json.tmp"), f"rename {tmp_path / 'shard.json'}", str(tmp_path)]
+
+
+def test_only_user_errors_and_io_errors_become_one_line(capsys):
+    """run_cli: a UserError (and the I/O errors that name a file) is one line and exit 2; everything else, a CUDA
+    out-of-memory error or a ValueError from inside a library included, is a bug and keeps its traceback."""
+    from sit_atconv.errors import UserError
+    from sit_atconv.io import run_cli
+
+    def fails(error):
+        def main():
+            raise error
+
+        return main
+
+    for error in (UserError("--cfg nan: expected a finite number"), FileNotFoundError(2, "No such file", "x.npz")):
+        with pytest.raises(SystemExit) as stop:
+            run_cli(fails(error))
+        assert stop.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), ValueError("a library's own check"), KeyError("x")):
+        with pytest.raises(type(error)):
+            run_cli(fails(error))
+    assert issubclass(UserError, ValueError)  # code that caught 0.4's ValueErrors still catches these

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sit_atconv.errors import UserError
 from sit_atconv.models.registry import describe_mixers
 from sit_atconv.models.sit import Attention
 from sit_atconv.ops import ATConv, DWConv
@@ -84,20 +85,20 @@ def make_operator(name: str, channels: int, heads: int = 4, seed: int = 0, state
         op = MixerOnMaps(ATConv(channels, conv_impl="shift"))  # exact; the grouped conv is slow in float64
     elif name == "attention":
         if channels % heads:
-            raise ValueError(f"attention needs channels divisible by heads, got {channels} and {heads}")
+            raise UserError(f"attention needs channels divisible by heads, got {channels} and {heads}")
         op = MixerOnMaps(Attention(channels, heads))
     elif name == "dwconv7":
         op = MixerOnMaps(DWConv(channels, 7))
     elif name == "conv3":
         op = nn.Conv2d(channels, channels, 3, padding=1)
     else:
-        raise ValueError(f"unknown operator {name!r}; expected one of {list(OPERATORS)}")
+        raise UserError(f"unknown operator {name!r}; expected one of {list(OPERATORS)}")
     if state is not None:
         target = op.mixer if isinstance(op, MixerOnMaps) else op
         try:
             target.load_state_dict(state)
         except RuntimeError as error:  # names the missing, unexpected or mis-shaped keys
-            raise ValueError(f"weights do not fit {name} with {channels} channels: {error}") from error
+            raise UserError(f"weights do not fit {name} with {channels} channels: {error}") from error
     return op.eval()
 
 
@@ -109,9 +110,9 @@ def make_operator(name: str, channels: int, heads: int = 4, seed: int = 0, state
 def _anchor_tensor(anchors: Sequence[tuple[int, int]], H: int, W: int) -> torch.Tensor:
     a = torch.as_tensor([tuple(p) for p in anchors], dtype=torch.long).reshape(-1, 2)
     if len(a) == 0:
-        raise ValueError("no anchors given")
+        raise UserError("no anchors given")
     if (a < 0).any() or (a[:, 0] >= H).any() or (a[:, 1] >= W).any():
-        raise ValueError(f"anchors {a.tolist()} lie outside the {H}x{W} grid")
+        raise UserError(f"anchors {a.tolist()} lie outside the {H}x{W} grid")
     return a  # (A, 2)
 
 
@@ -145,7 +146,7 @@ def influence_maps(
     A = len(a)
     outs = list(range(C)) if out_channels is None else [int(c) for c in out_channels]
     if not outs or min(outs) < 0 or max(outs) >= C:
-        raise ValueError(f"out_channels {outs} must be a non-empty subset of 0..{C - 1}")
+        raise UserError(f"out_channels {outs} must be a non-empty subset of 0..{C - 1}")
     rows = torch.tensor(list(itertools.product(range(B), range(A), outs)), dtype=torch.long, device=x.device)  # (R, 3)
     G = torch.zeros(B * A, H, W, dtype=x.dtype, device=x.device)
     x = x.detach()
@@ -223,7 +224,7 @@ def lateral_inhibition(
     A dead anchor (dy(a) = 0) gives NaN.
     """
     if direction not in DIRECTIONS:
-        raise ValueError(f"direction={direction!r} is not supported; expected one of {list(DIRECTIONS)}")
+        raise UserError(f"direction={direction!r} is not supported; expected one of {list(DIRECTIONS)}")
     B, C, H, W = x.shape
     a = _anchor_tensor(anchors, H, W)
     A = len(a)
@@ -317,7 +318,7 @@ def require_atconv_blocks(model: nn.Module, what: str = "the model") -> list[int
     """`atconv_blocks(model)`, or a ValueError naming the mixers the model has instead."""
     blocks = atconv_blocks(model)
     if not blocks:
-        raise ValueError(f"{what} has no ATConv blocks (mixers: {describe_mixers(model.mixers)})")
+        raise UserError(f"{what} has no ATConv blocks (mixers: {describe_mixers(model.mixers)})")
     return blocks
 
 
@@ -375,7 +376,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     """Per-channel Gaussian blur of x (B, C, H, W), radius ceil(3 sigma), separable, replicate padding: the
     kernel sums to one and the border repeats, so a constant map comes back constant (up to rounding)."""
     if sigma <= 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
+        raise UserError(f"sigma must be positive, got {sigma}")
     r = max(1, math.ceil(3 * sigma))
     taps = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
     g = torch.exp(-0.5 * (taps / sigma) ** 2)

@@ -32,10 +32,10 @@ from sit_atconv.analysis import (
     noisy_inputs,
     without_modulation,
 )
+from sit_atconv.errors import UserError
 from sit_atconv.io import ArgumentParser, check_output_path, positive_int, run_cli, save_figure, write_json_atomic
 from sit_atconv.models.registry import create_model, describe_mixers
 
-ERRORS = (ValueError, FileNotFoundError)  # reported in one line by run_cli
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -55,13 +55,13 @@ def read_state_dict(path: Path) -> dict:
         try:
             return load_file(path)
         except SafetensorError as error:
-            raise ValueError(f"cannot read {path}: {error}") from error
+            raise UserError(f"cannot read {path}: {error}") from error
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except RuntimeError as error:
-        raise ValueError(f"cannot read {path} as torch weights: {str(error).splitlines()[0]}") from error
+        raise UserError(f"cannot read {path} as torch weights: {str(error).splitlines()[0]}") from error
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state
 
 
@@ -72,7 +72,7 @@ def model_inputs(model, args, device) -> tuple[torch.Tensor, torch.Tensor, torch
     generator = torch.Generator().manual_seed(args.seed)
     channels, patch = model.config.in_channels, model.config.patch_size
     if args.images is not None and args.latents is not None:
-        raise ValueError("pass --images (pixel models) or --latents (latent models), not both")
+        raise UserError("pass --images (pixel models) or --latents (latent models), not both")
     if args.latents is not None:  # a draw from each of the first stored posteriors, scaled as in training
         from sit_atconv.data.latents import LatentDataset
         from sit_atconv.vae import sample_latents
@@ -81,7 +81,7 @@ def model_inputs(model, args, device) -> tuple[torch.Tensor, torch.Tensor, torch
         items = [dataset[i] for i in range(min(args.num_inputs, len(dataset)))]
         mean, std = torch.stack([item[0] for item in items]), torch.stack([item[1] for item in items])
         if mean.shape[1] != channels:
-            raise ValueError(
+            raise UserError(
                 f"--latents {args.latents} holds {mean.shape[1]}-channel latents; the model takes {channels}"
             )
         x0 = sample_latents(mean, std, torch.randn(mean.shape, generator=generator))
@@ -90,7 +90,7 @@ def model_inputs(model, args, device) -> tuple[torch.Tensor, torch.Tensor, torch
 
         images = load_images(args.images)[: args.num_inputs]  # (B, H, W, 3) uint8
         if channels not in (1, 3):
-            raise ValueError(
+            raise UserError(
                 f"--images holds pixels but the model takes {channels}-channel inputs (latents?); "
                 "leave --images out for Gaussian inputs"
             )
@@ -101,14 +101,14 @@ def model_inputs(model, args, device) -> tuple[torch.Tensor, torch.Tensor, torch
         size = args.size or model.config.input_size
         x0 = torch.randn(args.num_inputs, channels, size, size, generator=generator)
     if x0.shape[-2] % patch or x0.shape[-1] % patch:
-        raise ValueError(f"input size {tuple(x0.shape[-2:])} is not divisible by the patch size {patch}")
+        raise UserError(f"input size {tuple(x0.shape[-2:])} is not divisible by the patch size {patch}")
     noise = torch.randn(x0.shape, generator=generator)
     if model.y_embedder is None:
         labels = None
     else:
         label = args.label if args.label is not None else (model.null_class or 0)
         if not 0 <= label < model.y_embedder.embedding_table.num_embeddings:
-            raise ValueError(f"--label {label} is not a class of the model (0..{model.config.num_classes})")
+            raise UserError(f"--label {label} is not a class of the model (0..{model.config.num_classes})")
         labels = torch.full((len(x0),), label, dtype=torch.long)
     return x0.to(device), noise.to(device), None if labels is None else labels.to(device)
 
@@ -165,7 +165,7 @@ def influence_operators(args, device, dtype) -> tuple[list[tuple[str, torch.nn.M
         operators = args.operators or list(OPERATORS)
         unused = sorted(set(weights) - set(operators))
         if unused:
-            raise ValueError(f"--weights for {unused}, which are not among --operators {operators}")
+            raise UserError(f"--weights for {unused}, which are not among --operators {operators}")
         size = args.size or 16
         generator = torch.Generator().manual_seed(args.seed)
         x = torch.randn(args.num_inputs, args.channels, size, size, generator=generator, dtype=dtype).to(device)
@@ -179,19 +179,19 @@ def influence_operators(args, device, dtype) -> tuple[list[tuple[str, torch.nn.M
         return built, settings
 
     if args.operators or args.weights:
-        raise ValueError("--operators and --weights are for random operators; with --ckpt, choose --block")
+        raise UserError("--operators and --weights are for random operators; with --ckpt, choose --block")
     model, path = load_sit(args, device)
     blocks = args.block
     if blocks is None:
         blocks = atconv_blocks(model)
         if not blocks:
-            raise ValueError(
+            raise UserError(
                 f"the model in {args.ckpt} has no ATConv blocks (mixers: {describe_mixers(model.mixers)}); "
                 "pass --block I to analyse another block's mixer"
             )
     for i in blocks:
         if not 0 <= i < len(model.blocks):
-            raise ValueError(f"--block {i} is not a block of the model (0..{len(model.blocks) - 1})")
+            raise UserError(f"--block {i} is not a block of the model (0..{len(model.blocks) - 1})")
     x0, noise, labels = model_inputs(model, args, device)
     mixer_inputs = capture_mixers(model, noisy_inputs(x0, noise, args.t, path), args.t, labels, blocks, "input")
     built = [
@@ -301,7 +301,7 @@ def run_features(args) -> dict:
     x0, noise, labels = model_inputs(model, args, device)
     what = f"the model in {args.ckpt}" if args.ckpt is not None else args.model
     if not atconv_blocks(model):
-        raise ValueError(f"{what} has no ATConv blocks (mixers: {describe_mixers(model.mixers)})")
+        raise UserError(f"{what} has no ATConv blocks (mixers: {describe_mixers(model.mixers)})")
     curves = {"model": feature_curves(model, x0, noise, args.t, labels, args.sigma, path)}
     if args.compare_modulation:
         curves["no_modulation"] = feature_curves(without_modulation(model), x0, noise, args.t, labels, args.sigma, path)
@@ -400,4 +400,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main, ERRORS)
+    run_cli(main)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from sit_atconv.errors import UserError
 from sit_atconv.models.registry import check_architecture, model_config, name_fields
 from sit_atconv.models.sit import SiT
 
@@ -66,13 +67,13 @@ def read_checkpoint(path: str | Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and weights_only errors all mean "not loadable safely"
-        raise ValueError(
+        raise UserError(
             f"could not read {path} as a PyTorch checkpoint of state dicts ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}). If it stores other objects, re-save only the "
             "weights from the original code: torch.save(ckpt['ema'], 'ema.pt')"
         ) from error
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, expected a dict of tensors or of state dicts")
+        raise UserError(f"{path} holds a {type(checkpoint).__name__}, expected a dict of tensors or of state dicts")
     return checkpoint
 
 
@@ -83,7 +84,7 @@ def select_weights(checkpoint: dict, path: Path, ema: bool) -> tuple[dict, dict 
         return _strip_prefixes(checkpoint), None
     wanted, other = ("ema", "model") if ema else ("model", "ema")
     if wanted not in checkpoint:
-        raise ValueError(f"{path} has no {wanted!r} weights; its entries are {sorted(checkpoint)}")
+        raise UserError(f"{path} has no {wanted!r} weights; its entries are {sorted(checkpoint)}")
     chosen = _strip_prefixes(checkpoint[wanted])
     second = _strip_prefixes(checkpoint[other]) if isinstance(checkpoint.get(other), dict) else None
     return chosen, second
@@ -110,7 +111,7 @@ def label_classes(rows: int, num_classes: int | None, path: Path) -> tuple[int, 
         return num_classes, 0.1
     if rows == num_classes:
         return num_classes, 0.0
-    raise ValueError(f"{path}: the label table has {rows} rows, which does not fit {num_classes} classes")
+    raise UserError(f"{path}: the label table has {rows} rows, which does not fit {num_classes} classes")
 
 
 def infer_architecture(state: dict, path: Path, num_classes: int | None = None) -> dict:
@@ -120,13 +121,13 @@ def infer_architecture(state: dict, path: Path, num_classes: int | None = None) 
         table = state["y_embedder.embedding_table.weight"]  # (num_classes [+ 1 null], C)
         final = state["final_layer.linear.weight"]  # (p * p * out_channels, C)
     except KeyError as error:
-        raise ValueError(f"{path} is not a SiT/REPA checkpoint: it has no {error.args[0]!r} weight") from error
+        raise UserError(f"{path} is not a SiT/REPA checkpoint: it has no {error.args[0]!r} weight") from error
     hidden, in_channels, patch, _ = patch_weight.shape
     depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     mixers = ["atconv" if f"blocks.{i}.attn.kernel_proj.weight" in state else "attention" for i in range(depth)]
     out_channels = final.shape[0] // (patch * patch)
     if out_channels not in (in_channels, 2 * in_channels):
-        raise ValueError(f"{path}: final layer has {out_channels} channels for {in_channels} input channels")
+        raise UserError(f"{path}: final layer has {out_channels} channels for {in_channels} input channels")
     arch = {
         "hidden_size": hidden,
         "in_channels": in_channels,
@@ -154,7 +155,7 @@ def target_config(arch: dict, model_name: str, path: Path, convention: str, **ov
         check_architecture(arch, expected, f"{path} does not hold a {model_name}", compared)
     except ValueError as error:
         if set(arch["mixers"]) == {"attention"} and "ATConv" in model_name:
-            raise ValueError(
+            raise UserError(
                 f"{error} (the official REPA code's non-hybrid ATConv entries build attention only, so such a "
                 "checkpoint converts as the plain SiT model)"
             ) from None
@@ -252,7 +253,7 @@ def load_into(model: SiT, state: dict, path: Path) -> None:
             parts.append(f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
         if shapes:
             parts.append(f"shape mismatches {shapes[:4]}")
-        raise ValueError(f"{path} does not fit the model: " + "; ".join(parts))
+        raise UserError(f"{path} does not fit the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
 
 
@@ -263,7 +264,7 @@ def check_pos_embed(state: dict, model: SiT, path: Path) -> None:
     stored = state["pos_embed"].float()
     ours = model.fixed_pos_embed
     if ours is None or stored.shape != ours.shape or (stored - ours).abs().max() > 1e-4:
-        raise ValueError(
+        raise UserError(
             f"{path}: pos_embed is not the fixed 2-D sin-cos embedding of a "
             f"{model.pos_grid[0]}x{model.pos_grid[1]} grid; learned position embeddings are not supported"
         )
@@ -301,7 +302,7 @@ def convert_checkpoint(
     fields (input_size for a pure-ATConv checkpoint, which stores no position embedding to read it
     from; tiny sizes in tests)."""
     if source not in SOURCES:
-        raise ValueError(f"unknown checkpoint source {source!r}; expected one of {list(SOURCES)}")
+        raise UserError(f"unknown checkpoint source {source!r}; expected one of {list(SOURCES)}")
     path = Path(path)
     checkpoint = read_checkpoint(path)
     chosen, other = select_weights(checkpoint, path, ema)

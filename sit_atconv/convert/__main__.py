@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from sit_atconv.convert import SOURCES, convert_checkpoint
-from sit_atconv.export import ERRORS, add_pipeline_arguments, card_info, check_output_folder, write_pipeline
+from sit_atconv.export import add_pipeline_arguments, card_info, check_output_folder, write_pipeline
 from sit_atconv.io import ArgumentParser, run_cli
 from sit_atconv.models import list_models
 
@@ -72,4 +72,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main, ERRORS)
+    run_cli(main)

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from sit_atconv.errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # lower case; compared case-insensitively
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,12 @@ def rgb_image(image: Image.Image, source: str | Path = "image") -> Image.Image:
     if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):  # a PNG's I is 16-bit
         values = np.asarray(image, dtype=np.uint32)
         if values.max(initial=0) > 65535:
-            raise ValueError(f"{source}: a 16-bit image with values above 65535")
+            raise UserError(f"{source}: a 16-bit image with values above 65535")
         grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
         return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
     if image.mode in ("I", "F"):
         kind = "32-bit integer" if image.mode == "I" else "floating-point"
-        raise ValueError(f"{source}: {kind} images have no fixed range; convert it to 8 or 16 bits per channel")
+        raise UserError(f"{source}: {kind} images have no fixed range; convert it to 8 or 16 bits per channel")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -68,7 +70,7 @@ class ImageFolderDataset(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         if on_error not in ("skip", "abort"):
-            raise ValueError(f"on_error must be 'skip' or 'abort', got {on_error!r}")
+            raise UserError(f"on_error must be 'skip' or 'abort', got {on_error!r}")
         self.resolution, self.on_error = resolution, on_error
         if unconditional:
             self.classes = []
@@ -77,7 +79,7 @@ class ImageFolderDataset(Dataset):
         else:
             self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
             if not self.classes:
-                raise ValueError(
+                raise UserError(
                     f"{self.root} has no class sub-folders (ImageNet layout: one folder per class); "
                     "for a single folder of images use unconditional=True"
                 )
@@ -87,7 +89,7 @@ class ImageFolderDataset(Dataset):
                 self.files += files
                 self.labels += [label] * len(files)
         if not self.files:
-            raise ValueError(f"{self.root} contains no images ({', '.join(IMAGE_EXTENSIONS)}, any case)")
+            raise UserError(f"{self.root} contains no images ({', '.join(IMAGE_EXTENSIONS)}, any case)")
 
     @property
     def num_classes(self) -> int:
@@ -104,7 +106,7 @@ class ImageFolderDataset(Dataset):
                 arr = center_crop_arr(image, self.resolution, path)
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             if self.on_error == "abort":
-                raise RuntimeError(f"cannot read image {path}: {error}") from error
+                raise UserError(f"cannot read image {path}: {error}") from error
             log.warning("skipping unreadable image %s: %s", path, error)
             return None, None, index
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), self.labels[index], index

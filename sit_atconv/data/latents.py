@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from sit_atconv import vae as autoencoder
 from sit_atconv.data.images import ImageFolderDataset, collate_skipping_bad
+from sit_atconv.errors import UserError
 from sit_atconv.io import (
     ArgumentParser,
     atomic_output,
@@ -46,7 +47,7 @@ def open_shard(path: Path):
     try:
         return safe_open(path, "pt")
     except SafetensorError as error:
-        raise ValueError(
+        raise UserError(
             f"latent shard {path} is truncated or corrupt ({error}); delete it and re-run the extraction, "
             "which re-creates missing shards"
         ) from error
@@ -155,7 +156,7 @@ class LatentDataset(Dataset):
         try:
             self.manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"{manifest_path} is not valid JSON ({error}); re-run the extraction") from error
+            raise UserError(f"{manifest_path} is not valid JSON ({error}); re-run the extraction") from error
         self.shards, self.offsets = [], []
         total = 0
         for entry in self.manifest["shards"]:
@@ -165,12 +166,12 @@ class LatentDataset(Dataset):
             with open_shard(path) as f:
                 rows = f.get_slice("labels").get_shape()[0]
             if rows != entry["rows"]:
-                raise ValueError(f"{path} has {rows} rows but {manifest_path} says {entry['rows']}")
+                raise UserError(f"{path} has {rows} rows but {manifest_path} says {entry['rows']}")
             self.shards.append(path)
             self.offsets.append(total)
             total += rows
         if total == 0:
-            raise ValueError(f"{self.root} holds no latents")
+            raise UserError(f"{self.root} holds no latents")
         self.rows = total
         self.flips = bool(self.manifest.get("flip")) and use_flips
         self.num_classes = self.manifest["num_classes"]
@@ -221,7 +222,5 @@ def main(argv=None) -> None:
     extract_latents(accelerator, dataset, vae, args.out, args.shard_size, args.batch_size, args.flip, args.num_workers)
 
 
-ERRORS = (ValueError, FileNotFoundError, RuntimeError)  # reported in one line by run_cli
-
 if __name__ == "__main__":
-    run_cli(main, ERRORS)
+    run_cli(main)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Sampler
 
+from sit_atconv.errors import UserError
+
 
 class StepBatchSampler(Sampler[list[int]]):
     """Per-process index batches for steps start_step, start_step + 1, ... (infinite).
@@ -26,12 +28,12 @@ class StepBatchSampler(Sampler[list[int]]):
         start_step: int = 0,
     ):
         if global_batch % (world_size * accumulation):
-            raise ValueError(
+            raise UserError(
                 f"global batch {global_batch} is not divisible by processes x accumulation "
                 f"= {world_size * accumulation}"
             )
         if num_items < global_batch:
-            raise ValueError(f"the data set has {num_items} items, fewer than one global batch of {global_batch}")
+            raise UserError(f"the data set has {num_items} items, fewer than one global batch of {global_batch}")
         self.num_items, self.global_batch = num_items, global_batch
         self.world_size, self.rank, self.accumulation = world_size, rank, accumulation
         self.seed, self.start_step = seed, start_step

@@ -9,6 +9,7 @@ trained on scikit-learn's digits, reads each image, and the share it reads as it
 from pathlib import Path
 
 from sit_atconv.data.digits import score_digit_samples
+from sit_atconv.errors import UserError
 from sit_atconv.evaluation.evaluator import load_images, read_npz
 from sit_atconv.io import ArgumentParser, run_cli
 
@@ -20,11 +21,11 @@ def main(argv=None) -> float:
     images = load_images(args.samples)
     labels = read_npz(args.samples, ["arr_1"]).get("arr_1")
     if labels is None or labels.shape != (len(images),):
-        raise ValueError(f"{args.samples} has no labels for its {len(images)} images (arr_1); sample with sample.py")
+        raise UserError(f"{args.samples} has no labels for its {len(images)} images (arr_1); sample with sample.py")
     accuracy = score_digit_samples(images, labels)
     print(f"digit classifier agrees with the requested class on {100 * accuracy:.1f}% of {args.samples}")
     return accuracy
 
 
 if __name__ == "__main__":
-    run_cli(main, (ValueError, FileNotFoundError))
+    run_cli(main)

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sit_atconv.errors import UserError
 from sit_atconv.io import file_sha256
 from sit_atconv.repa import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, load_backbone
 
@@ -40,7 +41,7 @@ def official_position_embedding(native: torch.Tensor, grid: int, num_prefix: int
     prefix, patches = native[:, :num_prefix], native[:, num_prefix:].float()
     side = int(round(patches.shape[1] ** 0.5))
     if side * side != patches.shape[1]:
-        raise ValueError(f"the position embedding has {patches.shape[1]} patch entries, not a square grid")
+        raise UserError(f"the position embedding has {patches.shape[1]} patch entries, not a square grid")
     patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2)
     if registers:
         resized = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=True)
@@ -110,7 +111,7 @@ def load_dinov2(name: str = DEFAULT_DINOV2, weights: str | Path | None = None) -
     .safetensors, or the official .pth) or timm's hub download; offline without a file, or with a file of another
     encoder, an EncoderWeightsError naming --dinov2-weights."""
     if name not in ENCODERS:
-        raise ValueError(f"unknown DINOv2 encoder {name!r} (--dinov2); expected one of {list(ENCODERS)}")
+        raise UserError(f"unknown DINOv2 encoder {name!r} (--dinov2); expected one of {list(ENCODERS)}")
     backbone = load_backbone(name, None, weights, weights_option="--dinov2-weights /path/to/model.safetensors")
     return DINOv2Features(backbone, name, weights)
 

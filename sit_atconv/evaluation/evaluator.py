@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from sit_atconv.data.images import is_image_file, rgb_image
+from sit_atconv.errors import UserError
 from sit_atconv.evaluation.dinov2 import DEFAULT_DINOV2, DINOv2Features, compute_dinov2_features, load_dinov2
 from sit_atconv.evaluation.metrics import METRIC_SPECS, RESULTS, feature_statistics
 from sit_atconv.hub import unreachable
@@ -49,7 +50,7 @@ def parse_metrics(metrics: str | Iterable[str]) -> tuple[str, ...]:
     names = [name.strip() for name in names]
     unknown = [name for name in names if name not in METRIC_SPECS]
     if unknown or not names:
-        raise ValueError(f"unknown metric(s) {unknown} in {metrics!r}; the metrics are {', '.join(METRIC_SPECS)}")
+        raise UserError(f"unknown metric(s) {unknown} in {metrics!r}; the metrics are {', '.join(METRIC_SPECS)}")
     return tuple(dict.fromkeys(names))
 
 
@@ -118,7 +119,7 @@ def load_state_dict_safely(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(
+        raise UserError(
             f"cannot read the Inception weights {path} (truncated or not a weights file?): {first_line}"
         ) from error
     return state.get("state_dict", state) if isinstance(state, dict) else state
@@ -188,24 +189,24 @@ def read_npz(path: Path, keys: Iterable[str]) -> dict[str, np.ndarray]:
     try:
         data = np.load(path)
         if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError("it holds a single .npy array")
+            raise UserError("it holds a single .npy array")
         with data:
             return {key: data[key] for key in keys if key in data.files}
     except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError) as error:
         raise _unreadable_npz(path, error) from error
     except ValueError as error:
         if "Object arrays" in str(error):
-            raise ValueError(
+            raise UserError(
                 f"{path} holds object arrays (pickled Python objects), which are never loaded; expected plain arrays"
             ) from error
         if "pickled data" in str(error):
-            raise ValueError(f"{path} is not an .npz archive (numpy would have to unpickle it)") from error
-        raise ValueError(f"{path} is not a readable .npz: {error}") from error
+            raise UserError(f"{path} is not an .npz archive (numpy would have to unpickle it)") from error
+        raise UserError(f"{path} is not a readable .npz: {error}") from error
 
 
-def _unreadable_npz(path: Path, error: BaseException) -> ValueError:
+def _unreadable_npz(path: Path, error: BaseException) -> UserError:
     reason = str(error) or "it ends before the data its zip directory lists"  # zipfile's EOFError says nothing
-    return ValueError(f"{path} is not a readable .npz (truncated or corrupt?): {reason}")
+    return UserError(f"{path} is not a readable .npz (truncated or corrupt?): {reason}")
 
 
 def npz_array_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
@@ -219,18 +220,18 @@ def npz_array_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype] |
             with archive.open(f"{key}.npy") as f:
                 version = np.lib.format.read_magic(f)
                 if version not in readers:
-                    raise ValueError(f"its '{key}' has .npy format version {version}, expected 1.0 or 2.0")
+                    raise UserError(f"its '{key}' has .npy format version {version}, expected 1.0 or 2.0")
                 shape, _, dtype = readers[version](f)
                 header_size = f.tell()
             stored = archive.getinfo(f"{key}.npy").file_size  # the zip directory's size of the entry, unpacked
     except (zipfile.BadZipFile, EOFError) as error:
         raise _unreadable_npz(path, error) from error
     except ValueError as error:
-        raise ValueError(f"{path} is not a readable .npz: {error}") from error
+        raise UserError(f"{path} is not a readable .npz: {error}") from error
     shape = tuple(int(n) for n in shape)
     declared = header_size + math.prod(shape) * dtype.itemsize
     if not dtype.hasobject and stored < declared:
-        raise ValueError(
+        raise UserError(
             f"{path}: its '{key}' declares {shape} {dtype} ({declared:,} bytes with the header) but holds only "
             f"{stored:,} bytes (truncated or corrupt?)"
         )
@@ -250,7 +251,7 @@ def image_layout(path: str | Path) -> tuple[int, int, int]:
         _no_images(path)
     shape, dtype = header
     if dtype.hasobject:
-        raise ValueError(
+        raise UserError(
             f"{path}: 'arr_0' is an object array (pickled Python objects), which is never loaded; expected "
             "uint8 images (N, H, W, 3)"
         )
@@ -274,16 +275,16 @@ def load_images(path: str | Path) -> np.ndarray:
 def _no_images(path: Path) -> typing.NoReturn:
     with zipfile.ZipFile(path) as archive:
         keys = sorted(name.removesuffix(".npy") for name in archive.namelist())
-    raise ValueError(f"{path} has no 'arr_0' array of images (keys: {keys})")
+    raise UserError(f"{path} has no 'arr_0' array of images (keys: {keys})")
 
 
 def _check_layout(shape: tuple[int, ...], dtype: np.dtype, source) -> None:
     if len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"{source}: expected images (N, H, W, 3), got shape {tuple(int(n) for n in shape)}")
+        raise UserError(f"{source}: expected images (N, H, W, 3), got shape {tuple(int(n) for n in shape)}")
     if shape[0] == 0:
-        raise ValueError(f"{source} holds no images")
+        raise UserError(f"{source} holds no images")
     if dtype != np.uint8:
-        raise ValueError(
+        raise UserError(
             f"{source}: expected uint8 images, got {dtype}; convert with clamp(127.5 * x + 128, 0, 255) "
             "for [-1, 1] data (ADM format)"
         )
@@ -303,16 +304,16 @@ def _folder_layout(folder: Path) -> tuple[int, int, int]:
 
     files = _image_files(folder)
     if not files:
-        raise ValueError(f"{folder} contains no images")
+        raise UserError(f"{folder} contains no images")
     sizes = {}
     for file in files:
         try:
             with Image.open(file) as image:  # reads the header only
                 sizes[file] = image.size
         except (OSError, Image.DecompressionBombError) as error:  # (Pillow's size limit against memory bombs)
-            raise ValueError(f"cannot read image {file}: {error}") from error
+            raise UserError(f"cannot read image {file}: {error}") from error
         if sizes[file] != sizes[files[0]]:
-            raise ValueError(f"{file} is {sizes[file]} (W, H) but {files[0]} is {sizes[files[0]]}")
+            raise UserError(f"{file} is {sizes[file]} (W, H) but {files[0]} is {sizes[files[0]]}")
     width, height = sizes[files[0]]
     return len(files), height, width
 
@@ -322,16 +323,16 @@ def _load_folder(folder: Path) -> np.ndarray:
 
     files = _image_files(folder)
     if not files:
-        raise ValueError(f"{folder} contains no images")
+        raise UserError(f"{folder} contains no images")
     images = []
     for file in files:
         try:
             with Image.open(file) as image:
                 images.append(np.asarray(rgb_image(image, file)))
         except (OSError, Image.DecompressionBombError) as error:
-            raise ValueError(f"cannot read image {file}: {error}") from error
+            raise UserError(f"cannot read image {file}: {error}") from error
         if images[-1].shape != images[0].shape:
-            raise ValueError(f"{file} is {images[-1].shape[:2]} but {files[0]} is {images[0].shape[:2]}")
+            raise UserError(f"{file} is {images[-1].shape[:2]} but {files[0]} is {images[0].shape[:2]}")
     return _check_images(np.stack(images), folder)
 
 
@@ -443,7 +444,7 @@ def reference_features(
         reference["mu_s"], reference["sigma_s"] = feature_statistics(reference["spatial"])
     for key in STATISTICS:
         if not np.isfinite(reference[key]).all():
-            raise ValueError(f"reference {path}: '{key}' contains NaN or inf")
+            raise UserError(f"reference {path}: '{key}' contains NaN or inf")
     write_cache(cache_file, reference)
     return reference
 
@@ -464,7 +465,7 @@ def reference_dinov2_features(
     reference["dinov2"] = compute_dinov2_features(images, extractor, **kwargs)
     reference["mu_dinov2"], reference["sigma_dinov2"] = feature_statistics(reference["dinov2"])
     if not np.isfinite(reference["dinov2"]).all():
-        raise ValueError(f"reference {path}: its DINOv2 features contain NaN or inf")
+        raise UserError(f"reference {path}: its DINOv2 features contain NaN or inf")
     write_cache(cache_file, reference)
     return reference
 
@@ -493,13 +494,13 @@ def evaluate(
     weights (file, SHA-256) of each network that produced the numbers."""
     metrics = parse_metrics(metrics)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        raise UserError(f"batch_size must be a positive integer, got {batch_size}")
     samples, reference = Path(samples), Path(reference)
     # Both inputs are checked from their headers first: the reference pass takes minutes on 10K-50K images.
     num_samples, *sample_size = image_layout(samples)
     num_reference, *reference_size = image_layout(reference)
     if sample_size != reference_size:
-        raise ValueError(
+        raise UserError(
             f"{samples} images are {tuple(sample_size)} but the reference {reference} is {tuple(reference_size)}; "
             "resize one of them (ADM compares same-size images)"
         )

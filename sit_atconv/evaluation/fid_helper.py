@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from sit_atconv.errors import UserError
+
 STEM = {  # TF layer -> torch-fidelity BasicConv2d
     "conv": "Conv2d_1a_3x3",
     "conv_1": "Conv2d_2a_3x3",
@@ -97,7 +99,7 @@ def torch_fidelity_name(tf_layer: str) -> str:
         name, kind = BLOCKS[block]
         return f"{name}.{BRANCHES[kind][branch.replace('.', '_')]}"
     except KeyError:
-        raise ValueError(f"cannot map TF layer {tf_layer} onto torch-fidelity's inception-v3-compat") from None
+        raise UserError(f"cannot map TF layer {tf_layer} onto torch-fidelity's inception-v3-compat") from None
 
 
 def remap_to_torch_fidelity(torchscript_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -112,7 +114,7 @@ def remap_to_torch_fidelity(torchscript_state: dict[str, torch.Tensor]) -> dict[
     state = {}
     for layer, tf in layers.items():
         if tf.keys() != TF_PARAMETERS:
-            raise ValueError(f"TF layer {layer} has parameters {sorted(tf)}, expected {sorted(TF_PARAMETERS)}")
+            raise UserError(f"TF layer {layer} has parameters {sorted(tf)}, expected {sorted(TF_PARAMETERS)}")
         name = torch_fidelity_name(layer)
         state[f"{name}.conv.weight"] = tf["weight"]
         state[f"{name}.bn.weight"] = torch.ones_like(tf["beta"])

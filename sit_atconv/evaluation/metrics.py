@@ -21,12 +21,14 @@ import numpy as np
 import torch
 from scipy.linalg import sqrtm
 
+from sit_atconv.errors import UserError
+
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance in float64. Warns when there are fewer samples than dimensions."""
     features = np.asarray(features, dtype=np.float64)
     if features.shape[0] < 2:
-        raise ValueError(f"need at least 2 samples for a covariance, got {features.shape[0]}")
+        raise UserError(f"need at least 2 samples for a covariance, got {features.shape[0]}")
     if features.shape[0] < features.shape[1]:
         warnings.warn(
             f"{features.shape[0]} samples for {features.shape[1]}-d features: the covariance is singular and "
@@ -42,10 +44,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics differ in shape: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
+        raise UserError(f"statistics differ in shape: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
     for name, value in (("mu", mu1), ("sigma", sigma1), ("mu", mu2), ("sigma", sigma2)):
         if not np.isfinite(value).all():
-            raise ValueError(f"statistics contain NaN or inf ({name})")
+            raise UserError(f"statistics contain NaN or inf ({name})")
     diff = mu1 - mu2
     covmean = sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
@@ -54,7 +56,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         covmean = sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"imaginary component {float(np.max(np.abs(covmean.imag)))} in the covariance square root")
+            raise UserError(f"imaginary component {float(np.max(np.abs(covmean.imag)))} in the covariance square root")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -64,7 +66,7 @@ def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
     of 5000 for 50K samples; a shorter last split when N is not a multiple), mean of exp(mean KL)."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     if logits.shape[0] == 0:
-        raise ValueError("no samples for the Inception Score")
+        raise UserError("no samples for the Inception Score")
     probs = torch.softmax(logits, dim=1).numpy()
     scores = []
     for start in range(0, probs.shape[0], split_size):

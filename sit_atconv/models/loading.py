@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from sit_atconv.errors import UserError
 from sit_atconv.models.sit import SiT
 
 
@@ -31,7 +32,7 @@ def resolve_model_folder(path: str | Path, ema: bool = True) -> Path:
     elif (path / "config.json").is_file():
         folder = path
     else:
-        raise ValueError(
+        raise UserError(
             f"{path} is not a model: expected a folder with config.json and diffusion_pytorch_model.safetensors, "
             "a pipeline folder with model_index.json, or a training checkpoint with ema/ and model/"
         )
@@ -64,10 +65,10 @@ def from_pretrained_strict(cls, folder: str | Path, dtype: torch.dtype | None = 
     try:
         model, info = cls.from_pretrained(folder, output_loading_info=True, low_cpu_mem_usage=False, dtype=dtype)
     except (OSError, RuntimeError, ValueError) as error:
-        raise ValueError(f"could not load the {cls.__name__} in {folder}: {error}") from error
+        raise UserError(f"could not load the {cls.__name__} in {folder}: {error}") from error
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
-        raise ValueError(f"weights in {folder} do not match its config.json: {problems}")
+        raise UserError(f"weights in {folder} do not match its config.json: {problems}")
     return model
 
 
@@ -80,9 +81,9 @@ def read_model_config(folder: str | Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from error
+        raise UserError(f"cannot read {path}: {error}") from error
     if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object of SiT settings, not {type(config).__name__}")
+        raise UserError(f"{path} must hold a JSON object of SiT settings, not {type(config).__name__}")
     return config
 
 
@@ -98,7 +99,7 @@ def weight_shapes(folder: Path) -> tuple[str, dict[str, tuple[int, ...]]] | None
         try:
             files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise ValueError(f"cannot read the weight index {index}: {error}") from error
+            raise UserError(f"cannot read the weight index {index}: {error}") from error
     else:
         return None
     shapes = {}
@@ -107,7 +108,7 @@ def weight_shapes(folder: Path) -> tuple[str, dict[str, tuple[int, ...]]] | None
             with safe_open(file, framework="pt") as weights:
                 shapes.update({name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()})
         except (OSError, SafetensorError, ValueError) as error:
-            raise ValueError(f"cannot read the weights {file} (truncated or not safetensors?): {error}") from error
+            raise UserError(f"cannot read the weights {file} (truncated or not safetensors?): {error}") from error
     return ", ".join(str(f) for f in files), shapes
 
 
@@ -145,12 +146,12 @@ def check_model_folder(folder: str | Path) -> str:
         if config.get(key, value) != value
     ]
     if wrong:
-        raise ValueError(f"{folder / 'config.json'} does not describe the weights {files}: {'; '.join(wrong)}")
+        raise UserError(f"{folder / 'config.json'} does not describe the weights {files}: {'; '.join(wrong)}")
     try:
         with torch.device("meta"):
             expected = {name: tuple(t.shape) for name, t in SiT.from_config(config).state_dict().items()}
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{folder / 'config.json'}: {error}") from error
+        raise UserError(f"{folder / 'config.json'}: {error}") from error
     problems = [f"{name} is missing" for name in expected if name not in shapes]
     problems += [f"{name} is not a SiT weight" for name in shapes if name not in expected]
     problems += [
@@ -160,7 +161,7 @@ def check_model_folder(folder: str | Path) -> str:
     ]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ValueError(
+        raise UserError(
             f"{folder / 'config.json'} does not describe the weights {files}: {'; '.join(problems[:3])}{more}"
         )
     return files
@@ -172,7 +173,7 @@ def check_finite_weights(model: torch.nn.Module, source: str | Path) -> None:
     bad = {name: count for name, count in bad.items() if count}
     if bad:
         examples = ", ".join(list(bad)[:3])
-        raise ValueError(
+        raise UserError(
             f"the weights in {source} hold {sum(bad.values()):,} non-finite values (NaN or inf) in {len(bad)} "
             f"tensors ({examples}); a diverged or damaged checkpoint cannot be used: pick an earlier one"
         )

@@ -11,6 +11,7 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from sit_atconv.errors import UserError
 from sit_atconv.models.sit import SiT
 
 SIZES = {  # depth, hidden size, heads (SiT/DiT Table 1)
@@ -36,7 +37,7 @@ def mixer_layout(layout: str, depth: int) -> list[str]:
         return ["atconv"] * depth
     if layout == "hybrid":
         return ["atconv" if i % 2 == 1 else "attention" for i in range(depth)]
-    raise ValueError(f"unknown mixer layout {layout!r}; expected 'attention', 'atconv' or 'hybrid'")
+    raise UserError(f"unknown mixer layout {layout!r}; expected 'attention', 'atconv' or 'hybrid'")
 
 
 def _registry() -> dict[str, tuple[str, dict[str, Any]]]:
@@ -65,7 +66,7 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     The mixer layout follows an overridden `depth` (e.g. a 4-block hybrid) unless `mixers` is given.
     """
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+        raise UserError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
     fields = [p for p in inspect.signature(SiT.__init__).parameters if p != "self"]
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
@@ -81,7 +82,7 @@ def name_fields(name: str) -> tuple[str, ...]:
     """The config fields a registry name fixes: its size, patch, mixer layout and family defaults (the
     other fields, such as input_size or num_classes, are overrides the name says nothing about)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+        raise UserError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
     _, config = MODELS[name]
     return (*(k for k in config if k not in DEFAULTS), "mixers")
 
@@ -131,7 +132,7 @@ def check_architecture(
             return describe_mixers(value) if key == "mixers" else repr(value)
 
         detail = "; ".join(f"{k}: {show(k, a)} there, {show(k, b)} expected" for k, (a, b) in differences.items())
-        raise ValueError(f"{what}: {detail}")
+        raise UserError(f"{what}: {detail}")
 
 
 def create_model(name: str, **overrides: Any) -> SiT:

@@ -23,6 +23,7 @@ from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 from timm.layers import Mlp
 
+from sit_atconv.errors import UserError
 from sit_atconv.ops import ATConv, DWConv
 
 POS_EMBEDS = ("sincos", "none")
@@ -48,20 +49,20 @@ def check_config_values(fields: Mapping) -> None:
     for name, (low, high) in INT_FIELD_BOUNDS.items():
         value = fields[name]
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise UserError(f"{name} must be an integer, got {value!r}")
         if not low <= value <= high:
-            raise ValueError(f"{name}={value} is outside [{low:,}, {high:,}]")
+            raise UserError(f"{name}={value} is outside [{low:,}, {high:,}]")
     for name, low, high in (("mlp_ratio", 0, 64), ("class_dropout_prob", 0, 1)):
         value = fields[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+            raise UserError(f"{name} must be a number in [{low}, {high}], got {value!r}")
     if fields["mlp_ratio"] == 0:
-        raise ValueError("mlp_ratio must be > 0")
+        raise UserError("mlp_ratio must be > 0")
     if fields["input_size"] % fields["patch_size"]:
-        raise ValueError(f"input_size={fields['input_size']} is not divisible by patch_size={fields['patch_size']}")
+        raise UserError(f"input_size={fields['input_size']} is not divisible by patch_size={fields['patch_size']}")
     tokens = (fields["input_size"] // fields["patch_size"]) ** 2
     if tokens > MAX_TOKENS:
-        raise ValueError(
+        raise UserError(
             f"input_size={fields['input_size']} at patch_size={fields['patch_size']} makes {tokens:,} tokens, more "
             f"than {MAX_TOKENS:,}"
         )
@@ -133,7 +134,7 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     half of the channels encodes the column index, the second half the row index, each as [sin | cos]
     over dim/4 frequencies 1 / 10000^(k / (dim/4)). Computed in float64 like the reference."""
     if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs hidden_size divisible by 4, got {dim}")
+        raise UserError(f"sin-cos position embedding needs hidden_size divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
     rows, cols = torch.meshgrid(
@@ -219,7 +220,7 @@ def check_mixer_options(mixers: list[str], options: Mapping) -> None:
     for kind, defaults in MIXER_OPTION_DEFAULTS.items():
         for name, default in defaults.items():
             if kind not in mixers and options[name] != default:
-                raise ValueError(
+                raise UserError(
                     f"{name}={options[name]!r} needs a {kind!r} mixer, but mixers has none ({sorted(set(mixers))})"
                 )
 
@@ -227,7 +228,7 @@ def check_mixer_options(mixers: list[str], options: Mapping) -> None:
 def build_mixer(kind: str, dim: int, num_heads: int, config: Mapping) -> nn.Module:
     """The module of mixer `kind` for a SiT with config `config` (a SiT config or a dict of its fields)."""
     if kind not in MIXERS:
-        raise ValueError(f"unknown mixer {kind!r}; expected one of {list(MIXERS)}")
+        raise UserError(f"unknown mixer {kind!r}; expected one of {list(MIXERS)}")
     return MIXERS[kind](dim, num_heads, config)
 
 
@@ -349,10 +350,10 @@ class SiT(ModelMixin, ConfigMixin):
             raise TypeError(f"mixers must be a list with one mixer per block, got the string {mixers!r}")
         mixers = list(mixers) if mixers is not None else ["attention"] * depth
         if len(mixers) != depth:
-            raise ValueError(f"mixers has {len(mixers)} entries but depth={depth}; give one mixer per block")
+            raise UserError(f"mixers has {len(mixers)} entries but depth={depth}; give one mixer per block")
         for kind in mixers:
             if kind not in MIXERS:
-                raise ValueError(f"unknown mixer {kind!r} in mixers; expected one of {list(MIXERS)}")
+                raise UserError(f"unknown mixer {kind!r} in mixers; expected one of {list(MIXERS)}")
         ablations = dict(
             atconv_kernel=atconv_kernel,
             atconv_value_proj=atconv_value_proj,
@@ -362,9 +363,9 @@ class SiT(ModelMixin, ConfigMixin):
         )
         check_mixer_options(mixers, ablations)
         if "attention" in mixers and hidden_size % num_heads:
-            raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+            raise UserError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         if pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed={pos_embed!r} is not supported; expected one of {list(POS_EMBEDS)}")
+            raise UserError(f"pos_embed={pos_embed!r} is not supported; expected one of {list(POS_EMBEDS)}")
 
         # forward reads plain attributes, not self.config: torch.compile would guard on the config dict
         self.in_channels = in_channels
@@ -462,9 +463,9 @@ class SiT(ModelMixin, ConfigMixin):
         B, _, H, W = x.shape
         p = self.patch_size
         if H % p or W % p:
-            raise ValueError(f"input size {H}x{W} is not divisible by patch_size={p}")
+            raise UserError(f"input size {H}x{W} is not divisible by patch_size={p}")
         if return_features_after is not None and not 1 <= return_features_after <= len(self.blocks):
-            raise ValueError(f"return_features_after={return_features_after} must be in [1, {len(self.blocks)}]")
+            raise UserError(f"return_features_after={return_features_after} must be in [1, {len(self.blocks)}]")
         h, w = H // p, W // p
 
         x = self.x_embedder(x)  # (B, N, C)
@@ -475,7 +476,7 @@ class SiT(ModelMixin, ConfigMixin):
         c = self.t_embedder(t.expand(B) if t.ndim == 0 else t)  # (B, C)
         if self.y_embedder is not None:
             if y is None:
-                raise ValueError("this model is class-conditional: pass labels y (use the null class for none)")
+                raise UserError("this model is class-conditional: pass labels y (use the null class for none)")
             c = c + self.y_embedder(y, drop_labels)
 
         features = None

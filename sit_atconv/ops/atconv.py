@@ -57,6 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sit_atconv.errors import UserError
 from sit_atconv.ops.atconv_triton import modulated_depthwise_conv
 
 KERNEL_ACTIVATIONS = {
@@ -72,7 +73,7 @@ MODULATIONS = ("differential", "none", "softmax", "central_difference")
 
 def _check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; expected one of {sorted(choices)}")
+        raise UserError(f"{name}={value!r} is not supported; expected one of {sorted(choices)}")
 
 
 class ATConv(nn.Module):
@@ -112,7 +113,7 @@ class ATConv(nn.Module):
     ):
         super().__init__()
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size!r}")
+            raise UserError(f"kernel_size must be a positive odd integer, got {kernel_size!r}")
         _check_choice("context_pool", context_pool, CONTEXT_POOLS)
         _check_choice("kernel_act", kernel_act, KERNEL_ACTIVATIONS)
         _check_choice("conv_impl", conv_impl, CONV_IMPLS)
@@ -160,11 +161,11 @@ class ATConv(nn.Module):
             self._check_channels(C)
             H, W = token_grid(N, size)
             return self._mix(x.reshape(B, H, W, C)).view(B, N, C)
-        raise ValueError(f"ATConv expects (B, C, H, W) or (B, N, C) input, got shape {tuple(x.shape)}")
+        raise UserError(f"ATConv expects (B, C, H, W) or (B, N, C) input, got shape {tuple(x.shape)}")
 
     def _check_channels(self, channels: int) -> None:
         if channels != self.dim:
-            raise ValueError(f"ATConv(dim={self.dim}) got an input with {channels} channels")
+            raise UserError(f"ATConv(dim={self.dim}) got an input with {channels} channels")
 
     def _mix(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
@@ -254,13 +255,13 @@ def token_grid(num_tokens: int, size: tuple[int, int] | None) -> tuple[int, int]
     if size is None:
         side = math.isqrt(num_tokens)
         if side * side != num_tokens:
-            raise ValueError(
+            raise UserError(
                 f"{num_tokens} tokens do not form a square grid; pass size=(H, W) with H * W = {num_tokens}"
             )
         return side, side
     H, W = size
     if H * W != num_tokens:
-        raise ValueError(f"token count N={num_tokens} does not match size={tuple(size)} (H * W = {H * W})")
+        raise UserError(f"token count N={num_tokens} does not match size={tuple(size)} (H * W = {H * W})")
     return H, W
 
 
@@ -276,7 +277,7 @@ def pool_context(x: torch.Tensor, kernel_size: int, mode: str) -> torch.Tensor:
     elif mode == "raster":
         pooled = F.adaptive_avg_pool1d(x.reshape(B, H * W, C).transpose(1, 2), kernel_size**2)  # (B, C, K*K)
     else:
-        raise ValueError(f"context_pool={mode!r} is not supported; expected one of {list(CONTEXT_POOLS)}")
+        raise UserError(f"context_pool={mode!r} is not supported; expected one of {list(CONTEXT_POOLS)}")
     return pooled.flatten(2).transpose(1, 2)  # (B, K*K, C)
 
 
@@ -371,7 +372,7 @@ class DWConv(nn.Module):
     def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__()
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"dwconv kernel_size must be a positive odd integer, got {kernel_size!r}")
+            raise UserError(f"dwconv kernel_size must be a positive odd integer, got {kernel_size!r}")
         self.dim, self.kernel_size = dim, kernel_size
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 

@@ -36,6 +36,8 @@ import os
 
 import torch
 
+from sit_atconv.errors import UserError
+
 try:
     import triton
     import triton.language as tl
@@ -79,27 +81,27 @@ def modulated_depthwise_conv(v: torch.Tensor, k: torch.Tensor, gamma: torch.Tens
             "TRITON_INTERPRET=1 before importing sit_atconv to run it in Triton's (slow) interpreter"
         )
     if v.ndim != 4 or k.ndim != 3 or gamma.ndim != 1:
-        raise ValueError(
+        raise UserError(
             f"expected v (B, H, W, C), k (B, C, K*K) and gamma (C,), got shapes {tuple(v.shape)}, "
             f"{tuple(k.shape)} and {tuple(gamma.shape)}"
         )
     B, H, W, C = v.shape
     _kernel_size(k.shape[-1])  # raises unless k has K*K taps for an odd K
     if k.shape[:2] != (B, C) or gamma.shape[0] != C:
-        raise ValueError(
+        raise UserError(
             f"k {tuple(k.shape)} and gamma {tuple(gamma.shape)} do not match v (B, H, W, C) = {tuple(v.shape)}"
         )
     if k.device != v.device or gamma.device != v.device:
-        raise ValueError(f"v, k and gamma must share a device, got {v.device}, {k.device} and {gamma.device}")
+        raise UserError(f"v, k and gamma must share a device, got {v.device}, {k.device} and {gamma.device}")
     if H * W * C >= 2**31:  # per-sample offsets are int32 in the kernels (the batch offset is int64)
-        raise ValueError(f"one sample of {H}x{W}x{C} elements is too large for the Triton kernels (< 2^31)")
+        raise UserError(f"one sample of {H}x{W}x{C} elements is too large for the Triton kernels (< 2^31)")
     return _conv_op(v.contiguous(), k.contiguous(), gamma.contiguous())
 
 
 def _kernel_size(taps: int) -> int:
     kernel_size = round(taps**0.5)
     if kernel_size * kernel_size != taps or kernel_size % 2 == 0:
-        raise ValueError(f"k has {taps} taps per channel; expected K*K for an odd K")
+        raise UserError(f"k has {taps} taps per channel; expected K*K for an odd K")
     return kernel_size
 
 

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sit_atconv.errors import UserError
 from sit_atconv.evaluation.metrics import RESULTS
 from sit_atconv.models.registry import describe_mixers
 
@@ -87,9 +88,9 @@ def read_metrics(path: str | Path) -> dict:
     try:
         metrics = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"could not read the metrics JSON {path}: {error}") from error
+        raise UserError(f"could not read the metrics JSON {path}: {error}") from error
     if not isinstance(metrics, dict) or not any(k in metrics for k in METRIC_NAMES):
-        raise ValueError(f"{path} holds no metrics of eval_fid.py ({', '.join(METRIC_NAMES)})")
+        raise UserError(f"{path} holds no metrics of eval_fid.py ({', '.join(METRIC_NAMES)})")
     samples_settings = path.with_name(path.name.removesuffix(".metrics.json")).with_suffix(".json")
     if path.name.endswith(".metrics.json") and samples_settings.is_file():
         try:

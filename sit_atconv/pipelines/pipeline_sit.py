@@ -35,6 +35,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from sit_atconv import vae as autoencoder
+from sit_atconv.errors import UserError
 from sit_atconv.generation import GenerationConfig, check_generation
 from sit_atconv.models.loading import from_pretrained_strict, load_sit
 from sit_atconv.models.sit import SiT
@@ -116,7 +117,7 @@ class SiTPipeline(DiffusionPipeline):
         folder = _local_pipeline_folder(pretrained_model_name_or_path, kwargs)
         index = json.loads((folder / "model_index.json").read_text())
         if (index.get("transformer") or [None, None])[1] != SiT.__name__:
-            raise ValueError(
+            raise UserError(
                 f"{folder / 'model_index.json'} does not describe a SiT pipeline: its transformer is "
                 f"{index.get('transformer')}, expected a {SiT.__name__} (export one with python -m sit_atconv.export)"
             )
@@ -141,12 +142,12 @@ class SiTPipeline(DiffusionPipeline):
                 if key not in self.labels:
                     close = difflib.get_close_matches(key, list(self.labels), n=3)
                     hint = f"; did you mean {close}?" if close else " (see pipe.id2label)"
-                    raise ValueError(f"unknown class name {label!r}{hint}")
+                    raise UserError(f"unknown class name {label!r}{hint}")
                 ids.append(self.labels[key])
                 continue
             index = int(label)
             if not 0 <= index < num_classes:
-                raise ValueError(f"class label {index} is outside [0, {num_classes})")
+                raise UserError(f"class label {index} is outside [0, {num_classes})")
             ids.append(index)
         return ids
 
@@ -213,12 +214,12 @@ class SiTPipeline(DiffusionPipeline):
         num_classes = self.transformer.config.num_classes
         if not num_classes:
             if class_labels is not None:
-                raise ValueError("this model is unconditional: leave class_labels out and set batch_size")
+                raise UserError("this model is unconditional: leave class_labels out and set batch_size")
             return None
         if class_labels is None and num_classes == 1:  # a single class, e.g. FFHQ
             class_labels = [0] * (batch_size or (len(latents) if latents is not None else 1))
         if class_labels is None:
-            raise ValueError("this model is class-conditional: pass class_labels (indices or names)")
+            raise UserError("this model is class-conditional: pass class_labels (indices or names)")
         return torch.tensor(self.get_label_ids(class_labels), device=self._execution_device)
 
     def generation_config(
@@ -233,7 +234,7 @@ class SiTPipeline(DiffusionPipeline):
         """The sampling settings of a call (the transport is the one the model was trained with)."""
         if not isinstance(sampler, SamplerConfig):
             if sampler is not None and sampler not in SAMPLERS:
-                raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)} or a SamplerConfig")
+                raise UserError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)} or a SamplerConfig")
             sampler = SamplerConfig.from_name(sampler or "euler", num_steps=num_inference_steps)
         if time_shift is not None:
             sampler = dataclasses.replace(sampler, time_shift=time_shift)
@@ -251,10 +252,10 @@ class SiTPipeline(DiffusionPipeline):
     ) -> None:
         """Reject what the model cannot do before any work."""
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+            raise UserError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
         check_generation(self.transformer, config, labels.tolist() if labels is not None else None)
         if latents is not None and tuple(latents.shape) != self.latent_shape(count):
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {self.latent_shape(count)}")
+            raise UserError(f"latents have shape {tuple(latents.shape)}, expected {self.latent_shape(count)}")
 
     def latent_shape(self, count: int) -> tuple[int, int, int, int]:
         model_config = self.transformer.config
@@ -304,7 +305,7 @@ class SiTPipeline(DiffusionPipeline):
         elif not autoencoder.is_latent_model(self.transformer.config):
             images = x.clamp(-1, 1)
         else:
-            raise ValueError(
+            raise UserError(
                 f"this pipeline has no vae to decode its {self.transformer.config.in_channels}-channel latents: "
                 "pass vae=AutoencoderKL... to from_pretrained, or output_type='latent'"
             )
@@ -343,13 +344,13 @@ def _local_pipeline_folder(name_or_path: str | os.PathLike, kwargs: dict) -> Pat
         try:
             path = Path(snapshot_download(str(name_or_path), ignore_patterns=TRAINING_ONLY, **hub_kwargs))
         except Exception as error:  # offline, unknown repository, invalid id: one message for all
-            raise ValueError(
+            raise UserError(
                 f"{name_or_path!r} is not a local folder, and fetching it from the Hugging Face hub failed "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). On an offline "
                 "machine pass the path of a pipeline folder (python -m sit_atconv.export writes one)"
             ) from error
     if not (path / "model_index.json").is_file():
-        raise ValueError(
+        raise UserError(
             f"{path} is not a pipeline folder: expected model_index.json, transformer/ and scheduler/ "
             "(python -m sit_atconv.export turns a training checkpoint into one)"
         )

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sit_atconv.errors import UserError
 from sit_atconv.hub import cached_or_reachable
 from sit_atconv.vae import SD_VAE_DOWNSAMPLE
 
@@ -50,7 +51,7 @@ def build_projector(hidden_size: int, z_dim: int, projector_dim: int = 2048) -> 
 def alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample mean over tokens of -cos(projected, target): (B, N, D), (B, N, D) -> (B,)."""
     if projected.shape != target.shape:
-        raise ValueError(f"projected tokens {tuple(projected.shape)} and encoder tokens {tuple(target.shape)} differ")
+        raise UserError(f"projected tokens {tuple(projected.shape)} and encoder tokens {tuple(target.shape)} differ")
     cosine = (F.normalize(projected.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(-1)  # (B, N)
     return -cosine.mean(dim=1)
 
@@ -93,7 +94,7 @@ class REPAEncoder(nn.Module):
         return tokens[:, self.backbone.num_prefix_tokens :].float()
 
 
-class EncoderWeightsError(RuntimeError):
+class EncoderWeightsError(UserError, RuntimeError):
     """An encoder's pretrained weights could not be had: offline without a file, or a file of another model."""
 
 
@@ -109,7 +110,7 @@ def encoder_weights_file(
             raise FileNotFoundError(f"encoder weights {weights} do not exist (given as {weights_option.split('=')[0]})")
         return weights
     if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; expected one of {list(ENCODERS)}")
+        raise UserError(f"unknown encoder {name!r}; expected one of {list(ENCODERS)}")
     setting = re.split(r"[= ]", weights_option)[0]
     repo = f"timm/{ENCODERS[name]}"
     what = f"the weights of {name} ({setting} unset: the hub's {repo})"
@@ -130,7 +131,7 @@ def load_backbone(
     import timm
 
     if name not in ENCODERS:
-        raise ValueError(f"unknown REPA encoder {name!r}; expected one of {list(ENCODERS)}")
+        raise UserError(f"unknown REPA encoder {name!r}; expected one of {list(ENCODERS)}")
     timm_name = ENCODERS[name]
     kwargs = {"num_classes": 0} if img_size is None else {"img_size": img_size, "num_classes": 0}
     weights = encoder_weights_file(name, weights, weights_option)
@@ -167,7 +168,7 @@ def check_token_counts(
     if model_tokens != encoder.num_patches:
         side = int(encoder.num_patches**0.5)
         needed_patch = encoder.resolution // latent_downsample // side
-        raise ValueError(
+        raise UserError(
             f"the model has {model_tokens} tokens but the encoder gives {encoder.num_patches} patch tokens "
             f"({side}x{side}) at {encoder.resolution} px: use patch size {needed_patch} at this resolution, or "
             f"a resolution of {side * patch_size * latent_downsample} px with patch size {patch_size}"

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sit_atconv.errors import UserError
 from sit_atconv.io import apply_umask, atomic_output, fsync_folder, fsync_tree, replace_path
 from sit_atconv.models import check_architecture
 from sit_atconv.models.loading import load_sit, resolve_model_folder
@@ -43,7 +44,7 @@ CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})$")
 MARKER = "checkpoint.json"
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """The loss, the gradients or the weights are not finite, and the run stops."""
 
 
@@ -284,7 +285,7 @@ def saved_config(path: Path) -> DictConfig:
     try:
         return OmegaConf.load(path / "config.yaml")
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read {path / 'config.yaml'}: {error}") from error
+        raise UserError(f"cannot read {path / 'config.yaml'}: {error}") from error
 
 
 def load_checkpoint(accelerator, path: Path, model, ema, optimizer) -> dict:
@@ -325,7 +326,7 @@ def load_newest(accelerator, candidates: list[Path], model, ema, optimizer) -> t
         if failed.item() == 0:
             return path, state, notes
         notes.append(f"checkpoint {path} could not be read ({failure or 'on another process'}); trying an older one")
-    raise ValueError(
+    raise UserError(
         "no checkpoint of the run could be read:\n  "
         + "\n  ".join(notes)
         + "\npass --resume none to start over, or --resume <folder> to pick one"
@@ -355,7 +356,7 @@ def init_weights(path: str | Path, sit, ema, projector: nn.Module | None) -> lis
             try:
                 projector.load_state_dict(load_file(weights))
             except RuntimeError as error:
-                raise ValueError(f"{weights} does not fit repa.projector_dim / the encoder: {error}") from error
+                raise UserError(f"{weights} does not fit repa.projector_dim / the encoder: {error}") from error
         else:
             notes.append(f"{path} has no projector.safetensors: the REPA projector starts from scratch")
     return notes

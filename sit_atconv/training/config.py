@@ -34,6 +34,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from sit_atconv.errors import UserError
 from sit_atconv.models.registry import list_models, model_config
 from sit_atconv.models.sit import SiT
 from sit_atconv.repa import ENCODERS
@@ -199,9 +200,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         config = OmegaConf.merge(OmegaConf.structured(Config), *layers)
         OmegaConf.resolve(config)  # so an interpolation of the wrong type fails now too
     except ConfigKeyError as error:
-        raise ValueError(f"unknown config key: {error.full_key}{_did_you_mean(error.full_key)}") from error
+        raise UserError(f"unknown config key: {error.full_key}{_did_you_mean(error.full_key)}") from error
     except OmegaConfBaseException as error:  # a value of the wrong type, an interpolation of a missing key
-        raise ValueError(_explain(error)) from error
+        raise UserError(_explain(error)) from error
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.type):
             _check_value(f"{section.name}.{f.name}", config[section.name][f.name], f.metadata)
@@ -224,7 +225,7 @@ def _check_across_sections(config: DictConfig) -> None:
     """Settings that are each valid but do not fit together, refused at load time rather than at the first step."""
     depth = model_config(config.model.name, **model_overrides(config))["depth"]
     if config.repa.enabled and config.repa.encoder_depth > depth:
-        raise ValueError(
+        raise UserError(
             f"repa.encoder_depth={config.repa.encoder_depth} is deeper than the model ({depth} blocks): align after a "
             f"block in [1, {depth}] (REPA: 4 for B/2, 8 for L/2 and XL/2)"
         )
@@ -233,25 +234,25 @@ def _check_across_sections(config: DictConfig) -> None:
 def _check_value(key: str, value: Any, rules: typing.Mapping) -> None:
     """Choices, finiteness and bounds of one merged value (of each element of a list)."""
     if "choices" in rules and value not in rules["choices"]:
-        raise ValueError(f"{key}={value!r} is not one of {list(rules['choices'])}")
+        raise UserError(f"{key}={value!r} is not one of {list(rules['choices'])}")
     if isinstance(value, typing.Sequence) and not isinstance(value, str):
         if "length" in rules and len(value) != rules["length"]:
-            raise ValueError(f"{key}={list(value)}: expected {rules['length']} values, got {len(value)}")
+            raise UserError(f"{key}={list(value)}: expected {rules['length']} values, got {len(value)}")
         for i, element in enumerate(value):
             _check_value(f"{key}[{i}]", element, {k: v for k, v in rules.items() if k != "length"})
         return
     if not isinstance(value, int | float) or isinstance(value, bool):
         return
     if not math.isfinite(value):
-        raise ValueError(f"{key}={value}: expected a finite number")
+        raise UserError(f"{key}={value}: expected a finite number")
     if rules.get("min") is not None and value < rules["min"]:
-        raise ValueError(f"{key}={value}: expected a value >= {rules['min']}")
+        raise UserError(f"{key}={value}: expected a value >= {rules['min']}")
     if rules.get("max") is not None and value > rules["max"]:
-        raise ValueError(f"{key}={value}: expected a value <= {rules['max']}")
+        raise UserError(f"{key}={value}: expected a value <= {rules['max']}")
     if "above" in rules and value <= rules["above"]:
-        raise ValueError(f"{key}={value}: expected a value > {rules['above']}")
+        raise UserError(f"{key}={value}: expected a value > {rules['above']}")
     if "below" in rules and value >= rules["below"]:
-        raise ValueError(f"{key}={value}: expected a value < {rules['below']}")
+        raise UserError(f"{key}={value}: expected a value < {rules['below']}")
 
 
 def model_overrides(config: DictConfig) -> dict[str, Any]:
@@ -331,16 +332,16 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     if path.resolve() in seen:
-        raise ValueError(f"config {path} includes itself through base:")
+        raise UserError(f"config {path} includes itself through base:")
     try:
         layer = OmegaConf.load(path)
     except yaml.YAMLError as error:  # duplicate keys, bad indentation: the first line says what, the mark where
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ValueError(f"config file {path} is not valid YAML{where}: {problem}") from error
+        raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from error
     if not isinstance(layer, DictConfig):
-        raise ValueError(f"config file {path} must hold a mapping of sections, not a list")
+        raise UserError(f"config file {path} must hold a mapping of sections, not a list")
     base = layer.pop("base", None)
     parents = _load_with_bases(path.parent / base, (*seen, path.resolve())) if base else []
     return [*parents, layer]
@@ -348,11 +349,11 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig
 
 def _parse_override(override: str) -> DictConfig:
     if "=" not in override:
-        raise ValueError(f"overrides must look like section.key=value, got {override!r}")
+        raise UserError(f"overrides must look like section.key=value, got {override!r}")
     try:
         return OmegaConf.from_dotlist([override])
     except (OmegaConfBaseException, yaml.YAMLError) as error:
-        raise ValueError(f"cannot parse override {override!r}: {str(error).splitlines()[0]}") from error
+        raise UserError(f"cannot parse override {override!r}: {str(error).splitlines()[0]}") from error
 
 
 def _check_layer(layer: DictConfig) -> None:
@@ -360,14 +361,14 @@ def _check_layer(layer: DictConfig) -> None:
     unknown = sorted(set(layer) - set(SECTIONS))
     if unknown:
         hint = _did_you_mean(unknown[0]) if len(unknown) == 1 else ""
-        raise ValueError(f"unknown config section(s) {unknown}{hint or f'; expected {SECTIONS}'}")
+        raise UserError(f"unknown config section(s) {unknown}{hint or f'; expected {SECTIONS}'}")
     for section in dataclasses.fields(Config):
         values = layer.get(section.name)
         if values is None:  # absent, or a section whose keys are all commented out
             layer.pop(section.name, None)
             continue
         if not isinstance(values, DictConfig):
-            raise ValueError(f"{section.name}: expected a section of keys, got {values!r}")
+            raise UserError(f"{section.name}: expected a section of keys, got {values!r}")
         for f in dataclasses.fields(section.type):
             if "choices" not in f.metadata or f.name not in values or OmegaConf.is_interpolation(values, f.name):
                 continue  # (an interpolation resolves only once merged)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from sit_atconv.errors import UserError
 from sit_atconv.evaluation.evaluator import (
     INCEPTION_METRICS,
     evaluate,
@@ -39,15 +40,15 @@ def check_eval_config(config: DictConfig, image_size: int | None) -> None:
         return
     parse_metrics(ec.metrics)
     if ec.sampler not in SAMPLERS:
-        raise ValueError(f"eval.sampler={ec.sampler!r} is not a sampler; expected one of {list(SAMPLERS)}")
+        raise UserError(f"eval.sampler={ec.sampler!r} is not a sampler; expected one of {list(SAMPLERS)}")
     if ec.guidance_low > ec.guidance_high:
-        raise ValueError(f"eval.guidance_low={ec.guidance_low} is above eval.guidance_high={ec.guidance_high}")
+        raise UserError(f"eval.guidance_low={ec.guidance_low} is above eval.guidance_high={ec.guidance_high}")
     if not ec.reference:
-        raise ValueError("eval.every > 0 needs eval.reference: an ADM reference batch (.npz) or an image folder")
+        raise UserError("eval.every > 0 needs eval.reference: an ADM reference batch (.npz) or an image folder")
     if not Path(ec.reference).exists():
         raise FileNotFoundError(f"eval.reference {ec.reference} does not exist")
     if config.data.kind == "latents" and not config.log.preview_vae:
-        raise ValueError("eval.every > 0 on a latent model needs log.preview_vae, the VAE that decodes its samples")
+        raise UserError("eval.every > 0 on a latent model needs log.preview_vae, the VAE that decodes its samples")
     if image_size is not None:
         check_reference_size(ec.reference, image_size)
 
@@ -55,7 +56,7 @@ def check_eval_config(config: DictConfig, image_size: int | None) -> None:
 def check_reference_size(reference: str, image_size: int) -> None:
     _, height, width = image_layout(reference)
     if (height, width) != (image_size, image_size):
-        raise ValueError(
+        raise UserError(
             f"eval.reference {reference} holds {height}x{width} images but the model generates "
             f"{image_size}x{image_size}; evaluate against a reference at the samples' resolution"
         )

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from sit_atconv import vae as autoencoder
 from sit_atconv.data import DigitsDataset, StepBatchSampler
 from sit_atconv.data.latents import LatentDataset
+from sit_atconv.errors import UserError
 from sit_atconv.evaluation.dinov2 import DEFAULT_DINOV2
 from sit_atconv.evaluation.evaluator import parse_metrics
 from sit_atconv.generation import GenerationConfig, sample_grid
@@ -89,7 +90,7 @@ def build_dataset(config: DictConfig):
     if config.data.kind == "digits":
         return DigitsDataset(resolution=config.data.resolution)
     if not config.data.path:
-        raise ValueError("data.kind=latents needs data.path (a folder written by sit_atconv.data.latents)")
+        raise UserError("data.kind=latents needs data.path (a folder written by sit_atconv.data.latents)")
     return LatentDataset(config.data.path, use_flips=config.data.flips)
 
 
@@ -102,7 +103,7 @@ def build_repa(config: DictConfig, sit, dataset, device: torch.device) -> tuple[
     if not config.repa.enabled:
         return None, None
     if config.data.kind != "latents":
-        raise ValueError("REPA needs data.kind=latents (the uint8 images for its encoder are stored there)")
+        raise UserError("REPA needs data.kind=latents (the uint8 images for its encoder are stored there)")
     encoder = load_encoder(config.repa.encoder, dataset.manifest["resolution"], config.repa.encoder_weights)
     encoder.to(device)
     tokens = (sit.config.input_size // sit.config.patch_size) ** 2
@@ -335,14 +336,14 @@ def start_run(config: DictConfig, run_dir: Path):
     if accelerator.distributed_type == DistributedType.FSDP:
         # FSDP shards the parameters into DTensors: the EMA update (a lerp against full tensors) and
         # save_pretrained of the unwrapped model both fail on them, the first at step 1.
-        raise ValueError(
+        raise UserError(
             "distributed_type: FSDP (configs/accelerate/fsdp_xl2_512.yaml) is not supported by the trainer yet: "
             "its EMA update and checkpoints need the full weights, which FSDP shards; launch with "
             "configs/accelerate/8gpu.yaml (DDP) and train.grad_checkpointing=true instead"
         )
     split = accelerator.num_processes * config.train.grad_accumulation
     if config.train.global_batch_size % split:
-        raise ValueError(
+        raise UserError(
             f"train.global_batch_size={config.train.global_batch_size} is not divisible by {accelerator.num_processes} "
             f"processes x train.grad_accumulation={config.train.grad_accumulation}"
         )
@@ -377,7 +378,7 @@ def check_resume(config: DictConfig, run_dir: Path, resume: str | None, warn: bo
     if candidates:
         refused = resume_changes(saved_config(candidates[0]), config).refused
         if refused:
-            raise ValueError(
+            raise UserError(
                 f"{candidates[0]} was trained with other settings, which a resume cannot change:\n  "
                 + "\n  ".join(refused)
                 + f"\nstart a new run folder instead (train.init_from={candidates[0]} starts it from these weights), "
@@ -389,7 +390,7 @@ def check_resume(config: DictConfig, run_dir: Path, resume: str | None, warn: bo
 def check_data(config: DictConfig, dataset) -> None:
     """What the data set must hold for the config (checked before the run folder is written)."""
     if len(dataset) < config.train.global_batch_size:
-        raise ValueError(
+        raise UserError(
             f"train.global_batch_size={config.train.global_batch_size} is more than the data set holds "
             f"({len(dataset):,} items, data.kind={config.data.kind}): lower it"
         )
@@ -551,7 +552,7 @@ def startup_line(config: DictConfig, accelerator, sit, start_step: int, compiled
     )
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """The run stopped on a signal (SIGTERM: a scheduler's preemption; SIGUSR1: a requeue script), after writing a
     checkpoint; re-running the same command resumes. `exit_code` is the shell's 128 + signal number."""
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sit_atconv.errors import UserError
 from sit_atconv.transport.transport import DIFFUSION_FORMS, Transport
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -85,7 +86,7 @@ def guided_predictor(
     """
     guiding = cfg_scale != 1.0
     if guiding and (labels is None or null_class is None):
-        raise ValueError("classifier-free guidance (cfg_scale != 1) needs a class-conditional model with a null class")
+        raise UserError("classifier-free guidance (cfg_scale != 1) needs a class-conditional model with a null class")
 
     both_labels = torch.cat([labels, torch.full_like(labels, null_class)]) if guiding else None  # built once
 
@@ -283,25 +284,25 @@ class SamplerConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"unknown sampling mode {self.mode!r}; expected one of {list(MODES)}")
+            raise UserError(f"unknown sampling mode {self.mode!r}; expected one of {list(MODES)}")
         if self.sampler not in MODES[self.mode]:
-            raise ValueError(f"unknown {self.mode} sampler {self.sampler!r}; expected one of {list(MODES[self.mode])}")
+            raise UserError(f"unknown {self.mode} sampler {self.sampler!r}; expected one of {list(MODES[self.mode])}")
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {self.num_steps!r}")
+            raise UserError(f"num_steps must be a positive integer, got {self.num_steps!r}")
         for option in ("diffusion_form", "last_step"):
             choices = type(self).__dataclass_fields__[option].metadata["choices"]
             if getattr(self, option) not in choices:
-                raise ValueError(f"unknown {option} {getattr(self, option)!r}; expected one of {list(choices)}")
+                raise UserError(f"unknown {option} {getattr(self, option)!r}; expected one of {list(choices)}")
         if self.mode == "sde" and self.last_step != "none" and not 0 < self.last_step_size < 1:
-            raise ValueError(f"last_step_size must be in (0, 1), got {self.last_step_size}")
+            raise UserError(f"last_step_size must be in (0, 1), got {self.last_step_size}")
         if not isinstance(self.time_shift, (int, float)) or not 0 < self.time_shift < math.inf:
-            raise ValueError(f"time_shift must be a finite number > 0 (1: no shift), got {self.time_shift!r}")
+            raise UserError(f"time_shift must be a finite number > 0 (1: no shift), got {self.time_shift!r}")
 
     @classmethod
     def from_name(cls, name: str, **options) -> SamplerConfig:
         """A config for a name of the SAMPLERS table, e.g. `SamplerConfig.from_name("sde-heun", num_steps=100)`."""
         if name not in SAMPLERS:
-            raise ValueError(f"unknown sampler {name!r}; expected one of {list(SAMPLERS)} or a SamplerConfig")
+            raise UserError(f"unknown sampler {name!r}; expected one of {list(SAMPLERS)} or a SamplerConfig")
         mode, sampler = split_name(name)
         return cls(mode=mode, sampler=sampler, **options)
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sit_atconv.errors import UserError
+
 PATHS = ("linear", "cosine", "vp")
 PREDICTIONS = ("velocity", "noise", "score")
 TIME_SAMPLINGS = ("uniform", "lognormal")
@@ -50,7 +52,7 @@ class Path:
 
     def __post_init__(self):
         if self.name not in PATHS:
-            raise ValueError(f"unknown path {self.name!r}; expected one of {list(PATHS)}")
+            raise UserError(f"unknown path {self.name!r}; expected one of {list(PATHS)}")
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(alpha_t, sigma_t, d alpha_t / dt, d sigma_t / dt), elementwise in t."""
@@ -125,7 +127,7 @@ class Transport:
             ("loss_weight", loss_weight, LOSS_WEIGHTS),
         ):
             if value not in choices:
-                raise ValueError(f"unknown {name} {value!r}; expected one of {list(choices)}")
+                raise UserError(f"unknown {name} {value!r}; expected one of {list(choices)}")
         self.path = Path(path)
         self.prediction = prediction
         self.loss_weight = loss_weight
@@ -269,4 +271,4 @@ class Transport:
             return norm * sigma
         if form == "SBDM":
             return norm * (sigma * d_sigma - d_alpha / alpha * sigma**2)
-        raise ValueError(f"unknown diffusion form {form!r}; expected one of {list(DIFFUSION_FORMS)}")
+        raise UserError(f"unknown diffusion form {form!r}; expected one of {list(DIFFUSION_FORMS)}")
