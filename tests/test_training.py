@@ -322,3 +322,29 @@ def test_bf16_training_follows_fp32(tmp_path):
         AcceleratorState._reset_state(reset_partial_state=True)
     assert all(math.isfinite(v) for _, v in bf16.losses)
     torch.testing.assert_close([v for _, v in bf16.losses], [v for _, v in fp32.losses], rtol=0.02, atol=0)
+
+
+def test_a_training_statistic_is_one_name_and_one_report(tmp_path, monkeypatch):
+    """A new logged number: its name in logs.TRAINING_STATS and one `stats.report(name, value)` where it is
+    computed; it is read back with the others once per log step and reaches metrics.csv (a row per log step,
+    the mean over the micro-batches) and the trackers."""
+    from sit_atconv.training import logs, trainer
+
+    monkeypatch.setattr(logs, "TRAINING_STATS", (*logs.TRAINING_STATS, "batch_mean"))
+    real_step = trainer.train_step
+
+    def train_step(accelerator, model, optimizer, loader, sampler, noise, forward_loss, config):
+        result = real_step(accelerator, model, optimizer, loader, sampler, noise, forward_loss, config)
+        for value in (1.0, 3.0):  # as two micro-batches would report it
+            result.stats.report("batch_mean", noise["t"].new_tensor(value) * noise["t"].shape[0])
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    logged = []
+    monkeypatch.setattr(logs.TrainingLog, "_append", lambda self, row: logged.append(row))
+    overrides = tiny_overrides(tmp_path, steps=4, **{"log.every": 2})
+    train(load_config(DEMO, overrides), resume="none", progress=False)
+    assert [(row["step"], row["batch_mean"]) for row in logged] == [(2, 32.0), (4, 32.0)]  # 2 x 16 rows
+    assert logs.metric_fields()[:5] == ("step", "loss", "repa_loss", "grad_norm", "batch_mean")
+    with pytest.raises(KeyError, match="'typo' is not one of TRAINING_STATS"):
+        logs.StepStats().report("typo", torch.ones(()))

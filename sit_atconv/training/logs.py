@@ -15,18 +15,41 @@ from sit_atconv.io import atomic_output, named_os_error, save_figure
 from sit_atconv.training.config import flatten
 from sit_atconv.training.evaluation import EVAL_FIELDS
 
-METRIC_FIELDS = (
-    "step",
-    "loss",
-    "repa_loss",
-    "grad_norm",
-    "lr",
-    "images_per_s",
-    "steps_per_s",
-    "peak_memory_mib",
-    "skipped",
-    *EVAL_FIELDS,  # filled at the steps of eval.every
-)
+# The numbers a step reports (`StepStats.report`), in metrics.csv's order; a step that reports none of one (REPA
+# off) logs NaN. A new training statistic: its name here and one `report` where the trainer computes it.
+TRAINING_STATS = ("loss", "repa_loss", "grad_norm")
+LOOP_FIELDS = ("lr", "images_per_s", "steps_per_s", "peak_memory_mib", "skipped")  # what the log itself measures
+
+
+def metric_fields() -> tuple[str, ...]:
+    """metrics.csv's columns: the step, the training statistics, the loop's numbers, the evaluations'."""
+    return ("step", *TRAINING_STATS, *LOOP_FIELDS, *EVAL_FIELDS)
+
+
+METRIC_FIELDS = metric_fields()
+
+
+class StepStats:
+    """The named numbers of one step (EDM2's `training_stats.report`): `report(name, value)` where a number is
+    computed, on the device and without a host sync; a name reported several times in a step (once per
+    micro-batch) gets the mean. `TrainingLog.flush` reads every step's numbers back at once."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def report(self, name: str, value: torch.Tensor) -> None:
+        if name not in TRAINING_STATS:
+            raise KeyError(f"training statistic {name!r} is not one of TRAINING_STATS {TRAINING_STATS}")
+        value = value.detach().float().reshape(())
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sums
+
+    def mean(self, name: str) -> torch.Tensor:
+        return self.sums[name] / self.counts[name]
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -54,7 +77,7 @@ def record_config_changes(run_dir: Path, step: int, changes: list[tuple[str, obj
 
 class TrainingLog:
     """Per-step losses (returned by `train`), the progress bar, and every `log.every` steps a row of
-    METRIC_FIELDS to metrics.csv and the trackers; `skipped` counts the non-finite steps skipped since
+    metric_fields() to metrics.csv and the trackers; `skipped` counts the non-finite steps skipped since
     the run began (resumes included). Steps are `record`ed with their numbers on the device and read back
     together by `flush` (the trainer flushes at log and checkpoint steps), so the loop never waits for the
     GPU in between. On resume, rows after the resumed step are dropped (the run logs them again)."""
@@ -86,7 +109,7 @@ class TrainingLog:
         self.window_start, self.window_steps = time.perf_counter(), 0
 
     def record(self, step: int, result, lr: float) -> None:
-        """Keep a finished step's StepResult (finite, loss, repa_loss, grad_norm on the device) for `flush`."""
+        """Keep a finished step's StepResult (`finite` and its StepStats, on the device) for `flush`."""
         self.pending.append((step, result, lr))
         self.bar.update(1)
 
@@ -100,43 +123,40 @@ class TrainingLog:
         if not self.pending:
             return []
         results = [result for _, result, _ in self.pending]
-        nan = torch.full_like(results[0].loss, float("nan"))
+        nan = torch.full_like(results[0].finite, float("nan"), dtype=torch.float32)
         columns = [
-            torch.stack([r.loss for r in results]),
-            torch.stack([r.repa_loss if r.repa_loss is not None else nan for r in results]),
-            torch.stack([r.grad_norm.float() for r in results]),
-            torch.stack([r.finite for r in results]).float(),  # agreed by all processes: its mean stays 0 or 1
+            torch.stack([r.stats.mean(name) if name in r.stats else nan for r in results]) for name in TRAINING_STATS
         ]
+        columns.append(torch.stack([r.finite for r in results]).float())  # agreed by all processes: stays 0 or 1
         table = self.accelerator.reduce(torch.stack(columns).float(), "mean").tolist()  # the one read-back
-        losses, repa_losses, grad_norms = table[:3]
-        finite = [flag == 1.0 for flag in table[3]]
+        stats = dict(zip(TRAINING_STATS, table[:-1], strict=True))
+        finite = [flag == 1.0 for flag in table[-1]]
         read = []
         for i, (step, _, lr) in enumerate(self.pending):
-            read.append((step, finite[i], losses[i]))
+            loss = stats["loss"][i]
+            read.append((step, finite[i], loss))
             if finite[i]:
-                self.losses.append((step, losses[i]))
+                self.losses.append((step, loss))
             else:
                 self.skipped += 1
             self.window_steps += 1
             if self.due(step):
-                self._write_row(step, losses[i], repa_losses[i], grad_norms[i], lr)
+                self._write_row(step, {name: values[i] for name, values in stats.items()}, lr)
         self.pending.clear()
         return read
 
-    def _write_row(self, step: int, loss: float, repa_loss: float, grad_norm: float, lr: float) -> None:
+    def _write_row(self, step: int, stats: dict[str, float], lr: float) -> None:
         elapsed = time.perf_counter() - self.window_start
         row = {
             "step": step,
-            "loss": loss,
-            "repa_loss": repa_loss,
-            "grad_norm": grad_norm,
+            **stats,
             "lr": lr,
             "images_per_s": self.window_steps * self.config.train.global_batch_size / elapsed,
             "steps_per_s": self.window_steps / elapsed,
             "peak_memory_mib": peak_memory_mib(self.accelerator.device),
             "skipped": self.skipped,
         }
-        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['images_per_s']:.1f}")
+        self.bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
         if self.tracking:
             self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
         if self.accelerator.is_main_process:
@@ -169,7 +189,7 @@ class TrainingLog:
         new = not self.metrics_path.exists()
         try:
             with open(self.metrics_path, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+                writer = csv.DictWriter(f, fieldnames=metric_fields())
                 if new:
                     writer.writeheader()
                 writer.writerow(row)
@@ -177,7 +197,7 @@ class TrainingLog:
             raise named_os_error(error, self.metrics_path) from error
 
     def _truncate(self, step: int) -> None:
-        if self.metrics_path.exists():  # rewritten also to bring an older file's columns up to METRIC_FIELDS
+        if self.metrics_path.exists():  # rewritten also to bring an older file's columns up to metric_fields()
             self._rewrite([r for r in self._rows() if int(r["step"]) <= step])
 
     def _rows(self) -> list[dict]:
@@ -188,7 +208,7 @@ class TrainingLog:
 
     def _rewrite(self, rows: list[dict]) -> None:
         with atomic_output(self.metrics_path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=metric_fields(), extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 

@@ -60,7 +60,7 @@ from sit_atconv.training.checkpoint import (
 )
 from sit_atconv.training.config import model_overrides, resume_changes, save_config
 from sit_atconv.training.evaluation import TrainingEvaluation, check_eval_config
-from sit_atconv.training.logs import TrainingLog, record_config_changes
+from sit_atconv.training.logs import StepStats, TrainingLog, record_config_changes
 from sit_atconv.transport import SamplerConfig, Transport, sample_seed
 
 # ------------------------------------------------------------------------------------------------
@@ -171,12 +171,10 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class StepResult:
-    """One step's numbers, left on the device (reading them back would wait for the GPU)."""
+    """One step's outcome, left on the device (reading it back would wait for the GPU)."""
 
     finite: torch.Tensor  # () bool, agreed by every process; where False the update was skipped
-    loss: torch.Tensor  # this process's loss, averaged over micro-batches
-    repa_loss: torch.Tensor | None
-    grad_norm: torch.Tensor  # the global gradient norm before clipping
+    stats: StepStats  # its reported numbers: loss, repa_loss (this process's, per micro-batch mean), grad_norm
 
 
 def forward_loss_fn(transport: Transport, encoder, proj_coeff: float):
@@ -200,12 +198,9 @@ def train_step(accelerator, model, optimizer, loader, sampler: StepBatchSampler,
     """Forward, backward and an optimizer step over the micro-batches of one step; the update is skipped
     unless every process's loss and the gradient norm are finite, decided on the device. Returns a
     StepResult."""
-    accumulation = config.train.grad_accumulation
     device = accelerator.device
-    step_loss = torch.zeros((), device=device)
-    step_repa = torch.zeros((), device=device)
-    repa = False
-    for micro in range(accumulation):
+    stats = StepStats()
+    for micro in range(config.train.grad_accumulation):
         batch = [item.to(device, non_blocking=True) for item in next(loader)]
         rows = slice(sampler.offset(micro), sampler.offset(micro) + sampler.micro)
         if config.data.kind == "latents":  # a fresh latent from the stored posterior, as REPA does
@@ -219,16 +214,16 @@ def train_step(accelerator, model, optimizer, loader, sampler: StepBatchSampler,
                     model, x, labels, noise["drop"][rows], noise["t"][rows], noise["eps"][rows], pixels
                 )
             accelerator.backward(loss)
-            step_loss += loss.detach().float() / accumulation
+            stats.report("loss", loss)
             if repa_loss is not None:
-                repa = True
-                step_repa += repa_loss.detach().float() / accumulation
+                stats.report("repa_loss", repa_loss)
             if accelerator.sync_gradients:
                 grad_norm = gradient_norm(accelerator, model, config.train.grad_clip)
-                finite = all_finite(accelerator, step_loss, grad_norm)
+                stats.report("grad_norm", grad_norm)  # the global norm before clipping
+                finite = all_finite(accelerator, stats.mean("loss"), grad_norm)
                 step_if_finite(accelerator, optimizer, finite)
             optimizer.zero_grad(set_to_none=True)
-    return StepResult(finite, step_loss, step_repa if repa else None, grad_norm)
+    return StepResult(finite, stats)
 
 
 def step_if_finite(accelerator, optimizer, finite: torch.Tensor) -> None:
