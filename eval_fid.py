@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
+from sit_atconv.cli import ArgumentParser, positive_int, run_cli
 from sit_atconv.evaluation.dinov2 import DEFAULT_DINOV2
 from sit_atconv.evaluation.evaluator import DEFAULT_METRICS, METRICS, evaluate, metric_list, save_results
-from sit_atconv.io import ArgumentParser, check_output_path, positive_int, run_cli
+from sit_atconv.io import check_output_path
 from sit_atconv.repa import ENCODERS
 
 # bookkeeping entries of the results (in the JSON file; skipped metrics are warned about); the rest is printed

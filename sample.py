@@ -19,6 +19,15 @@ from pathlib import Path
 
 import torch
 
+from sit_atconv.cli import (
+    ArgumentParser,
+    add_dataclass_arguments,
+    check_launch,
+    dataclass_from_args,
+    non_negative_int,
+    positive_int,
+    run_cli,
+)
 from sit_atconv.generation import (
     PRECISIONS,
     GenerationConfig,
@@ -29,18 +38,7 @@ from sit_atconv.generation import (
     sample_grid,
     sample_to_npz,
 )
-from sit_atconv.io import (
-    ArgumentParser,
-    ExclusiveLock,
-    add_dataclass_arguments,
-    check_launch,
-    check_output_path,
-    dataclass_from_args,
-    lock_path,
-    non_negative_int,
-    positive_int,
-    run_cli,
-)
+from sit_atconv.io import ExclusiveLock, check_output_path, lock_path
 from sit_atconv.models import check_architecture, list_models, model_config, name_fields
 from sit_atconv.models.loading import load_model, sampling_defaults
 from sit_atconv.transport import PATHS, PREDICTIONS, SamplerConfig

@@ -10,7 +10,7 @@ signal's number).
 
 from __future__ import annotations
 
-from sit_atconv.io import ArgumentParser, run_cli
+from sit_atconv.cli import ArgumentParser, run_cli
 from sit_atconv.training import load_config, train
 
 

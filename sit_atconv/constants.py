@@ -1,11 +1,11 @@
-"""The ADM image format, shared by sampling, the grids and evaluation (defined once, imported)."""
+"""Deprecated: `to_uint8_nhwc` lives in sit_atconv.data.images (with the other image code); this alias goes in 0.6."""
 
-import torch
+import warnings
 
+from sit_atconv.data.images import to_uint8_nhwc
 
-def to_uint8_nhwc(images: torch.Tensor) -> torch.Tensor:
-    """ADM's conversion of images in [-1, 1], (B, 3, H, W), to uint8 (B, H, W, 3): clamp(127.5 x + 128).
-    Single-channel (grey) images are repeated to RGB."""
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    return (127.5 * images + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+warnings.warn(
+    "sit_atconv.constants is deprecated: import to_uint8_nhwc from sit_atconv.data.images", DeprecationWarning, 2
+)
+
+__all__ = ["to_uint8_nhwc"]

@@ -1,7 +1,7 @@
 """The one error type for what the user can fix (click's `ClickException`, as EDM2's scripts use it).
 
 Every check of input, settings, files and machine raises `UserError` with a message that explains the problem in
-full (what was given, what was expected, what to do). The command lines (`sit_atconv.io.run_cli`) print it as one
+full (what was given, what was expected, what to do). The command lines (`sit_atconv.cli.run_cli`) print it as one
 line and exit with status 2, and so for the I/O errors that name their file; every other exception is a bug and
 keeps its traceback (a CUDA out-of-memory error included).
 """

@@ -30,8 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sit_atconv import vae as autoencoder
+from sit_atconv.cli import ArgumentParser, run_cli
 from sit_atconv.errors import UserError
-from sit_atconv.io import ArgumentParser, atomic_output, check_output_path, is_writable, run_cli
+from sit_atconv.io import atomic_output, check_output_path, is_writable
 from sit_atconv.models import SiT
 from sit_atconv.models.loading import load_model, sampling_defaults
 from sit_atconv.pipelines import SiTPipeline, flow_match_scheduler

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from sit_atconv import vae as autoencoder
-from sit_atconv.constants import to_uint8_nhwc
+from sit_atconv.data.images import to_uint8_nhwc
 from sit_atconv.errors import UserError
 from sit_atconv.io import atomic_output, file_sha256
 from sit_atconv.models.loading import resolve_model_folder

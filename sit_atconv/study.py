@@ -47,22 +47,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from sit_atconv import vae as autoencoder
-from sit_atconv.constants import to_uint8_nhwc
+from sit_atconv.cli import ArgumentParser, non_negative_int, positive_int, run_cli
+from sit_atconv.data.images import to_uint8_nhwc
 from sit_atconv.errors import UserError
 from sit_atconv.evaluation.metrics import RESULTS, feature_statistics, frechet_distance
 from sit_atconv.generation import GenerationConfig, check_guidance, class_labels, generate, sample_grid
-from sit_atconv.io import (
-    ArgumentParser,
-    ExclusiveLock,
-    atomic_output,
-    check_output_path,
-    lock_path,
-    non_negative_int,
-    positive_int,
-    run_cli,
-    save_figure,
-    write_json_atomic,
-)
+from sit_atconv.io import ExclusiveLock, atomic_output, check_output_path, lock_path, save_figure, write_json_atomic
 from sit_atconv.models.loading import load_model
 from sit_atconv.models.registry import model_config
 from sit_atconv.training import load_config, train

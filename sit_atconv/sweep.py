@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from sit_atconv.cli import ArgumentParser, check_launch, non_negative_int, positive_int, run_cli
 from sit_atconv.errors import UserError
 from sit_atconv.evaluation import evaluate
 from sit_atconv.evaluation.evaluator import (
@@ -36,19 +37,7 @@ from sit_atconv.evaluation.evaluator import (
 )
 from sit_atconv.evaluation.metrics import RESULTS
 from sit_atconv.generation import PRECISIONS, GenerationConfig, check_guidance, model_record, sample_to_npz
-from sit_atconv.io import (
-    ArgumentParser,
-    ExclusiveLock,
-    atomic_output,
-    check_launch,
-    check_output_path,
-    lock_path,
-    non_negative_int,
-    positive_int,
-    run_cli,
-    save_figure,
-    write_json_atomic,
-)
+from sit_atconv.io import ExclusiveLock, atomic_output, check_output_path, lock_path, save_figure, write_json_atomic
 from sit_atconv.models.loading import load_model, sampling_defaults
 from sit_atconv.sharded_npz import settings_diff
 from sit_atconv.transport import SAMPLERS, SamplerConfig

@@ -129,8 +129,8 @@ def test_latent_folder_errors(folder, tiny_vae, tmp_path):
 
 
 def test_digit_scorer_reads_real_digits():
-    from sit_atconv.constants import to_uint8_nhwc
     from sit_atconv.data.digits import DigitsDataset, score_digit_samples
+    from sit_atconv.data.images import to_uint8_nhwc
 
     data = DigitsDataset(resolution=16)
     images = to_uint8_nhwc(data.images[:300]).numpy()

@@ -35,9 +35,10 @@ import eval_fid
 import sample as sample_cli
 import train_sit
 from sit_atconv import export, generation, sharded_npz
+from sit_atconv.cli import run_cli
 from sit_atconv.data.latents import LatentDataset
 from sit_atconv.evaluation import evaluator as evaluation
-from sit_atconv.io import ExclusiveLock, LockedError, atomic_output, file_sha256, lock_path, process_umask, run_cli
+from sit_atconv.io import ExclusiveLock, LockedError, atomic_output, file_sha256, lock_path, process_umask
 from sit_atconv.training import NonFiniteError, complete_checkpoints, load_config, train
 from sit_atconv.training.checkpoint import MARKER, checkpoint_problem
 from sit_atconv.transport import Transport
@@ -45,12 +46,17 @@ from sit_atconv.transport import Transport
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "digits.yaml"
 
-# Loads io.py alone: importing the package would import torch, seconds of a test's time.
+# Loads io.py (and the errors.py it imports) alone: importing the package would import torch, seconds of a test's time.
 HOLD_LOCK = """
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("io_alone", sys.argv[2])
-io_alone = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(io_alone)
+import importlib.util, pathlib, sys, time, types
+def load(name, file):
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+sys.modules["sit_atconv"] = types.ModuleType("sit_atconv")
+load("sit_atconv.errors", pathlib.Path(sys.argv[2]).with_name("errors.py"))
+io_alone = load("io_alone", sys.argv[2])
 io_alone.ExclusiveLock(sys.argv[1], "test holder").__enter__()
 print("ready", flush=True)
 time.sleep(120)
@@ -1438,7 +1444,7 @@ def test_sigterm_checkpoints_the_step_and_the_resume_is_the_uninterrupted_run(tm
 
 def test_a_gpu_launch_without_gpus_is_refused_and_the_run_says_what_it_does(tmp_path, monkeypatch, capsys):
     """Issue 19.8: configs/accelerate/8gpu.yaml on a machine without CUDA silently trained 8 CPU processes."""
-    from sit_atconv.io import check_launch
+    from sit_atconv.cli import check_launch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sit_atconv.io import add_dataclass_arguments, atomic_output, dataclass_from_args, file_sha256, write_json_atomic
+from sit_atconv.cli import add_dataclass_arguments, dataclass_from_args
+from sit_atconv.io import atomic_output, file_sha256, write_json_atomic
 
 
 def test_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path):
@@ -104,8 +105,8 @@ def test_atomic_output_flushes_the_file_before_the_rename_and_the_folder_after(t
 def test_only_user_errors_and_io_errors_become_one_line(capsys):
     """run_cli: a UserError (and the I/O errors that name a file) is one line and exit 2; everything else, a CUDA
     out-of-memory error or a ValueError from inside a library included, is a bug and keeps its traceback."""
+    from sit_atconv.cli import run_cli
     from sit_atconv.errors import UserError
-    from sit_atconv.io import run_cli
 
     def fails(error):
         def main():

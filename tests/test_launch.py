@@ -10,7 +10,7 @@ from accelerate.commands.config.config_args import ClusterConfig, load_config_fr
 from accelerate.utils import DistributedType
 from helpers import single_thread_env, tiny_overrides
 
-from sit_atconv.io import check_launch
+from sit_atconv.cli import check_launch
 from sit_atconv.models import sit as sit_module
 from sit_atconv.models.loading import load_model
 from sit_atconv.training import load_config

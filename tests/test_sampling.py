@@ -15,7 +15,7 @@ from PIL import Image
 
 import sample as sample_cli
 from sit_atconv import generation
-from sit_atconv.constants import to_uint8_nhwc
+from sit_atconv.data.images import to_uint8_nhwc
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -171,8 +171,8 @@ def test_summary_mean_and_sample_standard_deviation():
 
 
 def test_digit_frechet_distance_separates_real_from_noise():
-    from sit_atconv.constants import to_uint8_nhwc
     from sit_atconv.data.digits import DigitsDataset, digit_features
+    from sit_atconv.data.images import to_uint8_nhwc
     from sit_atconv.evaluation.metrics import feature_statistics
 
     real = to_uint8_nhwc(DigitsDataset(16).images).numpy()
@@ -204,8 +204,8 @@ def test_inception_fid_joins_the_metrics_and_decides_the_verdict(monkeypatch):
     import torch.nn.functional as F
 
     import sit_atconv.evaluation.evaluator as evaluator
-    from sit_atconv.constants import to_uint8_nhwc
     from sit_atconv.data.digits import DigitsDataset
+    from sit_atconv.data.images import to_uint8_nhwc
     from sit_atconv.training.trainer import build_model
 
     class StandIn(torch.nn.Module):

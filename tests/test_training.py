@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import launch_two_processes, single_thread_env, tiny_overrides, tiny_vae
 
-from sit_atconv.data import StepBatchSampler
+from sit_atconv.data import StepBatches
 from sit_atconv.models import create_model
 from sit_atconv.training import (
     NonFiniteError,
@@ -45,18 +45,18 @@ def test_weight_decay_skips_biases_norms_and_gamma():
 
 
 def test_batches_are_a_function_of_the_step():
-    one = StepBatchSampler(100, 12, seed=3)
-    two = [StepBatchSampler(100, 12, world_size=2, rank=r, seed=3) for r in range(2)]
+    one = StepBatches(100, 12, seed=3)
+    two = [StepBatches(100, 12, world_size=2, rank=r, seed=3) for r in range(2)]
     it1, it2 = iter(one), [iter(s) for s in two]
     for _ in range(20):  # crosses epoch boundaries (8 steps per epoch)
         assert next(it1) == next(it2[0]) + next(it2[1])
-    resumed = iter(StepBatchSampler(100, 12, seed=3, start_step=13))
-    fresh = iter(StepBatchSampler(100, 12, seed=3))
+    resumed = iter(StepBatches(100, 12, seed=3, start_step=13))
+    fresh = iter(StepBatches(100, 12, seed=3))
     for _ in range(13):
         next(fresh)
     assert [next(resumed) for _ in range(5)] == [next(fresh) for _ in range(5)]
     with pytest.raises(ValueError, match="not divisible by processes x accumulation"):
-        StepBatchSampler(100, 10, world_size=4)
+        StepBatches(100, 10, world_size=4)
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -333,8 +333,8 @@ def test_a_training_statistic_is_one_name_and_one_report(tmp_path, monkeypatch):
     monkeypatch.setattr(logs, "TRAINING_STATS", (*logs.TRAINING_STATS, "batch_mean"))
     real_step = trainer.train_step
 
-    def train_step(accelerator, model, optimizer, loader, sampler, noise, forward_loss, config):
-        result = real_step(accelerator, model, optimizer, loader, sampler, noise, forward_loss, config)
+    def train_step(accelerator, model, optimizer, loader, batches, noise, forward_loss, config):
+        result = real_step(accelerator, model, optimizer, loader, batches, noise, forward_loss, config)
         for value in (1.0, 3.0):  # as two micro-batches would report it
             result.stats.report("batch_mean", noise["t"].new_tensor(value) * noise["t"].shape[0])
         return result

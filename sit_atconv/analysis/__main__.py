@@ -32,8 +32,9 @@ from sit_atconv.analysis import (
     noisy_inputs,
     without_modulation,
 )
+from sit_atconv.cli import ArgumentParser, positive_int, run_cli
 from sit_atconv.errors import UserError
-from sit_atconv.io import ArgumentParser, check_output_path, positive_int, run_cli, save_figure, write_json_atomic
+from sit_atconv.io import check_output_path, save_figure, write_json_atomic
 from sit_atconv.models.registry import create_model, describe_mixers
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from sit_atconv.cli import ArgumentParser, run_cli
 from sit_atconv.convert import SOURCES, convert_checkpoint
 from sit_atconv.export import add_pipeline_arguments, card_info, check_output_folder, write_pipeline
-from sit_atconv.io import ArgumentParser, run_cli
 from sit_atconv.models import list_models
 
 

@@ -22,6 +22,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # lower case; com
 log = logging.getLogger(__name__)
 
 
+def to_uint8_nhwc(images: torch.Tensor) -> torch.Tensor:
+    """ADM's image format: images in [-1, 1], (B, 3, H, W), to uint8 (B, H, W, 3) as clamp(127.5 x + 128), the
+    one conversion sampling, the grids and evaluation use. Single-channel (grey) images are repeated to RGB."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return (127.5 * images + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def is_image_file(path: Path) -> bool:
     """Whether `path` has an image suffix, in any case (a.JPEG, b.Png)."""
     return path.suffix.lower() in IMAGE_EXTENSIONS

@@ -22,17 +22,10 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sit_atconv import vae as autoencoder
+from sit_atconv.cli import ArgumentParser, non_negative_int, positive_int, run_cli
 from sit_atconv.data.images import ImageFolderDataset, collate_skipping_bad
 from sit_atconv.errors import UserError
-from sit_atconv.io import (
-    ArgumentParser,
-    atomic_output,
-    check_output_path,
-    non_negative_int,
-    positive_int,
-    run_cli,
-    write_json_atomic,
-)
+from sit_atconv.io import atomic_output, check_output_path, write_json_atomic
 
 MANIFEST = "manifest.json"
 

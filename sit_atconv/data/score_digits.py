@@ -8,10 +8,10 @@ trained on scikit-learn's digits, reads each image, and the share it reads as it
 
 from pathlib import Path
 
+from sit_atconv.cli import ArgumentParser, run_cli
 from sit_atconv.data.digits import score_digit_samples
 from sit_atconv.errors import UserError
 from sit_atconv.evaluation.evaluator import load_images, read_npz
-from sit_atconv.io import ArgumentParser, run_cli
 
 
 def main(argv=None) -> float:

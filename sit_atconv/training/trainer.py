@@ -17,7 +17,7 @@ The step never waits for the GPU: whether it was finite is decided on the device
 the EMA update skip a bad step themselves), and its numbers are read back together at log and checkpoint
 steps, where non-finite steps are reported. `train.compile` compiles the forward and loss.
 
-Data order is a function of the step (`StepBatchSampler`), and the times, noise and label dropout of
+Data order is a function of the step (`StepBatches`), and the times, noise and label dropout of
 a step are drawn for the whole global batch from a generator seeded by (seed, step) (`step_noise`), so
 a resumed run repeats the uninterrupted one and N processes compute what one process does.
 """
@@ -39,13 +39,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sit_atconv import vae as autoencoder
-from sit_atconv.data import DigitsDataset, StepBatchSampler
+from sit_atconv.cli import check_launch
+from sit_atconv.data import DigitsDataset, StepBatches
 from sit_atconv.data.latents import LatentDataset
 from sit_atconv.errors import UserError
 from sit_atconv.evaluation.dinov2 import DEFAULT_DINOV2
 from sit_atconv.evaluation.evaluator import parse_metrics
 from sit_atconv.generation import GenerationConfig, sample_grid
-from sit_atconv.io import ExclusiveLock, check_launch, check_output_path, lock_path
+from sit_atconv.io import ExclusiveLock, check_output_path, lock_path
 from sit_atconv.models import create_model
 from sit_atconv.repa import alignment_loss, build_projector, check_token_counts, encoder_weights_file, load_encoder
 from sit_atconv.training.checkpoint import (
@@ -194,7 +195,7 @@ def forward_loss_fn(transport: Transport, encoder, proj_coeff: float):
     return forward_loss
 
 
-def train_step(accelerator, model, optimizer, loader, sampler: StepBatchSampler, noise: dict, forward_loss, config):
+def train_step(accelerator, model, optimizer, loader, batches: StepBatches, noise: dict, forward_loss, config):
     """Forward, backward and an optimizer step over the micro-batches of one step; the update is skipped
     unless every process's loss and the gradient norm are finite, decided on the device. Returns a
     StepResult."""
@@ -202,7 +203,7 @@ def train_step(accelerator, model, optimizer, loader, sampler: StepBatchSampler,
     stats = StepStats()
     for micro in range(config.train.grad_accumulation):
         batch = [item.to(device, non_blocking=True) for item in next(loader)]
-        rows = slice(sampler.offset(micro), sampler.offset(micro) + sampler.micro)
+        rows = slice(batches.offset(micro), batches.offset(micro) + batches.micro)
         if config.data.kind == "latents":  # a fresh latent from the stored posterior, as REPA does
             mean, std, labels, pixels = batch
             x = autoencoder.sample_latents(mean, std, noise["latent_eps"][rows])
@@ -474,7 +475,7 @@ def train_loop(
             for key, old, new in changes:
                 print(f"config change from step {state['step'] + 1}: {key} {old!r} -> {new!r}")
     start_step = state["step"]
-    sampler = StepBatchSampler(
+    batches = StepBatches(
         len(dataset),
         tc.global_batch_size,
         accelerator.num_processes,
@@ -483,7 +484,7 @@ def train_loop(
         config.run.seed,
         start_step,
     )
-    loader = iter(build_loader(dataset, sampler, config, device))
+    loader = iter(build_loader(dataset, batches, config, device))
     forward_loss = forward_loss_fn(transport, encoder, config.repa.proj_coeff)
     compiled = use_compile(config, device)
     if compiled:
@@ -501,7 +502,7 @@ def train_loop(
     with StopSignals(accelerator) as signals:
         for step in range(start_step + 1, tc.max_steps + 1):
             noise = step_noise(config, transport, step, sample_shape, sit.config.class_dropout_prob, device)
-            result = train_step(accelerator, model, optimizer, loader, sampler, noise, forward_loss, config)
+            result = train_step(accelerator, model, optimizer, loader, batches, noise, forward_loss, config)
             update_ema(ema, sit, tc.ema_decay, apply=result.finite)
             log.record(step, result, optimizer.param_groups[0]["lr"])
             stopping = signals.agreed()  # the same answer on every process
@@ -631,13 +632,13 @@ def review_steps(steps: list[tuple[int, bool, float]], consecutive: int, tc: Dic
     return consecutive
 
 
-def build_loader(dataset, sampler: StepBatchSampler, config: DictConfig, device: torch.device) -> DataLoader:
-    """Batches in the sampler's order; on CUDA in pinned memory, so the copies to the GPU do not block,
+def build_loader(dataset, batches: StepBatches, config: DictConfig, device: torch.device) -> DataLoader:
+    """Batches in the order of `batches`; on CUDA in pinned memory, so the copies to the GPU do not block,
     and with worker processes reading `data.prefetch_factor` batches ahead."""
     workers = config.data.num_workers
     return DataLoader(
         dataset,
-        batch_sampler=sampler,
+        batch_sampler=batches,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=config.data.prefetch_factor if workers else None,

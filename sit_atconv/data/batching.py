@@ -1,4 +1,6 @@
-"""Batches as a pure function of the training step, so a resumed run reads exactly what it would have."""
+"""Batching: the data order as a pure function of the training step, so a resumed run reads exactly what it
+would have (torch calls such an index source a batch sampler; here the word sampler is kept for the ODE/SDE
+samplers)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from torch.utils.data import Sampler
 from sit_atconv.errors import UserError
 
 
-class StepBatchSampler(Sampler[list[int]]):
+class StepBatches(Sampler[list[int]]):
     """Per-process index batches for steps start_step, start_step + 1, ... (infinite).
 
     Epoch e is the permutation of the data set seeded by (seed, e); global batch k takes positions
