@@ -1,7 +1,7 @@
 """Sample a trained SiT: a labelled grid PNG, or an ADM-style .npz for evaluation.
 
     python sample.py --ckpt RUN/checkpoints/latest --cfg 1.8                       # grid PNG
-    accelerate launch sample.py --ckpt CKPT --cfg 1.8 --mode sde --num-steps 250 \\
+    accelerate launch sample.py --ckpt CKPT --cfg 1.8 --sampler sde-euler --num-steps 250 \\
         --guidance-high 0.7 --num-samples 50000 --out samples.npz                  # evaluation .npz
 
 --ckpt takes a training checkpoint (ema/ and model/ sub-folders), an exported model folder or a
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,20 +31,17 @@ from sit_atconv.cli import (
 from sit_atconv.generation import (
     PRECISIONS,
     GenerationConfig,
+    SamplingModel,
     check_generation,
-    check_guidance,
     grid_classes,
-    model_record,
+    load_for_sampling,
     sample_grid,
     sample_to_npz,
 )
 from sit_atconv.io import ExclusiveLock, check_output_path, lock_path
 from sit_atconv.models import check_architecture, list_models, model_config, name_fields
-from sit_atconv.models.loading import load_model, sampling_defaults
-from sit_atconv.transport import PATHS, PREDICTIONS, SamplerConfig
-from sit_atconv.vae import SD_VAE_DEFAULT, vae_for_model
-
-GUIDANCE_FLAGS = ("--cfg", "--guidance-low", "--guidance-high", "--cfg-channels")
+from sit_atconv.transport import MODES, PATHS, PREDICTIONS, SAMPLERS, SamplingSpec
+from sit_atconv.vae import SD_VAE_DEFAULT
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,11 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"AutoencoderKL hub id or folder (default: a pipeline's vae/, else {SD_VAE_DEFAULT} for latent models; "
         "'none' for pixel models)",
     )
-    p.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float, default=1.0, help="classifier-free guidance scale")
-    p.add_argument("--guidance-low", type=float, default=0.0)
-    p.add_argument("--guidance-high", type=float, default=1.0)
-    p.add_argument("--cfg-channels", type=positive_int, default=None, help="guide only the first N channels (3: SiT)")
-    add_dataclass_arguments(p, SamplerConfig)  # --mode, --sampler, --num-steps, ...
+    add_dataclass_arguments(p, SamplingSpec)  # --sampler, --num-steps, --cfg, --guidance-low/high, --time-shift, ...
+    p.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)  # 0.4: --mode sde --sampler euler
+    p.add_argument("--cfg-scale", type=float, help=argparse.SUPPRESS)  # 0.4's spelling of --cfg
     p.add_argument(
         "--path",
         choices=list(PATHS),
@@ -90,11 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             p.error(f"--{name.replace('_', '-')} {value}: expected a finite number")
-    args.sampler_config = dataclass_from_args(SamplerConfig, args, p)
-    try:
-        check_guidance(args.cfg, args.guidance_low, args.guidance_high, args.cfg_channels, GUIDANCE_FLAGS)
-    except ValueError as error:
-        p.error(str(error))
+    respell_deprecated_flags(args, p)
+    args.spec = dataclass_from_args(SamplingSpec, args, p)
     args.out = args.out or Path("samples.npz" if args.num_samples else "samples.png")
     if args.num_samples and args.out.suffix != ".npz":
         p.error(f"--out {args.out}: with --num-samples the output must be an .npz file")
@@ -103,14 +95,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def respell_deprecated_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """0.4's spellings, for one more release: `--mode sde --sampler euler` (now `--sampler sde-euler`) and
+    `--cfg-scale` (now `--cfg`), each with a warning; both spellings at once with different values: an error."""
+    if args.mode is not None:
+        one_word = args.sampler if args.mode == "ode" or args.sampler.startswith("sde-") else f"sde-{args.sampler}"
+        if one_word not in SAMPLERS or (args.mode == "ode" and one_word.startswith("sde-")):
+            parser.error(f"unknown {args.mode} sampler {args.sampler!r}; the samplers are {', '.join(SAMPLERS)}")
+        warnings.warn(f"--mode is deprecated: pass --sampler {one_word}", FutureWarning, stacklevel=2)
+        args.sampler = one_word
+    if args.cfg_scale is not None:
+        if args.cfg != 1.0 and args.cfg != args.cfg_scale:
+            parser.error(f"--cfg {args.cfg} and --cfg-scale {args.cfg_scale} are the same setting; give --cfg once")
+        warnings.warn("--cfg-scale is deprecated: pass --cfg", FutureWarning, stacklevel=2)
+        args.cfg = args.cfg_scale
+
+
 def generation_config(args: argparse.Namespace, recorded: dict) -> GenerationConfig:
     """The flags as a GenerationConfig; transport settings the flags leave open come from the checkpoint."""
     return GenerationConfig(
-        sampler=args.sampler_config,
-        cfg_scale=args.cfg,
-        guidance_low=args.guidance_low,
-        guidance_high=args.guidance_high,
-        cfg_channels=args.cfg_channels,
+        spec=args.spec,
         seed=args.seed,
         path=args.path or recorded.get("path", "linear"),
         prediction=args.prediction or recorded.get("prediction", "velocity"),
@@ -138,57 +142,39 @@ def main(argv=None) -> None:
     lock = ExclusiveLock(lock_path(args.out), f"sampling output {args.out}")
     if accelerator.is_main_process:
         lock.check_free()
-    job = prepare(args, accelerator)  # every check before anything is written, the lock's folder included
+    loaded, config = prepare(args, accelerator)  # every check before anything is written, the lock's folder too
     with lock if accelerator.is_main_process else nullcontext():
-        write_samples(args, accelerator, job)
+        write_samples(args, accelerator, loaded, config)
 
 
-@dataclass
-class SamplingJob:
-    model: torch.nn.Module
-    vae: torch.nn.Module | None
-    config: GenerationConfig
-    vae_choice: str | None
-    precision: str
-
-
-def prepare(args: argparse.Namespace, accelerator) -> SamplingJob:
+def prepare(args: argparse.Namespace, accelerator) -> tuple[SamplingModel, GenerationConfig]:
     """Load and check the model, the VAE and the settings of `args`; writes nothing."""
-    recorded = sampling_defaults(args.ckpt)
-    config = generation_config(args, recorded)
-    vae_choice = args.vae or recorded.get("vae")
-    device = accelerator.device
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    model = load_model(args.ckpt, ema=args.ema, device=device)
+    loaded = load_for_sampling(args.ckpt, args.ema, args.vae, args.precision, accelerator.device)
+    model = loaded.model
     if args.model:
         expected = model_config(args.model)
         check_architecture(model.config, expected, f"the checkpoint is not a {args.model}", name_fields(args.model))
+    config = generation_config(args, loaded.transport)
     labels = grid_classes(model.config.num_classes, args.classes) if args.num_samples is None else None
     check_generation(model, config, labels)
-    vae = vae_for_model(model, vae_choice, device)
     if args.compile:  # in place; CFG's doubled batch and a last, smaller shard make the batch dimension dynamic
         model.compile()
-    return SamplingJob(model, vae, config, vae_choice, precision)
+    return loaded, config
 
 
-def write_samples(args: argparse.Namespace, accelerator, job: SamplingJob) -> None:
+def write_samples(args: argparse.Namespace, accelerator, loaded: SamplingModel, config: GenerationConfig) -> None:
     """Write the grid or the .npz of `args`."""
-    autocast_dtype = PRECISIONS[job.precision]
+    model, vae, dtype = loaded.model, loaded.vae, loaded.autocast_dtype
     if args.num_samples is None:  # grid
         if accelerator.is_main_process:
             columns, device = args.grid_columns, accelerator.device
-            count, calls = sample_grid(
-                job.model, job.vae, job.config, args.out, args.classes, columns, device, autocast_dtype
-            )
+            count, calls = sample_grid(model, vae, config, args.out, args.classes, columns, device, dtype)
             print(f"wrote {args.out} ({count} samples, {calls} model calls each)")
         return
-    settings = model_record(args.ckpt, args.ema, job.vae, job.vae_choice, job.precision)
     options = dict(
-        label_mode=args.label_mode, settings=settings, keep_shards=args.keep_shards, autocast_dtype=autocast_dtype
+        label_mode=args.label_mode, settings=loaded.record, keep_shards=args.keep_shards, autocast_dtype=dtype
     )
-    info = sample_to_npz(
-        accelerator, job.model, job.vae, args.out, args.num_samples, args.batch_size, job.config, **options
-    )
+    info = sample_to_npz(accelerator, model, vae, args.out, args.num_samples, args.batch_size, config, **options)
     if accelerator.is_main_process:
         print(json.dumps({"out": info["out"], "arr_0": info["arr_0_shape"], "world_size": info["world_size"]}))
 

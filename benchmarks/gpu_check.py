@@ -725,7 +725,7 @@ def run_sample(run: Run) -> None:
     import torch
 
     from sit_atconv.generation import GenerationConfig, generate
-    from sit_atconv.transport import SamplerConfig
+    from sit_atconv.transport import SamplingSpec
 
     plan, device = run.plan, run.device
     B, latent = plan.sample_batch, plan.sample_latent
@@ -734,7 +734,7 @@ def run_sample(run: Run) -> None:
     print("|---" * 5 + "|", flush=True)
 
     def config(steps: int) -> GenerationConfig:
-        return GenerationConfig(sampler=SamplerConfig.from_name("euler", num_steps=steps), cfg_scale=plan.cfg_scale)
+        return GenerationConfig(spec=SamplingSpec(sampler="euler", num_steps=steps, cfg=plan.cfg_scale))
 
     latents = None
     for name in MODELS:

@@ -11,8 +11,10 @@ import argparse
 import dataclasses
 import os
 import pickle
+import re
 import signal
 import sys
+import types
 import typing
 import zipfile
 from collections.abc import Callable
@@ -125,23 +127,31 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of dataclass `cls` (`--num-steps` for `num_steps`), typed by its annotation,
-    with the `help` and `choices` of its metadata and its default."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, exclude: typing.Iterable[str] = ()) -> None:
+    """One flag per field of dataclass `cls` (`--num-steps` for `num_steps`) but `exclude`, typed by its
+    annotation (`X | None` as X), with the `help` and `choices` of its metadata and its default."""
     hints = typing.get_type_hints(cls)
     for spec in dataclasses.fields(cls):
+        if spec.name in exclude:
+            continue
+        kind = hints[spec.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         parser.add_argument(
             f"--{spec.name.replace('_', '-')}",
-            type=hints[spec.name],
+            type=kind,
             default=spec.default,
             choices=spec.metadata.get("choices"),
             help=spec.metadata.get("help"),
         )
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace, parser: argparse.ArgumentParser):
-    """Build `cls` from the flags of `add_dataclass_arguments`; its own checks become usage errors."""
+def dataclass_from_args(cls: type, args: argparse.Namespace, parser: argparse.ArgumentParser, **values):
+    """Build `cls` from the flags of `add_dataclass_arguments` (`values` in place of excluded ones); its own
+    checks become usage errors that call the fields by their flags (`time_shift` -> `--time-shift`)."""
+    names = [spec.name for spec in dataclasses.fields(cls)]
     try:
-        return cls(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(cls)})
+        return cls(**{name: values[name] if name in values else getattr(args, name) for name in names})
     except ValueError as error:
-        parser.error(str(error))
+        fields = "|".join(sorted(names, key=len, reverse=True))
+        parser.error(re.sub(rf"(?<![-\w])({fields})\b", lambda m: "--" + m.group(1).replace("_", "-"), str(error)))

@@ -12,3 +12,20 @@ class UserError(ValueError):
     0.4 still catches it. `exit_code` (default 2) is the status the command lines exit with."""
 
     exit_code = 2
+
+
+def renamed_keyword(extra: dict, old: str, new: str, value, default, where: str):
+    """The value of keyword `new` where a caller may still use its old name `old` (left in `extra`, a **kwargs
+    dict): the old name works with a DeprecationWarning; both at once with different values is a UserError
+    naming both; any other leftover keyword is a TypeError, as Python would raise."""
+    import warnings
+
+    unknown = sorted(set(extra) - {old})
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {unknown}")
+    if old not in extra:
+        return value
+    warnings.warn(f"{where}: {old} is now called {new}", DeprecationWarning, stacklevel=3)
+    if value != default and value != extra[old]:
+        raise UserError(f"{where}: {old}={extra[old]!r} and {new}={value!r} are the same setting; give it once")
+    return extra[old]

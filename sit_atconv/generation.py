@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,9 +22,9 @@ from sit_atconv import vae as autoencoder
 from sit_atconv.data.images import to_uint8_nhwc
 from sit_atconv.errors import UserError
 from sit_atconv.io import atomic_output, file_sha256
-from sit_atconv.models.loading import resolve_model_folder
+from sit_atconv.models.loading import load_model, resolve_model_folder, sampling_defaults
 from sit_atconv.sharded_npz import ShardedNpz
-from sit_atconv.transport import SampleNoise, SamplerConfig, Transport, guided_predictor, sample
+from sit_atconv.transport import SampleNoise, SamplingSpec, Transport, sample
 
 IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision -> the model's autocast dtype
@@ -33,59 +32,25 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --
 
 @dataclass
 class GenerationConfig:
-    """Everything besides the weights that decides the pixels of a sample."""
+    """Everything besides the weights that decides the pixels of a sample: how it is sampled (`spec`), the seed
+    of its noise, and the transport the model was trained with (`path`, `prediction`)."""
 
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    cfg_scale: float = 1.0
-    guidance_low: float = 0.0
-    guidance_high: float = 1.0
-    cfg_channels: int | None = None
+    spec: SamplingSpec = field(default_factory=SamplingSpec)
     seed: int = 0
     path: str = "linear"
     prediction: str = "velocity"
 
-    def __post_init__(self):
-        check_guidance(self.cfg_scale, self.guidance_low, self.guidance_high, self.cfg_channels)
-
     def predictor(self, model_fn, labels: torch.Tensor | None, null_class: int | None):
-        """`model_fn(x, t, y)` wrapped into `predict(x, t)` with this config's guidance."""
-        return guided_predictor(
-            model_fn, labels, self.cfg_scale, null_class, self.guidance_low, self.guidance_high, self.cfg_channels
-        )
-
-
-def check_guidance(
-    cfg_scale: float,
-    guidance_low: float = 0.0,
-    guidance_high: float = 1.0,
-    cfg_channels: int | None = None,
-    names: Sequence[str] = ("cfg_scale", "guidance_low", "guidance_high", "cfg_channels"),
-) -> None:
-    """Reject guidance settings that mean nothing: a scale that is not a finite number >= 0, an interval
-    [guidance_low, guidance_high] not inside [0, 1] or inverted, a channel count below 1. Errors call the
-    values by `names` (sample.py passes its flags)."""
-    scale, low, high, channels = names
-    if not _is_number(cfg_scale) or not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise UserError(f"{scale} must be a finite number >= 0, got {cfg_scale!r}")
-    for name, value in ((low, guidance_low), (high, guidance_high)):
-        if not _is_number(value) or not 0 <= value <= 1:
-            raise UserError(f"{name} must be a time in [0, 1], got {value!r}")
-    if guidance_low > guidance_high:
-        raise UserError(f"{low} {guidance_low} is above {high} {guidance_high}; the guidance interval is inverted")
-    if cfg_channels is not None and (not _is_number(cfg_channels, numbers.Integral) or cfg_channels < 1):
-        raise UserError(f"{channels} must be a positive integer or None, got {cfg_channels!r}")
-
-
-def _is_number(value, kind: type = numbers.Real) -> bool:
-    return isinstance(value, kind) and not isinstance(value, bool)
+        """`model_fn(x, t, y)` wrapped into `predict(x, t)` with the spec's guidance."""
+        return self.spec.predictor(model_fn, labels, null_class)
 
 
 def check_generation(model, config: GenerationConfig, labels: Sequence[int] | None) -> None:
     """Reject settings the model cannot honour, before any work starts."""
     num_classes = model.config.num_classes
-    if config.cfg_scale != 1.0 and model.null_class is None:
+    if config.spec.cfg != 1.0 and model.null_class is None:
         raise UserError(
-            f"--cfg {config.cfg_scale} needs a class-conditional model trained with label dropout; this model has "
+            f"--cfg {config.spec.cfg} needs a class-conditional model trained with label dropout; this model has "
             f"num_classes={num_classes}, class_dropout_prob={model.config.class_dropout_prob}"
         )
     if labels is not None and num_classes > 0:
@@ -119,7 +84,7 @@ def generate(
             return model(x_t, t, y).float()
 
     predict = config.predictor(model_fn, labels, model.null_class)
-    samples, calls = sample(predict, transport, x, config.sampler, noise.randn_like)
+    samples, calls = sample(predict, transport, x, config.spec, noise.randn_like)
     if vae is not None:
         samples = autoencoder.decode(vae, samples)
     if not torch.isfinite(samples).all():  # clamp would turn NaN into black images that look like results
@@ -214,6 +179,43 @@ def class_labels(num_samples: int, num_classes: int, mode: str, seed: int) -> np
         raise UserError(f"unknown label mode {mode!r}; expected 'balanced' or 'random'")
     labels = np.arange(num_samples, dtype=np.int64) % num_classes
     return rng.permutation(labels)
+
+
+@dataclass
+class SamplingModel:
+    """A model loaded for sampling, with what decides its samples besides the SamplingSpec: the VAE that decodes
+    them, the autocast precision, the transport it was trained with, and the record `.npz` runs keep of it."""
+
+    model: torch.nn.Module
+    vae: torch.nn.Module | None
+    precision: str
+    transport: dict  # {"path", "prediction"}: the checkpoint's, else linear / velocity
+    record: dict  # `model_record`: checkpoint, EMA or not, weights SHA-256, VAE, precision
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.precision]
+
+
+def load_for_sampling(
+    ckpt: str | Path,
+    ema: bool = True,
+    vae: str | None = None,
+    precision: str | None = None,
+    device: torch.device | str = "cpu",
+) -> SamplingModel:
+    """The one way sample.py and the sweep load a model for sampling: the weights (checked, `load_model`), the
+    VAE (`vae`, else a pipeline folder's own, else the default for latent models; refused where it does not fit
+    the model), the precision (default bf16 on CUDA, fp32 elsewhere) and the checkpoint's recorded transport."""
+    device = torch.device(device)
+    recorded = sampling_defaults(ckpt)
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    model = load_model(ckpt, ema=ema, device=device)
+    vae_choice = vae or recorded.get("vae")
+    decoder = autoencoder.vae_for_model(model, vae_choice, device)
+    transport = {"path": recorded.get("path", "linear"), "prediction": recorded.get("prediction", "velocity")}
+    record = model_record(ckpt, ema, decoder, vae_choice, precision)
+    return SamplingModel(model, decoder, precision, transport, record)
 
 
 def model_record(ckpt: str | Path, ema: bool, vae, vae_choice: str | None, precision: str) -> dict:

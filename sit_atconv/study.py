@@ -51,7 +51,7 @@ from sit_atconv.cli import ArgumentParser, non_negative_int, positive_int, run_c
 from sit_atconv.data.images import to_uint8_nhwc
 from sit_atconv.errors import UserError
 from sit_atconv.evaluation.metrics import RESULTS, feature_statistics, frechet_distance
-from sit_atconv.generation import GenerationConfig, check_guidance, class_labels, generate, sample_grid
+from sit_atconv.generation import GenerationConfig, class_labels, generate, sample_grid
 from sit_atconv.io import ExclusiveLock, atomic_output, check_output_path, lock_path, save_figure, write_json_atomic
 from sit_atconv.models.loading import load_model
 from sit_atconv.models.registry import model_config
@@ -59,7 +59,7 @@ from sit_atconv.training import load_config, train
 from sit_atconv.training.checkpoint import complete_checkpoints
 from sit_atconv.training.config import flatten
 from sit_atconv.training.trainer import build_dataset, build_model
-from sit_atconv.transport import SamplerConfig, Transport
+from sit_atconv.transport import SamplingSpec, Transport, check_guidance
 
 # ------------------------------------------------------------------------------------------------
 # Variants
@@ -177,7 +177,7 @@ def variant_config(settings: StudySettings, variant: Variant, seed: int, run_dir
         f"checkpoint.every={settings.eval_every}",
         f"checkpoint.milestone_every={settings.eval_every}",  # keep every evaluated checkpoint
         f"log.every={max(1, min(base.log.every, settings.steps // 30))}",
-        "log.sample_every=0",  # the study draws its own grids
+        "preview.every=0",  # the study draws its own grids
     ]
     return load_config(settings.config, [*settings.overrides, *overrides])
 
@@ -190,8 +190,7 @@ def variant_config(settings: StudySettings, variant: Variant, seed: int, run_dir
 def generation_config(settings: StudySettings, transport: Transport, conditional: bool) -> GenerationConfig:
     """The study's samples: Euler ODE, CFG for class-conditional models, noise from the evaluation seed."""
     return GenerationConfig(
-        sampler=SamplerConfig(num_steps=settings.sample_steps),
-        cfg_scale=settings.cfg if conditional else 1.0,
+        spec=SamplingSpec(num_steps=settings.sample_steps, cfg=settings.cfg if conditional else 1.0),
         seed=settings.eval_seed,
         path=transport.path.name,
         prediction=transport.prediction,

@@ -16,6 +16,7 @@ setting's unfinished sampling.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 from contextlib import nullcontext
@@ -24,7 +25,15 @@ from pathlib import Path
 
 import torch
 
-from sit_atconv.cli import ArgumentParser, check_launch, non_negative_int, positive_int, run_cli
+from sit_atconv.cli import (
+    ArgumentParser,
+    add_dataclass_arguments,
+    check_launch,
+    dataclass_from_args,
+    non_negative_int,
+    positive_int,
+    run_cli,
+)
 from sit_atconv.errors import UserError
 from sit_atconv.evaluation import evaluate
 from sit_atconv.evaluation.evaluator import (
@@ -36,12 +45,10 @@ from sit_atconv.evaluation.evaluator import (
     weights_sha256,
 )
 from sit_atconv.evaluation.metrics import RESULTS
-from sit_atconv.generation import PRECISIONS, GenerationConfig, check_guidance, model_record, sample_to_npz
+from sit_atconv.generation import PRECISIONS, GenerationConfig, SamplingModel, load_for_sampling, sample_to_npz
 from sit_atconv.io import ExclusiveLock, atomic_output, check_output_path, lock_path, save_figure, write_json_atomic
-from sit_atconv.models.loading import load_model, sampling_defaults
 from sit_atconv.sharded_npz import settings_diff
-from sit_atconv.transport import SAMPLERS, SamplerConfig
-from sit_atconv.vae import vae_for_model
+from sit_atconv.transport import SamplingSpec, check_guidance
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,9 @@ class Setting:
     @property
     def name(self) -> str:
         return f"cfg{self.cfg:g}_low{self.guidance_low:g}_high{self.guidance_high:g}_steps{self.num_steps}"
+
+
+AXES = tuple(f.name for f in dataclasses.fields(Setting))  # the SamplingSpec fields a sweep takes lists of
 
 
 def guidance_grid(cfgs, lows, highs, steps) -> list[Setting]:
@@ -82,8 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance-low", type=float, nargs="+", default=[0.0], help="interval starts (t)")
     p.add_argument("--guidance-high", type=float, nargs="+", default=[1.0], help="interval ends (t; REPA: 0.7)")
     p.add_argument("--num-steps", type=positive_int, nargs="+", default=[50], help="sampler steps")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="euler", help="ODE/SDE sampler (sample.py's)")
-    p.add_argument("--time-shift", type=float, default=1.0, help="time shift of the grid (sample.py's)")
+    add_dataclass_arguments(p, SamplingSpec, exclude=AXES)  # sample.py's other flags: --sampler, --time-shift, ...
     p.add_argument("--num-samples", type=positive_int, default=10_000, help="samples per setting (balanced labels)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="samples per process and forward")
     p.add_argument("--seed", type=non_negative_int, default=0)
@@ -97,9 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.grid = guidance_grid(args.cfg, args.guidance_low, args.guidance_high, args.num_steps)
-        args.sampler_config = SamplerConfig.from_name(args.sampler, time_shift=args.time_shift)
     except ValueError as error:
         p.error(str(error))
+    first = args.grid[0]
+    args.spec = dataclass_from_args(SamplingSpec, args, p, **{axis: getattr(first, axis) for axis in AXES})
     return args
 
 
@@ -114,20 +124,14 @@ def main(argv=None) -> list[dict]:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main_process = accelerator.is_main_process
-    device = accelerator.device
-    recorded = sampling_defaults(args.ckpt)
-    model = load_model(args.ckpt, ema=args.ema, device=device)
-    vae_choice = args.vae or recorded.get("vae")
-    vae = vae_for_model(model, vae_choice, device)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    settings = model_record(args.ckpt, args.ema, vae, vae_choice, precision)  # as sample.py's records
+    loaded = load_for_sampling(args.ckpt, args.ema, args.vae, args.precision, accelerator.device)  # as sample.py
     evaluation = evaluation_record(args)  # (the Inception is found, or missing, before any sampling)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     lock = ExclusiveLock(lock_path(args.out, folder=True), f"sweep folder {args.out}")
     with lock if main_process else nullcontext():
         for setting in args.grid:
-            results.append(run_setting(args, setting, accelerator, model, vae, settings, recorded, evaluation))
+            results.append(run_setting(args, setting, accelerator, loaded, evaluation))
         if main_process:
             write_summary(args, results)
     accelerator.wait_for_everyone()
@@ -150,27 +154,21 @@ def evaluation_record(args) -> dict:
     }
 
 
-def run_setting(
-    args, setting: Setting, accelerator, model, vae, settings: dict, recorded: dict, evaluation: dict
-) -> dict:
+def run_setting(args, setting: Setting, accelerator, loaded: SamplingModel, evaluation: dict) -> dict:
     """Sample and evaluate one setting, or read back its finished evaluation when everything it depends on (model,
     sampling, sample count, reference, metrics, Inception weights) is the same; else sample again where the
     samples' settings changed, and evaluate again."""
     npz = args.out / f"{setting.name}.npz"
     metrics_file = args.out / f"{setting.name}.metrics.json"
     config = GenerationConfig(
-        sampler=SamplerConfig(**{**asdict(args.sampler_config), "num_steps": setting.num_steps}),
-        cfg_scale=setting.cfg,
-        guidance_low=setting.guidance_low,
-        guidance_high=setting.guidance_high,
+        spec=dataclasses.replace(args.spec, **asdict(setting)),
         seed=args.seed,
-        path=recorded.get("path", "linear"),
-        prediction=recorded.get("prediction", "velocity"),
+        **loaded.transport,
     )
     record = {
         "setting": asdict(setting),
         "generation": asdict(config),
-        "model": settings,
+        "model": loaded.record,
         "samples": {"num_samples": args.num_samples, "batch_size": args.batch_size, "label_mode": "balanced"},
         "evaluation_of": evaluation,
     }
@@ -187,14 +185,14 @@ def run_setting(
             print(f"[sweep] {setting.name}: its stored results were made with other settings ({changes})")
     info = sample_to_npz(
         accelerator,
-        model,
-        vae,
+        loaded.model,
+        loaded.vae,
         npz,
         args.num_samples,
         args.batch_size,
         config,
-        settings=settings,
-        autocast_dtype=PRECISIONS[settings["precision"]],
+        settings=loaded.record,
+        autocast_dtype=loaded.autocast_dtype,
         progress=not args.no_progress,
     )
     result = dict(record)

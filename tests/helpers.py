@@ -89,7 +89,7 @@ def tiny_overrides(run_dir, steps=6, **extra) -> list[str]:
         "checkpoint.keep_last": 5,
         "log.every": 1,
         "log.tracker": "none",
-        "log.sample_every": 0,
+        "preview.every": 0,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -57,21 +57,29 @@ OLD_DEFAULTS = {
     "log": {
         "every": 100,
         "tracker": "tensorboard",
-        "sample_every": 0,
-        "sample_classes": None,
-        "sample_steps": 50,
-        "sample_cfg": 1.0,
         "preview_vae": None,
     },
 }
+# Moved in 0.5 from log.sample_* (one spelling per knob: SamplingSpec's), with the same values.
+OLD_PREVIEW = {"every": 0, "classes": None, "num_steps": 50, "cfg": 1.0}
 
 
 def test_defaults_keep_the_old_keys_and_values():
     config = OmegaConf.to_container(load_config())
     model = config.pop("model")
     added = config.pop("eval")  # the sections added since are off by default
+    preview = config.pop("preview")
     assert config == OLD_DEFAULTS and list(config) == list(OLD_DEFAULTS) and added["every"] == 0
+    assert {key: preview[key] for key in OLD_PREVIEW} == OLD_PREVIEW and preview["sampler"] == "euler"
     assert model["name"] == "SiT-ATConv-XL/2" and model_overrides(load_config()) == {}
+
+
+def test_the_old_preview_keys_still_work_with_a_warning():
+    with pytest.warns(FutureWarning, match="config key log.sample_cfg is deprecated: use preview.cfg"):
+        config = load_config(DEMO, ["log.sample_cfg=3.5", "log.sample_steps=7"])
+    assert config.preview.cfg == 3.5 and config.preview.num_steps == 7 and "sample_cfg" not in config.log
+    with pytest.raises(ValueError, match="log.sample_cfg=3.5 and preview.cfg=2.0 are the same setting"):
+        load_config(None, ["log.sample_cfg=3.5", "preview.cfg=2.0"])
 
 
 def test_model_section_follows_the_sit_signature():
@@ -123,7 +131,7 @@ def test_config_base_chain_and_cycles(tmp_path):
         ("model.mixers=atconv", "model.mixers: expected a list of strings or null, got 'atconv'"),
         ("data.flips=maybe", "data.flips: expected a boolean, got 'maybe'"),
         ("train.betas=[0.9,x]", r"train.betas\[1\]: expected a float, got 'x'"),
-        ("log.sample_classes=3", "log.sample_classes: expected a list of integers or null, got 3"),
+        ("preview.classes=3", "preview.classes: expected a list of integers or null, got 3"),
         ("train.lr=null", "train.lr: expected a float, got None"),
         ("train.max_steps=${run.output_dir}", "train.max_steps: expected an integer"),
         ("train.lr=${train.nope}", "train.lr: Interpolation key 'train.nope' not found"),

@@ -14,7 +14,7 @@ import torch
 from helpers import tiny_sit, tiny_vae
 
 from sit_atconv.generation import GenerationConfig, generate, sample_to_npz
-from sit_atconv.transport import SampleNoise, SamplerConfig, Transport
+from sit_atconv.transport import SampleNoise, SamplingSpec, Transport
 
 DEVICE = torch.device(os.environ.get("SIT_ATCONV_TEST_DEVICE", "cuda"))
 pytestmark = [
@@ -34,7 +34,7 @@ def no_tf32():
 
 
 def guided(steps: int = 8) -> GenerationConfig:
-    return GenerationConfig(sampler=SamplerConfig.from_name("euler", num_steps=steps), cfg_scale=1.8, seed=5)
+    return GenerationConfig(spec=SamplingSpec(sampler="euler", num_steps=steps, cfg=1.8), seed=5)
 
 
 def test_per_sample_generators_make_samples_independent_of_the_batch():
@@ -252,7 +252,7 @@ def test_the_training_loop_never_waits_for_the_gpu_between_log_steps(tmp_path, m
         for name in ("train_step", "step_noise", "update_ema"):
             monkeypatch.setattr(trainer, name, no_sync(getattr(trainer, name)))
     demo = os.path.join(os.path.dirname(__file__), "..", "configs", "demo", "digits.yaml")
-    extra = {"log.every": 4, "checkpoint.every": 4, "log.sample_every": 4, "log.sample_cfg": 2.0, "log.sample_steps": 2}
+    extra = {"log.every": 4, "checkpoint.every": 4, "preview.every": 4, "preview.cfg": 2.0, "preview.num_steps": 2}
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
         result = train(load_config(demo, tiny_overrides(tmp_path, 8, **extra)), resume="none", progress=False)

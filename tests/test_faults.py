@@ -41,7 +41,7 @@ from sit_atconv.evaluation import evaluator as evaluation
 from sit_atconv.io import ExclusiveLock, LockedError, atomic_output, file_sha256, lock_path, process_umask
 from sit_atconv.training import NonFiniteError, complete_checkpoints, load_config, train
 from sit_atconv.training.checkpoint import MARKER, checkpoint_problem
-from sit_atconv.transport import Transport
+from sit_atconv.transport import SamplingSpec, Transport
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "digits.yaml"
@@ -367,7 +367,7 @@ def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_leaves_the_las
         ("train.grad_accumulation=0", "train.grad_accumulation=0: expected a value >= 1"),
         ("train.global_batch_size=-4", "train.global_batch_size=-4: expected a value >= 1"),
         ("train.lr=nan", "train.lr=nan: expected a finite number"),
-        ("log.sample_cfg=inf", "log.sample_cfg=inf: expected a finite number"),
+        ("preview.cfg=inf", "preview.cfg=inf: expected a finite number"),
         ("train.betas=[0.9,2]", r"train.betas\[1\]=2.0: expected a value < 1"),
         ("train.global_batch_size=10", "not divisible by 1 processes x train.grad_accumulation=4"),
     ],
@@ -505,8 +505,7 @@ def no_model_loading(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the checkpoint was read before the failing check")
 
-    monkeypatch.setattr(sample_cli, "sampling_defaults", refuse)
-    monkeypatch.setattr(sample_cli, "load_model", refuse)
+    monkeypatch.setattr(sample_cli, "load_for_sampling", refuse)
 
 
 def tree(folder: Path) -> list[str]:
@@ -561,10 +560,10 @@ def test_a_kill_while_removing_the_shards_leaves_nothing_to_mix(assets, tmp_path
         patch.setattr(sharded_npz.shutil, "rmtree", killed_rmtree)
         with pytest.raises(Killed):
             sample_npz(assets, out, "--cfg", "2.0")
-    assert json.loads(out.with_suffix(".json").read_text())["settings"]["generation"]["cfg_scale"] == 2.0
+    assert json.loads(out.with_suffix(".json").read_text())["settings"]["generation"]["spec"]["cfg"] == 2.0
     sample_npz(assets, out, "--cfg", "4.0")
     assert read_npz(out) == read_npz(reference)
-    assert json.loads(out.with_suffix(".json").read_text())["settings"]["generation"]["cfg_scale"] == 4.0
+    assert json.loads(out.with_suffix(".json").read_text())["settings"]["generation"]["spec"]["cfg"] == 4.0
     assert [p.name for p in tmp_path.iterdir() if "shards" in p.name] == []
 
 
@@ -587,7 +586,7 @@ def test_a_kill_between_the_npz_and_its_record_leaves_no_stale_record(assets, tm
         sample_npz(assets, out, "--cfg", "2.0")
     sample_npz(assets, out, "--cfg", "4.0")
     meta = json.loads(record.read_text())
-    assert meta["settings"]["generation"]["cfg_scale"] == 4.0 and len(meta["fingerprint"]) == 16
+    assert meta["settings"]["generation"]["spec"]["cfg"] == 4.0 and len(meta["fingerprint"]) == 16
 
 
 def test_damaged_shard_is_named_with_what_to_do(assets, tmp_path, monkeypatch):
@@ -688,8 +687,8 @@ def test_unwritable_outputs_fail_before_the_checkpoint_is_read(
         (["--num-samples", "-1"], "--num-samples"),
         (["--atol", "nan"], "--atol"),
         (["--seed", "-1"], "--seed"),
-        (["--time-shift", "0"], "time_shift must be a finite number > 0"),
-        (["--time-shift", "-2"], "time_shift must be a finite number > 0"),
+        (["--time-shift", "0"], "--time-shift must be a finite number > 0"),
+        (["--time-shift", "-2"], "--time-shift must be a finite number > 0"),
     ],
 )
 def test_meaningless_values_are_usage_errors_before_any_work(flags, named, assets, tmp_path, monkeypatch, capsys):
@@ -703,15 +702,15 @@ def test_meaningless_values_are_usage_errors_before_any_work(flags, named, asset
 
 def test_the_python_api_rejects_the_same_values():
     for bad in (
-        dict(cfg_scale=float("nan")),
-        dict(cfg_scale=-0.5),
+        dict(cfg=float("nan")),
+        dict(cfg=-0.5),
         dict(guidance_low=0.9, guidance_high=0.1),
         dict(guidance_high=2.0),
         dict(cfg_channels=0),
     ):
-        with pytest.raises(ValueError, match="cfg_scale|guidance_low|guidance_high|cfg_channels"):
-            generation.GenerationConfig(**bad)
-    generation.GenerationConfig(cfg_scale=np.float32(1.5), guidance_low=0.3, guidance_high=0.3, cfg_channels=3)
+        with pytest.raises(ValueError, match="cfg|guidance_low|guidance_high|cfg_channels"):
+            SamplingSpec(**bad)
+    SamplingSpec(cfg=np.float32(1.5), guidance_low=0.3, guidance_high=0.3, cfg_channels=3)
     for num_samples, shard_size in ((0, 4), (4, 0), (4, -1)):
         with pytest.raises(ValueError, match="must be a positive integer"):
             sharded_npz.ShardedNpz("s.npz", num_samples, shard_size, {})
@@ -1472,7 +1471,7 @@ def test_missing_pretrained_weights_offline_are_one_line_before_the_run_folder(t
     data = {"data.kind": "latents", "data.path": str(latents), "train.global_batch_size": 8}
     base = tiny_overrides(run_dir, **data)
     cases = [
-        (["log.sample_every=1", "log.preview_vae=stabilityai/sd-vae-ft-ema"], "the VAE log.preview_vae 'stabilityai/"),
+        (["preview.every=1", "log.preview_vae=stabilityai/sd-vae-ft-ema"], "the VAE log.preview_vae 'stabilityai/"),
         (["repa.enabled=true", "repa.encoder_depth=1"], "the weights of dinov2-vit-b (repa.encoder_weights unset"),
     ]
     for extra, named in cases:

@@ -86,7 +86,7 @@ def test_dataclass_flags_follow_the_fields_and_their_checks(capsys):
         parser.parse_args(["--mode", "c"])
     with pytest.raises(SystemExit):
         dataclass_from_args(Options, parser.parse_args(["--num-steps", "0"]), parser)
-    assert "num_steps must be positive, got 0" in capsys.readouterr().err
+    assert "--num-steps must be positive, got 0" in capsys.readouterr().err  # the field called by its flag
 
 
 def test_atomic_output_flushes_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):

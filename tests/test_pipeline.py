@@ -18,7 +18,7 @@ from sit_atconv.export import save_pipeline
 from sit_atconv.models.loading import load_model, sampling_defaults
 from sit_atconv.pipelines import SiTPipeline, flow_match_scheduler
 from sit_atconv.training import load_config, save_config
-from sit_atconv.transport import SampleNoise, SamplerConfig, Transport, guided_predictor, sample
+from sit_atconv.transport import SampleNoise, SamplingSpec, Transport, guided_predictor, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,7 @@ def test_scheduler_reproduces_the_euler_sampler(path):
     labels = torch.tensor([1, 2, 3])
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     for steps, cfg, high, shift in ((10, 1.0, 1.0, 1.0), (25, 2.5, 0.7, 1.0), (8, 2.0, 1.0, 3.0)):
-        config = SamplerConfig(num_steps=steps, time_shift=shift)
+        config = SamplingSpec(num_steps=steps, time_shift=shift)
         ours, calls = sample(predictor(model, labels, cfg, 0.0, high), Transport(path=path), x, config)
         got = pipe(
             class_labels=labels.tolist(),
@@ -135,7 +135,7 @@ def test_scheduler_reproduces_the_euler_sampler(path):
 
 def test_pipeline_matches_sample_py_generation(pipe):
     """The pipeline's images are sample.py's (`generation.generate`) given the same initial noise."""
-    config = generation.GenerationConfig(sampler=SamplerConfig(num_steps=4), cfg_scale=1.8, seed=7, path="cosine")
+    config = generation.GenerationConfig(spec=SamplingSpec(num_steps=4, cfg=1.8), seed=7, path="cosine")
     labels = torch.tensor([4, 5])
     expected, _ = generation.generate(pipe.transformer, pipe.vae, [0, 1], labels, config, torch.device("cpu"))
     latents = SampleNoise(7, [0, 1]).randn((4, 8, 8))
@@ -150,7 +150,7 @@ def test_project_samplers_through_the_pipeline(pipe):
         predictor(pipe.transformer, torch.tensor([1, 2])),
         Transport(path="cosine"),
         x,
-        SamplerConfig(sampler="heun", num_steps=5),
+        SamplingSpec(sampler="heun", num_steps=5),
     )
     assert torch.equal(heun, expected) and calls == 9
 
@@ -161,7 +161,7 @@ def test_project_samplers_through_the_pipeline(pipe):
             num_inference_steps=6,
             generator=gens,
             output_type="latent",
-            sampler=SamplerConfig(mode="sde", num_steps=6),
+            sampler=SamplingSpec(sampler="sde-euler", num_steps=6),
         ).images
 
     assert torch.equal(sde([0, 1]), sde([0, 1]))
@@ -284,3 +284,16 @@ def test_compiled_transformer_gives_the_same_images(assets, monkeypatch):
     pipe.transformer.compile()
     compiled = pipe(**options, generator=torch.Generator().manual_seed(0), output_type="pt").images
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_diffusers_keywords_map_onto_one_sampling_spec(pipe):
+    """guidance_scale / num_inference_steps / guidance_interval are diffusers' names of the SamplingSpec's cfg /
+    num_steps / guidance interval, mapped here only; a spec's own values apply, and the same knob set both ways
+    to different values is one error naming both."""
+    config = pipe.generation_config(1.8, (0.0, 0.7), None, "sde-heun", 20, 2.0)
+    assert config.spec == SamplingSpec(sampler="sde-heun", num_steps=20, cfg=1.8, guidance_high=0.7, time_shift=2.0)
+    spec = SamplingSpec(sampler="heun", num_steps=12, cfg=2.5)
+    assert pipe.generation_config(1.0, (0.0, 1.0), None, spec, 50).spec == spec  # keywords at their defaults
+    assert pipe.generation_config(1.0, (0.0, 0.7), 3, spec, 50).spec.cfg_channels == 3
+    with pytest.raises(ValueError, match=r"guidance_scale=4.0 and the SamplingSpec's cfg=2.5 are the same setting"):
+        pipe.generation_config(4.0, (0.0, 1.0), None, spec, 50)

@@ -60,7 +60,7 @@ def exported(tmp_path_factory):
     tiny_vae().save_pretrained(root / "vae")
     metrics = root / "samples.npz.metrics.json"
     metrics.write_text(json.dumps({**METRICS, "num_samples": 50000, "num_reference": 10000, "reference": "/r/ref.npz"}))
-    generation = {"sampler": {"mode": "sde", "sampler": "euler", "num_steps": 250}, "cfg_scale": 1.8}
+    generation = {"spec": {"sampler": "sde-euler", "num_steps": 250, "cfg": 1.8}}  # a SamplingSpec, as recorded
     (root / "samples.json").write_text(json.dumps({"settings": {"generation": generation}}))
     out = root / "my-sit"
     args = ["--ckpt", str(ckpt), "--out", str(out), "--vae", str(root / "vae"), "--license", "mit"]
@@ -127,7 +127,7 @@ def test_model_card(exported, tmp_path, capsys):
         and "| Recall | 0.55 |" in body
         and "50,000 samples, against ref.npz (10,000 images)" in body
     )
-    assert "Samples drawn with: euler (sde), 250 steps, guidance scale 1.8." in body
+    assert "Samples drawn with: sde-euler, 250 steps, guidance scale 1.8." in body
     assert 'DiffusionPipeline.from_pretrained("my-sit", trust_remote_code=True)' in body
     assert 'SiTPipeline.from_pretrained("my-sit")' in body
 

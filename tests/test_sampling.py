@@ -47,13 +47,13 @@ def test_grid_png(assets, tmp_path):
 
 def test_npz_shape_labels_and_metadata(assets, tmp_path):
     out = tmp_path / "samples.npz"
-    run(assets, "--num-samples", "20", "--batch-size", "8", "--out", str(out), "--mode", "sde", "--cfg", "1.5")
+    run(assets, "--num-samples", "20", "--batch-size", "8", "--out", str(out), "--sampler", "sde-euler", "--cfg", "1.5")
     with np.load(out) as data:
         assert data["arr_0"].shape == (20, 16, 16, 3) and data["arr_0"].dtype == np.uint8
         assert np.bincount(data["arr_1"], minlength=10).tolist() == [2] * 10  # balanced
         assert data["arr_0"].std() > 1  # not a constant image
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["world_size"] == 1 and meta["settings"]["generation"]["cfg_scale"] == 1.5
+    assert meta["world_size"] == 1 and meta["settings"]["generation"]["spec"]["cfg"] == 1.5
     assert len(meta["settings"]["weights_sha256"]) == 64
     assert not (tmp_path / "samples.npz.shards").exists()
 
@@ -202,3 +202,16 @@ def test_loss_plot_shows_the_last_preview_beside_the_curve(tmp_path):
     preview = generation.save_labelled_grid(torch.zeros(2, 3, 16, 16), ["0", "1"], tmp_path / "step_00000020.png")
     both = Image.open(plot_losses(metrics, tmp_path / "both.png", preview)).size
     assert both[0] > 1.5 * alone[0]
+
+
+def test_the_0_4_flag_spellings_still_work_with_a_warning(capsys):
+    """`--mode sde --sampler heun` is `--sampler sde-heun` and `--cfg-scale` is `--cfg`, with a warning each; both
+    spellings of one knob with different values is one usage error naming both."""
+    with pytest.warns(FutureWarning, match="--mode is deprecated: pass --sampler sde-heun"):
+        old = sample_cli.parse_args(["--ckpt", "x", "--mode", "sde", "--sampler", "heun", "--num-steps", "9"])
+    assert old.spec == sample_cli.parse_args(["--ckpt", "x", "--sampler", "sde-heun", "--num-steps", "9"]).spec
+    with pytest.warns(FutureWarning, match="--cfg-scale is deprecated: pass --cfg"):
+        assert sample_cli.parse_args(["--ckpt", "x", "--cfg-scale", "2.5"]).spec.cfg == 2.5
+    with pytest.raises(SystemExit):
+        sample_cli.parse_args(["--ckpt", "x", "--cfg", "3", "--cfg-scale", "2"])
+    assert "--cfg 3.0 and --cfg-scale 2.0 are the same setting" in capsys.readouterr().err

@@ -71,7 +71,7 @@ def test_bad_sweeps_fail_before_any_work(tmp_path, capsys):
     assert "the guidance grid is empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sweep.main([*base, "--ref", "r.npz", "--time-shift", "0"])
-    assert "time_shift must be a finite number > 0" in capsys.readouterr().err
+    assert "--time-shift must be a finite number > 0" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="reference .*missing.npz does not exist"):
         sweep.main([*base, "--ref", str(tmp_path / "missing.npz")])
     assert not (tmp_path / "sweep").exists()

@@ -281,7 +281,7 @@ def test_compiled_training_matches_eager_and_never_recompiles(tmp_path, monkeypa
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     torch._dynamo.reset()
-    extra = {"log.sample_every": 2, "log.sample_cfg": 2.0, "log.sample_steps": 2}
+    extra = {"preview.every": 2, "preview.cfg": 2.0, "preview.num_steps": 2}
     eager = train(load_config(DEMO, tiny_overrides(tmp_path / "eager", 4, **extra)), "none", False)
     with torch._dynamo.config.patch(error_on_recompile=True):
         config = load_config(DEMO, tiny_overrides(tmp_path / "compiled", 4, **extra, **{"train.compile": True}))

@@ -17,6 +17,7 @@ from sit_atconv.evaluation import evaluate, metrics
 from sit_atconv.models.loading import load_model
 from sit_atconv.training import evaluation as training_evaluation
 from sit_atconv.training import load_config, train
+from sit_atconv.transport import SamplingSpec
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo" / "digits.yaml"
 
@@ -67,7 +68,7 @@ def test_training_evaluates_the_ema_with_the_shared_sampling_and_metrics(
     # The samples are sample.py's from the checkpoint's EMA weights, and the numbers eval_fid.py's on them.
     ema = load_model(run / "checkpoints" / "step_00000004")
     config_4 = generation.GenerationConfig(
-        sampler=generation.SamplerConfig(num_steps=2), cfg_scale=1.5, seed=0, path="linear", prediction="velocity"
+        spec=SamplingSpec(num_steps=2, cfg=1.5), seed=0, path="linear", prediction="velocity"
     )
     from accelerate import Accelerator
 
@@ -122,12 +123,18 @@ def test_bad_eval_settings_fail_before_the_run_writes_anything(reference, tmp_pa
     for extra, error, message in (
         ({"eval.reference": str(tmp_path / "none.npz")}, FileNotFoundError, "eval.reference .*none.npz does not exist"),
         ({"eval.metrics": "fid,bogus"}, ValueError, "bogus"),
-        ({"eval.sampler": "rk4"}, ValueError, "eval.sampler='rk4' is not a sampler"),
         ({"data.resolution": 16, "model.input_size": 16}, ValueError, "holds 8x8 images but the model generates 16x16"),
     ):
         config = load_config(DEMO, eval_overrides(run, reference, "unused.pth", **extra))
         with pytest.raises(error, match=message):
             train(config, resume="none", progress=False)
+    for extra, message in (  # how the samples are drawn: checked at load, as sample.py checks its flags
+        ({"eval.sampler": "rk4"}, "eval.sampler='rk4' is not one of"),
+        ({"eval.guidance_low": 0.8, "eval.guidance_high": 0.2}, "eval.guidance_low 0.8 is above guidance_high 0.2"),
+        ({"eval.last_step_size": 1.5, "eval.sampler": "sde-euler"}, "eval.last_step_size must be in"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_config(DEMO, eval_overrides(run, reference, "unused.pth", **extra))
     config = load_config(DEMO, tiny_overrides(run, **{"eval.every": 5}))
     with pytest.raises(ValueError, match="eval.every > 0 needs eval.reference"):
         train(config, resume="none", progress=False)

@@ -10,7 +10,7 @@ from sit_atconv.transport import (
     PATHS,
     SAMPLERS,
     SampleNoise,
-    SamplerConfig,
+    SamplingSpec,
     Transport,
     guided_predictor,
     sample,
@@ -76,7 +76,7 @@ def run_sampler(transport, config, n=4000, seed=0, model=None, labels=None, cfg_
     model = model or MixtureModel(transport, {0: [(1.0, MEAN.double(), VAR.double())]})
     randn_like = seeded_randn_like(seed)
     x = randn_like(torch.empty(n, MEAN.numel(), dtype=torch.float64))
-    predict = guided_predictor(model, labels, cfg_scale=cfg_scale, null_class=null)
+    predict = guided_predictor(model, labels, cfg=cfg_scale, null_class=null)
     return sample(predict, transport, x, config, randn_like)
 
 
@@ -92,7 +92,7 @@ def assert_gaussian(samples, tol_mean=0.08, tol_var=0.15):
 @pytest.mark.parametrize("sampler,steps", [("euler", 200), ("heun", 40), ("dopri5", 1)])
 def test_ode_samplers_reproduce_gaussian(path, sampler, steps):
     transport = Transport(path=path)
-    samples, calls = run_sampler(transport, SamplerConfig(mode="ode", sampler=sampler, num_steps=steps))
+    samples, calls = run_sampler(transport, SamplingSpec(sampler=sampler, num_steps=steps))
     assert_gaussian(samples)
     if sampler == "euler":
         assert calls == steps
@@ -106,7 +106,7 @@ def test_ode_samplers_reproduce_gaussian(path, sampler, steps):
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
 def test_sde_samplers_reproduce_gaussian(path, sampler):
     transport = Transport(path=path)
-    config = SamplerConfig(mode="sde", sampler=sampler, num_steps=250 if sampler == "euler" else 100)
+    config = SamplingSpec(sampler=f"sde-{sampler}", num_steps=250 if sampler == "euler" else 100)
     samples, calls = run_sampler(transport, config)
     assert_gaussian(samples)
     assert calls == (config.num_steps if sampler == "euler" else 2 * (config.num_steps - 1) + 1)
@@ -122,19 +122,19 @@ def test_time_shift_grid_is_sd3s_and_keeps_its_ends():
     assert time_grid(1.0, 0.0, 5, 3.0)[2] == 0.75  # the midpoint moves towards the noise for s > 1
     shifted = time_grid(0.96, 0.04, 7, 2.0)  # other ends: the shift acts on the position between them
     assert shifted[0] == 0.96 and shifted[-1] == 0.04 and (shifted.diff() < 0).all()
-    sde = sampling_grid(Transport(), SamplerConfig(mode="sde", num_steps=5, time_shift=2.0))
+    sde = sampling_grid(Transport(), SamplingSpec(sampler="sde-euler", num_steps=5, time_shift=2.0))
     assert sde[-1] == 0.0 and sde[-2] == pytest.approx(0.04) and (sde.diff() < 0).all()  # the last step stays
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="time_shift must be a finite number > 0"):
-            SamplerConfig(time_shift=bad)
+            SamplingSpec(time_shift=bad)
 
 
 @pytest.mark.parametrize(
     "config",
     [
-        SamplerConfig(sampler="heun", num_steps=25, time_shift=3.0),
-        SamplerConfig(sampler="euler", num_steps=200, time_shift=0.5),
-        SamplerConfig(mode="sde", sampler="heun", num_steps=100, time_shift=2.0),
+        SamplingSpec(sampler="heun", num_steps=25, time_shift=3.0),
+        SamplingSpec(sampler="euler", num_steps=200, time_shift=0.5),
+        SamplingSpec(sampler="sde-heun", num_steps=100, time_shift=2.0),
     ],
 )
 def test_time_shifted_grids_still_reach_the_exact_distribution(config):
@@ -145,7 +145,7 @@ def test_time_shifted_grids_still_reach_the_exact_distribution(config):
 @pytest.mark.parametrize("prediction", ["noise", "score"])
 def test_noise_and_score_predictions_sample_the_same_distribution(prediction):
     transport = Transport(path="linear", prediction=prediction)
-    samples, _ = run_sampler(transport, SamplerConfig(mode="ode", sampler="heun", num_steps=60))
+    samples, _ = run_sampler(transport, SamplingSpec(sampler="heun", num_steps=60))
     assert_gaussian(samples)
 
 
@@ -155,7 +155,7 @@ def test_sde_last_steps_and_diffusion_forms(last_step, form):
     if form == "constant" and last_step == "mean":
         pytest.skip("a noiseless mean step of 0.04 with D = 1 shrinks the spread by design (about 30% here)")
     transport = Transport(path="linear")
-    config = SamplerConfig(mode="sde", num_steps=200, diffusion_form=form, last_step=last_step)
+    config = SamplingSpec(sampler="sde-euler", num_steps=200, diffusion_form=form, last_step=last_step)
     samples, _ = run_sampler(transport, config, n=3000)
     assert_gaussian(samples)
 
@@ -173,8 +173,8 @@ def test_cfg_moves_samples_towards_the_class_mode():
 
     def own_mode_fraction(cfg_scale):
         x = torch.randn(2000, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        predict = guided_predictor(model, labels, cfg_scale=cfg_scale, null_class=2)
-        out, _ = sample(predict, transport, x, SamplerConfig(sampler="heun", num_steps=60))
+        predict = guided_predictor(model, labels, cfg=cfg_scale, null_class=2)
+        out, _ = sample(predict, transport, x, SamplingSpec(sampler="heun", num_steps=60))
         sign = torch.where(labels == 0, -1.0, 1.0)
         return ((out[:, 0] * sign) > 1.5).double().mean().item()
 
@@ -191,7 +191,7 @@ def test_cfg_scale_one_is_the_conditional_model_with_one_forward():
 
     x = torch.zeros(4, 3, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 3])
-    out = guided_predictor(model, labels, cfg_scale=1.0, null_class=10)(x, torch.tensor(0.5))
+    out = guided_predictor(model, labels, cfg=1.0, null_class=10)(x, torch.tensor(0.5))
     assert torch.equal(out[:, 0], labels.double()) and calls == [4]
 
 
@@ -201,18 +201,18 @@ def test_guidance_interval_and_channels():
 
     x = torch.zeros(2, 4, dtype=torch.float64)
     labels = torch.tensor([1, 2])
-    predict = guided_predictor(model, labels, cfg_scale=3.0, null_class=9, guidance_low=0.2, guidance_high=0.7)
+    predict = guided_predictor(model, labels, cfg=3.0, null_class=9, guidance_low=0.2, guidance_high=0.7)
     assert torch.equal(predict(x, torch.tensor(0.5)), torch.full((2, 4), 3.0, dtype=torch.float64))
     assert torch.equal(predict(x, torch.tensor(0.9)), torch.ones(2, 4, dtype=torch.float64))  # outside: cond
     assert torch.equal(predict(x, torch.tensor(0.1)), torch.ones(2, 4, dtype=torch.float64))
-    three = guided_predictor(model, labels, cfg_scale=3.0, null_class=9, cfg_channels=3)(x, torch.tensor(0.5))
+    three = guided_predictor(model, labels, cfg=3.0, null_class=9, cfg_channels=3)(x, torch.tensor(0.5))
     assert torch.equal(three[:, :3], torch.full((2, 3), 3.0, dtype=torch.float64))
     assert torch.equal(three[:, 3], torch.ones(2, dtype=torch.float64))  # channel 4 unguided
 
 
 def test_cfg_needs_a_conditional_model():
     with pytest.raises(ValueError, match="class-conditional model with a null class"):
-        guided_predictor(lambda x, t, y: x, None, cfg_scale=2.0)
+        guided_predictor(lambda x, t, y: x, None, cfg=2.0)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -275,14 +275,14 @@ def test_same_sample_index_gives_same_noise_whatever_the_batch():
 
 def test_every_caller_reads_the_one_sampler_table(monkeypatch):
     """sample() dispatches through SAMPLERS (a replaced entry is what runs), names map both ways, and
-    each sampler's keyword-only options are SamplerConfig fields (sample.py's flags come from those)."""
+    each sampler's keyword-only options are SamplingSpec fields (sample.py's flags come from those)."""
     import dataclasses
     import inspect
 
-    fields = {f.name for f in dataclasses.fields(SamplerConfig)}
+    fields = {f.name for f in dataclasses.fields(SamplingSpec)}
     for name, function in SAMPLERS.items():
-        config = SamplerConfig.from_name(name)
-        assert config.name == name and config.sampler in MODES[config.mode]
+        config = SamplingSpec(sampler=name)
+        assert config.sampler == name and name.removeprefix("sde-") in MODES[config.mode]
         keywords = [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
         assert set(keywords) <= fields, name
         assert list(inspect.signature(function).parameters)[:5] == ["predict", "transport", "x", "ts", "randn_like"]
@@ -294,38 +294,57 @@ def test_every_caller_reads_the_one_sampler_table(monkeypatch):
 
     monkeypatch.setitem(SAMPLERS, "sde-heun", spy)
     x = torch.zeros(2, 3)
-    out, calls = sample(lambda x, t: x, Transport(), x, SamplerConfig(mode="sde", sampler="heun", last_step="none"))
+    out, calls = sample(lambda x, t: x, Transport(), x, SamplingSpec(sampler="sde-heun", last_step="none"))
     assert out is x and calls == 0
     assert seen == [{"diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "none"}]
 
 
 def test_sampling_grids():
     transport = Transport()
-    torch.testing.assert_close(sampling_grid(transport, SamplerConfig(num_steps=4)), torch.linspace(1, 0, 5).double())
-    dopri5 = sampling_grid(transport, SamplerConfig(sampler="dopri5"))  # its own steps between the ends
+    torch.testing.assert_close(sampling_grid(transport, SamplingSpec(num_steps=4)), torch.linspace(1, 0, 5).double())
+    dopri5 = sampling_grid(transport, SamplingSpec(sampler="dopri5"))  # its own steps between the ends
     assert (dopri5[0].item(), dopri5[-1].item()) == (1.0, 0.0)
-    sde = sampling_grid(transport, SamplerConfig(mode="sde", num_steps=5))
+    sde = sampling_grid(transport, SamplingSpec(sampler="sde-euler", num_steps=5))
     torch.testing.assert_close(sde[:-1], torch.linspace(1, 0.04, 5).double())  # REPA's grid, then the last step
     assert sde[-1] == 0.0
     noise_model = Transport(prediction="noise")  # singular at both ends: SiT keeps sample_eps from them
-    ends = sampling_grid(noise_model, SamplerConfig(mode="sde", num_steps=5, last_step="none"))
+    ends = sampling_grid(noise_model, SamplingSpec(sampler="sde-euler", num_steps=5, last_step="none"))
     assert len(ends) == 5 and ends[0] == 1 - noise_model.sample_eps and ends[-1] == noise_model.sample_eps
 
 
 def test_bad_sampler_configs():
-    with pytest.raises(ValueError, match="unknown sampling mode 'pde'"):
-        SamplerConfig(mode="pde")
-    with pytest.raises(ValueError, match="unknown sde sampler 'dopri5'"):
-        SamplerConfig(mode="sde", sampler="dopri5")
+    with pytest.raises(ValueError, match="unknown sampler 'pde-euler'"):
+        SamplingSpec(sampler="pde-euler")
+    with pytest.raises(ValueError, match="unknown sampler 'sde-dopri5'"):
+        SamplingSpec(sampler="sde-dopri5")
+    with pytest.raises(ValueError, match="guidance_low 0.8 is above guidance_high 0.2"):
+        SamplingSpec(guidance_low=0.8, guidance_high=0.2)
     with pytest.raises(ValueError, match="num_steps must be a positive integer, got -3"):
-        SamplerConfig(num_steps=-3)
+        SamplingSpec(num_steps=-3)
     with pytest.raises(ValueError, match="unknown sampler 'rk4'; expected one of"):
-        SamplerConfig.from_name("rk4")
+        SamplingSpec(sampler="rk4")
     with pytest.raises(ValueError, match="unknown last_step 'midpoint'"):
-        SamplerConfig(mode="sde", last_step="midpoint")
+        SamplingSpec(sampler="sde-euler", last_step="midpoint")
     with pytest.raises(ValueError, match="unknown diffusion_form 'cubic'"):
-        SamplerConfig(mode="sde", diffusion_form="cubic")
+        SamplingSpec(sampler="sde-euler", diffusion_form="cubic")
     with pytest.raises(ValueError, match="unknown path 'sine'"):
         Transport(path="sine")
     with pytest.raises(ValueError, match="unknown prediction 'x0'"):
         Transport(prediction="x0")
+
+
+def test_the_0_4_spellings_still_work_with_a_warning():
+    """SamplerConfig(mode, sampler) and guided_predictor(cfg_scale=...) for one more release: the same spec and
+    predictions, a DeprecationWarning; both spellings of one knob with different values is an error."""
+    from sit_atconv.transport import SamplerConfig
+
+    with pytest.warns(DeprecationWarning, match="SamplingSpec"):
+        old = SamplerConfig(mode="sde", sampler="heun", num_steps=7)
+    assert old == SamplingSpec(sampler="sde-heun", num_steps=7)
+    model = lambda x, t, y: x * (1 + y.float()[:, None])  # noqa: E731
+    x, labels = torch.randn(2, 3), torch.tensor([1, 2])
+    with pytest.warns(DeprecationWarning, match="cfg_scale is now called cfg"):
+        before = guided_predictor(model, labels, cfg_scale=2.0, null_class=0)(x, torch.tensor(0.5))
+    torch.testing.assert_close(before, guided_predictor(model, labels, cfg=2.0, null_class=0)(x, torch.tensor(0.5)))
+    with pytest.raises(ValueError, match="cfg_scale=2.0 and cfg=3.0 are the same setting"):
+        guided_predictor(model, labels, cfg=3.0, cfg_scale=2.0, null_class=0)

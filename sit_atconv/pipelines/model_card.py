@@ -183,12 +183,12 @@ def metrics_lines(metrics: dict) -> list[str]:
     lines += ["", f"Computed by eval_fid.py (ADM's evaluator definitions){': ' + ', '.join(counts) if counts else ''}."]
     sampling = metrics.get("sampling")
     if isinstance(sampling, dict):
-        sampler = sampling.get("sampler") or {}
-        parts = [f"{sampler.get('sampler', '?')} ({sampler.get('mode', '?')}), {sampler.get('num_steps', '?')} steps"]
-        if sampling.get("cfg_scale") is not None:
-            parts.append(f"guidance scale {sampling['cfg_scale']}")
-        if (sampling.get("guidance_low"), sampling.get("guidance_high")) not in ((None, None), (0.0, 1.0)):
-            parts.append(f"guidance interval [{sampling.get('guidance_low')}, {sampling.get('guidance_high')}]")
+        spec = sampling.get("spec") or {}  # a SamplingSpec, as the samples' record keeps it
+        parts = [f"{spec.get('sampler', '?')}, {spec.get('num_steps', '?')} steps"]
+        if spec.get("cfg") is not None:
+            parts.append(f"guidance scale {spec['cfg']}")
+        if (spec.get("guidance_low"), spec.get("guidance_high")) not in ((None, None), (0.0, 1.0)):
+            parts.append(f"guidance interval [{spec.get('guidance_low')}, {spec.get('guidance_high')}]")
         lines.append(f"Samples drawn with: {', '.join(parts)}.")
     return lines + [""]
 

@@ -16,7 +16,7 @@ time must therefore be importable at the top of its modules (see remote_code's d
 
 Sampling runs through the project's own code: guidance from `guided_predictor`, the default Euler
 steps from the diffusers scheduler on the project's time grid (identical to `sample_euler`), and any
-name of `sit_atconv.transport.SAMPLERS` (or a `SamplerConfig`) through `sit_atconv.transport.sample`.
+name of `sit_atconv.transport.SAMPLERS` (or a `SamplingSpec`) through `sit_atconv.transport.sample`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from sit_atconv.errors import UserError
 from sit_atconv.generation import GenerationConfig, check_generation
 from sit_atconv.models.loading import from_pretrained_strict, load_sit
 from sit_atconv.models.sit import SiT
-from sit_atconv.transport import SAMPLERS, SamplerConfig, Transport, sample, sampling_grid
+from sit_atconv.transport import SAMPLERS, SamplingSpec, Transport, sample, sampling_grid
 
 DEFAULT_TRANSPORT = {"path": "linear", "prediction": "velocity"}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -165,7 +165,7 @@ class SiTPipeline(DiffusionPipeline):
         return_dict: bool = True,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
         cfg_channels: int | None = None,
-        sampler: str | SamplerConfig | None = None,
+        sampler: str | SamplingSpec | None = None,
         batch_size: int | None = None,
         time_shift: float | None = None,
     ) -> ImagePipelineOutput | tuple:
@@ -182,12 +182,13 @@ class SiTPipeline(DiffusionPipeline):
             guidance_interval: (low, high) times in [0, 1] where guidance applies (REPA: (0, 0.7)).
             cfg_channels: guide only the first N channels (3 reproduces SiT/DiT's published sampler).
             sampler: None for the scheduler's Euler steps; a name of `sit_atconv.transport.SAMPLERS`
-                ("euler", "heun", "dopri5", "sde-euler", "sde-heun") or a `SamplerConfig`, to run the
-                project's samplers.
+                ("euler", "heun", "dopri5", "sde-euler", "sde-heun") or a `SamplingSpec`, to run the
+                project's samplers (a spec's own guidance and steps apply where the keywords are left at
+                their defaults; both set to different values is an error).
             batch_size: number of images of an unconditional or single-class model (default 1).
             time_shift: SD3's shift s of the time grid (`sit_atconv.transport.time_grid`; s > 1 puts more of
                 few steps near the noise); the scheduler's Euler steps follow the same grid. None: 1 (no
-                shift), or the `SamplerConfig`'s own.
+                shift), or the `SamplingSpec`'s own.
         Returns:
             `ImagePipelineOutput` with `.images`, or a one-element tuple when return_dict is False.
 
@@ -227,20 +228,40 @@ class SiTPipeline(DiffusionPipeline):
         guidance_scale: float,
         guidance_interval: tuple[float, float],
         cfg_channels: int | None,
-        sampler: str | SamplerConfig | None,
+        sampler: str | SamplingSpec | None,
         num_inference_steps: int,
         time_shift: float | None = None,
     ) -> GenerationConfig:
-        """The sampling settings of a call (the transport is the one the model was trained with)."""
-        if not isinstance(sampler, SamplerConfig):
-            if sampler is not None and sampler not in SAMPLERS:
-                raise UserError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)} or a SamplerConfig")
-            sampler = SamplerConfig.from_name(sampler or "euler", num_steps=num_inference_steps)
-        if time_shift is not None:
-            sampler = dataclasses.replace(sampler, time_shift=time_shift)
+        """The sampling settings of a call: diffusers' keywords mapped onto a SamplingSpec (guidance_scale is its
+        `cfg`, num_inference_steps its `num_steps`); the transport is the one the model was trained with."""
         low, high = guidance_interval
-        guidance = dict(cfg_scale=guidance_scale, guidance_low=low, guidance_high=high, cfg_channels=cfg_channels)
-        return GenerationConfig(sampler=sampler, **guidance, **self.config.transport)
+        keywords = {
+            "cfg": (guidance_scale, 1.0, "guidance_scale"),
+            "guidance_low": (low, 0.0, "guidance_interval"),
+            "guidance_high": (high, 1.0, "guidance_interval"),
+            "cfg_channels": (cfg_channels, None, "cfg_channels"),
+            "num_steps": (num_inference_steps, 50, "num_inference_steps"),
+            "time_shift": (time_shift, None, "time_shift"),
+        }
+        if isinstance(sampler, SamplingSpec):
+            spec, defaults = sampler, SamplingSpec()
+            changes = {}
+            for name, (value, default, keyword) in keywords.items():
+                if value == default or value == getattr(spec, name):
+                    continue
+                if getattr(spec, name) != getattr(defaults, name):
+                    raise UserError(
+                        f"{keyword}={value!r} and the SamplingSpec's {name}={getattr(spec, name)!r} are the same "
+                        "setting; give it once"
+                    )
+                changes[name] = value
+            spec = dataclasses.replace(spec, **changes)
+        else:
+            if sampler is not None and sampler not in SAMPLERS:
+                raise UserError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)} or a SamplingSpec")
+            values = {name: value for name, (value, default, _) in keywords.items() if value is not None}
+            spec = SamplingSpec(sampler=sampler or "euler", **values)
+        return GenerationConfig(spec=spec, **self.config.transport)
 
     def check_inputs(
         self,
@@ -279,7 +300,7 @@ class SiTPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Integrate x from t = 1 to 0 with guidance: the scheduler's Euler steps where it can (it always
-        ends at t = 0), else `config.sampler` (SDE noise drawn from `generator`)."""
+        ends at t = 0), else `config.spec` (SDE noise drawn from `generator`)."""
         model = self.transformer
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -287,14 +308,14 @@ class SiTPipeline(DiffusionPipeline):
 
         predict = config.predictor(model_fn, labels, model.null_class)
         transport = Transport(path=config.path, prediction=config.prediction)
-        grid = sampling_grid(transport, config.sampler)
+        grid = sampling_grid(transport, config.spec)
         if use_scheduler and grid[-1] == 0.0:
             return self._scheduler_loop(predict, transport, x, grid)
 
         def randn_like(like: torch.Tensor) -> torch.Tensor:
             return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
-        return sample(predict, transport, x, config.sampler, randn_like)[0]
+        return sample(predict, transport, x, config.spec, randn_like)[0]
 
     def decode(self, x: torch.Tensor, output_type: str):
         """Samples -> images of `output_type` (latent models through the VAE)."""

@@ -26,6 +26,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from sit_atconv.errors import UserError
 from sit_atconv.models.registry import list_models, model_config
 from sit_atconv.models.sit import SiT
 from sit_atconv.repa import ENCODERS
+from sit_atconv.transport.samplers import SamplingSpec
 from sit_atconv.transport.transport import LOSS_WEIGHTS, PATHS, PREDICTIONS, TIME_SAMPLINGS
 
 
@@ -146,30 +148,54 @@ class CheckpointConfig:
 class LogConfig:
     every: int = at_least(100, 1)  # steps between rows of metrics.csv and tracker logs
     tracker: str = choice("tensorboard", ("tensorboard", "wandb", "none"))  # Accelerate tracker, writing to logs/
-    sample_every: int = at_least(0, 0)  # steps between EMA preview grids in samples/; 0: none
-    sample_classes: list[int] | None = None  # labels of the preview grid; None: DiT's 8 for ImageNet, else 0, 1, ...
-    sample_steps: int = at_least(50, 1)  # sampler steps per preview
-    sample_cfg: float = at_least(1.0, 0)  # classifier-free guidance scale of the previews; 1: no guidance
-    preview_vae: str | None = None  # VAE (hub id or folder) decoding latent previews; None: no latent previews
+    preview_vae: str | None = None  # VAE (hub id or folder) decoding latent previews and evaluations; None: none
 
 
-@dataclass
-class EvalConfig:  # sample with the EMA weights and score them while training (sample.py's and eval_fid.py's code)
-    every: int = at_least(0, 0)  # steps between evaluations; 0: none
-    reference: str | None = None  # ADM reference batch (.npz) or image folder, at the samples' resolution
-    num_samples: int = at_least(10_000, 1)  # samples per evaluation, balanced over the classes, over all processes
-    batch_size: int = at_least(32, 1)  # samples per process and forward
-    metrics: str = "fid,is,pr"  # eval_fid.py's --metrics (fid, sfid, is, pr, fd_dinov2)
-    sampler: str = "euler"  # a name of sit_atconv.transport.SAMPLERS (euler, heun, sde-euler, ...)
-    num_steps: int = at_least(50, 1)  # sampler steps
-    cfg: float = at_least(1.0, 0)  # classifier-free guidance scale; 1: none
-    guidance_low: float = at_least(0.0, 0, 1)  # guidance interval in t (REPA: [0, 0.7])
-    guidance_high: float = at_least(1.0, 0, 1)
-    time_shift: float = positive(1.0)  # time shift of the sampler's grid (sample.py --time-shift)
-    seed: int = at_least(0, 0)  # noise of the evaluation samples: the same at every evaluation
-    inception_weights: str | None = None  # local TF-FID Inception weights; None: eval_fid.py's search
-    dinov2_weights: str | None = None  # local DINOv2 weights for fd_dinov2; None: timm's hub
-    keep_samples: bool = False  # keep each evaluation's .npz (eval/step_N.npz); else only its metrics JSON
+def _sampling_fields() -> list[tuple]:
+    """The fields of SamplingSpec (sampler, num_steps, cfg, guidance_low/high, cfg_channels, time_shift and every
+    sampler option) as config fields with the same names, defaults, choices and bounds: the `eval` and `preview`
+    sections take what sample.py's flags take."""
+    hints = typing.get_type_hints(SamplingSpec)
+    return [
+        (f.name, hints[f.name], field(default=f.default, metadata=dict(f.metadata)))
+        for f in dataclasses.fields(SamplingSpec)
+    ]
+
+
+def _section(name: str, doc: str, before: list[tuple], after: list[tuple] = ()) -> type:
+    cls = dataclasses.make_dataclass(name, [*before, *_sampling_fields(), *after])
+    cls.__module__, cls.__doc__ = __name__, doc
+    return cls
+
+
+# The EMA preview grids while training (samples/step_N.png): every, classes, and how they are sampled.
+PreviewConfig = _section(
+    "PreviewConfig",
+    "EMA preview grids in samples/: `every` steps (0: none) with `classes` (None: DiT's 8 for ImageNet, else 0, 1,"
+    " ...), sampled as SamplingSpec's fields say.",
+    [("every", int, at_least(0, 0)), ("classes", list[int] | None, field(default=None))],
+)
+
+
+# Evaluation while training: sample with the EMA weights and score them (sample.py's and eval_fid.py's code).
+EvalConfig = _section(
+    "EvalConfig",
+    "Evaluations while training (sample.py's and eval_fid.py's code): every, reference, samples, metrics, and how"
+    " the samples are drawn (SamplingSpec's fields), with the same noise (seed) at every evaluation.",
+    [
+        ("every", int, at_least(0, 0)),  # steps between evaluations; 0: none
+        ("reference", str | None, field(default=None)),  # ADM reference batch (.npz) or image folder
+        ("num_samples", int, at_least(10_000, 1)),  # samples per evaluation, balanced over the classes
+        ("batch_size", int, at_least(32, 1)),  # samples per process and forward
+        ("metrics", str, field(default="fid,is,pr")),  # eval_fid.py's --metrics (fid, sfid, is, pr, fd_dinov2)
+    ],
+    [
+        ("seed", int, at_least(0, 0)),  # noise of the evaluation samples: the same at every evaluation
+        ("inception_weights", str | None, field(default=None)),  # local TF-FID Inception weights; None: search
+        ("dinov2_weights", str | None, field(default=None)),  # local DINOv2 weights for fd_dinov2; None: the hub
+        ("keep_samples", bool, field(default=False)),  # keep each evaluation's eval/step_N.npz
+    ],
+)
 
 
 @dataclass
@@ -182,6 +208,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -193,8 +220,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     Raises ValueError naming the bad key or value, FileNotFoundError for a missing file."""
     layers = _load_with_bases(Path(path)) if path is not None else []
-    layers += [_parse_override(o) for o in overrides or []]
+    if overrides:  # the command line is one layer: two spellings of one knob there are one error
+        layers.append(OmegaConf.merge(*[_parse_override(o) for o in overrides]))
     for layer in layers:
+        _respell_deprecated(layer)
         _check_layer(layer)
     try:
         config = OmegaConf.merge(OmegaConf.structured(Config), *layers)
@@ -210,6 +239,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+# 0.4's keys and their names now (one spelling per knob: `cfg`, `num_steps`); for one more release they work,
+# with a warning.
+DEPRECATED_KEYS = {
+    "log.sample_every": "preview.every",
+    "log.sample_classes": "preview.classes",
+    "log.sample_steps": "preview.num_steps",
+    "log.sample_cfg": "preview.cfg",
+}
+
+
+def _respell_deprecated(layer: DictConfig) -> None:
+    """Move 0.4's keys of a config layer to their new names, warning; the old and the new key with different
+    values in one layer are one error naming both."""
+    for old, new in DEPRECATED_KEYS.items():
+        old_section, old_key = old.split(".")
+        if not isinstance(layer.get(old_section), DictConfig) or old_key not in layer[old_section]:
+            continue
+        value = layer[old_section].pop(old_key)
+        new_section, new_key = new.split(".")
+        if new_section not in layer:
+            layer[new_section] = {}
+        target = layer[new_section]
+        if new_key in target and target[new_key] != value:
+            raise UserError(f"{old}={value!r} and {new}={target[new_key]!r} are the same setting; give {new} only")
+        warnings.warn(f"config key {old} is deprecated: use {new}", FutureWarning, stacklevel=4)
+        target[new_key] = value
+
+
 def _did_you_mean(full_key: str) -> str:
     """'; did you mean train.max_steps?' for a misspelt dotted key (or section), else ''."""
     section, _, key = full_key.partition(".")
@@ -223,6 +280,11 @@ def _did_you_mean(full_key: str) -> str:
 
 def _check_across_sections(config: DictConfig) -> None:
     """Settings that are each valid but do not fit together, refused at load time rather than at the first step."""
+    for section in ("preview", "eval"):  # the sampling settings together (an inverted guidance interval, ...)
+        try:
+            sampling_spec(config[section])
+        except UserError as error:
+            raise UserError(f"{section}.{error}") from error
     depth = model_config(config.model.name, **model_overrides(config))["depth"]
     if config.repa.enabled and config.repa.encoder_depth > depth:
         raise UserError(
@@ -253,6 +315,11 @@ def _check_value(key: str, value: Any, rules: typing.Mapping) -> None:
         raise UserError(f"{key}={value}: expected a value > {rules['above']}")
     if "below" in rules and value >= rules["below"]:
         raise UserError(f"{key}={value}: expected a value < {rules['below']}")
+
+
+def sampling_spec(section: DictConfig) -> SamplingSpec:
+    """The SamplingSpec of a config section holding its fields (`eval`, `preview`)."""
+    return SamplingSpec(**{f.name: section[f.name] for f in dataclasses.fields(SamplingSpec)})
 
 
 def model_overrides(config: DictConfig) -> dict[str, Any]:

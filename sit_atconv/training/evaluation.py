@@ -25,7 +25,7 @@ from sit_atconv.evaluation.evaluator import (
 from sit_atconv.evaluation.metrics import RESULTS
 from sit_atconv.generation import GenerationConfig, sample_to_npz, weights_digest
 from sit_atconv.io import write_json_atomic
-from sit_atconv.transport import SAMPLERS, SamplerConfig
+from sit_atconv.training.config import sampling_spec
 
 # The numbers an evaluation adds to metrics.csv: every result of the metric table.
 EVAL_FIELDS = tuple(RESULTS)
@@ -38,11 +38,7 @@ def check_eval_config(config: DictConfig, image_size: int | None) -> None:
     ec = config.eval
     if not ec.every:
         return
-    parse_metrics(ec.metrics)
-    if ec.sampler not in SAMPLERS:
-        raise UserError(f"eval.sampler={ec.sampler!r} is not a sampler; expected one of {list(SAMPLERS)}")
-    if ec.guidance_low > ec.guidance_high:
-        raise UserError(f"eval.guidance_low={ec.guidance_low} is above eval.guidance_high={ec.guidance_high}")
+    parse_metrics(ec.metrics)  # (how the samples are drawn was checked at load: `load_config`)
     if not ec.reference:
         raise UserError("eval.every > 0 needs eval.reference: an ADM reference batch (.npz) or an image folder")
     if not Path(ec.reference).exists():
@@ -88,10 +84,7 @@ class TrainingEvaluation:
                         stacklevel=2,
                     )
         self.generation = GenerationConfig(
-            sampler=SamplerConfig.from_name(ec.sampler, num_steps=ec.num_steps, time_shift=ec.time_shift),
-            cfg_scale=ec.cfg,
-            guidance_low=ec.guidance_low,
-            guidance_high=ec.guidance_high,
+            spec=sampling_spec(ec),
             seed=ec.seed,
             path=config.transport.path,
             prediction=config.transport.prediction,

@@ -59,10 +59,10 @@ from sit_atconv.training.checkpoint import (
     set_aside_later_steps,
     set_aside_previous_run,
 )
-from sit_atconv.training.config import model_overrides, resume_changes, save_config
+from sit_atconv.training.config import model_overrides, resume_changes, sampling_spec, save_config
 from sit_atconv.training.evaluation import TrainingEvaluation, check_eval_config
 from sit_atconv.training.logs import StepStats, TrainingLog, record_config_changes
-from sit_atconv.transport import SamplerConfig, Transport, sample_seed
+from sit_atconv.transport import Transport, sample_seed
 
 # ------------------------------------------------------------------------------------------------
 # What is trained
@@ -268,7 +268,7 @@ def all_finite(accelerator, loss: torch.Tensor, grad_norm: torch.Tensor) -> torc
 def preview_autoencoder(config: DictConfig, accelerator):
     """The VAE of the preview grids: None for pixel models, False when previews are off (or a latent
     model has no log.preview_vae)."""
-    if not config.log.sample_every or not accelerator.is_main_process:
+    if not config.preview.every or not accelerator.is_main_process:
         return False
     if config.data.kind != "latents":
         return None
@@ -290,15 +290,14 @@ def training_evaluation(config: DictConfig, accelerator, run_dir: Path, sit) -> 
 
 
 def preview(config: DictConfig, ema, vae, device: torch.device, path: Path) -> None:
-    """An EMA sample grid with the transport sampler (decoded with `vae` for latent models)."""
+    """An EMA sample grid as the `preview` section says (decoded with `vae` for latent models)."""
     generation = GenerationConfig(
-        sampler=SamplerConfig(num_steps=config.log.sample_steps),
-        cfg_scale=config.log.sample_cfg,
+        spec=sampling_spec(config.preview),
         seed=config.run.seed,
         path=config.transport.path,
         prediction=config.transport.prediction,
     )
-    sample_grid(ema, vae, generation, path, config.log.sample_classes, device=device)
+    sample_grid(ema, vae, generation, path, config.preview.classes, device=device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,7 +395,7 @@ def check_pretrained(config: DictConfig) -> None:
     """Find the pretrained networks the run will load (the VAE of latent previews and evaluations, REPA's encoder,
     FD_DINOv2's) before the run folder is created: offline without a copy, one error naming the setting that
     takes one (no hub retries)."""
-    decodes = config.log.sample_every or config.eval.every
+    decodes = config.preview.every or config.eval.every
     if config.data.kind == "latents" and decodes and config.log.preview_vae:
         autoencoder.find_vae(config.log.preview_vae, "log.preview_vae")
     if config.repa.enabled:
@@ -510,7 +509,7 @@ def train_loop(
             try:  # a non-finite step (read back here) or non-finite weights (before a checkpoint) stop the run
                 if log.due(step) or checkpoint_due:
                     consecutive_skips = review_steps(log.flush(), consecutive_skips, tc, accelerator)
-                previews = config.log.sample_every and step % config.log.sample_every == 0
+                previews = config.preview.every and step % config.preview.every == 0
                 if previews and preview_vae is not False and not stopping:
                     preview(config, ema, preview_vae, device, run_dir / "samples" / f"step_{step:08d}.png")
                 if evaluation is not None and evaluation.due(step) and not stopping:  # before the checkpoint: a

@@ -9,7 +9,7 @@ with `predict(x, t) -> model prediction` (guidance already applied, see `guided_
 a decreasing float64 time grid `ts` (from `sampling_grid`), and `randn_like(x)` for the noise of SDE
 samplers (EDM's `randn_like`; `SampleNoise.randn_like` gives every sample its own generator; None: the
 global RNG). The
-keyword-only `options` are fields of `SamplerConfig` with the same names, which `sample` passes on.
+keyword-only `options` are fields of `SamplingSpec` with the same names, which `sample` passes on.
 
 The reverse-time SDE with diffusion coefficient D(t) (g^2 = 2 D) is
     dx = [u(x, t) - D(t) score(x, t)] dt + sqrt(2 D(t)) dW,      dt < 0,
@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
+import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from sit_atconv.errors import UserError
+from sit_atconv.errors import UserError, renamed_keyword
 from sit_atconv.transport.transport import DIFFUSION_FORMS, Transport
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -71,22 +73,24 @@ class SampleNoise:
 def guided_predictor(
     model: Callable,
     labels: torch.Tensor | None,
-    cfg_scale: float = 1.0,
+    cfg: float = 1.0,
     null_class: int | None = None,
     guidance_low: float = 0.0,
     guidance_high: float = 1.0,
     cfg_channels: int | None = None,
+    **deprecated,
 ) -> Predictor:
     """Wrap `model(x, t, y)` into `predict(x, t)` with classifier-free guidance.
 
-    pred = uncond + cfg_scale * (cond - uncond), on the first `cfg_channels` channels (all when None;
+    pred = uncond + cfg * (cond - uncond), on the first `cfg_channels` channels (all when None;
     3 reproduces the SiT/DiT quirk), for t in [guidance_low, guidance_high]; elsewhere, or when
-    cfg_scale == 1, the conditional prediction from a single forward. Conditional and null labels go
-    through one batched forward. `labels` is None for unconditional models.
+    cfg == 1, the conditional prediction from a single forward. Conditional and null labels go
+    through one batched forward. `labels` is None for unconditional models. (`cfg_scale`: 0.4's name of cfg.)
     """
-    guiding = cfg_scale != 1.0
+    cfg = renamed_keyword(deprecated, "cfg_scale", "cfg", cfg, 1.0, "guided_predictor")
+    guiding = cfg != 1.0
     if guiding and (labels is None or null_class is None):
-        raise UserError("classifier-free guidance (cfg_scale != 1) needs a class-conditional model with a null class")
+        raise UserError("classifier-free guidance (cfg != 1) needs a class-conditional model with a null class")
 
     both_labels = torch.cat([labels, torch.full_like(labels, null_class)]) if guiding else None  # built once
 
@@ -97,7 +101,7 @@ def guided_predictor(
         t_both = torch.full((2 * x.shape[0],), t_value, device=x.device)
         out = model(torch.cat([x, x]), t_both, both_labels)
         cond, uncond = out.chunk(2)
-        guided = uncond + cfg_scale * (cond - uncond)
+        guided = uncond + cfg * (cond - uncond)
         if cfg_channels is None or cfg_channels >= x.shape[1]:
             return guided
         return torch.cat([guided[:, :cfg_channels], cond[:, cfg_channels:]], dim=1)
@@ -224,8 +228,8 @@ def sample_stochastic_heun(
 # The table every caller reads: sample(), SamplerConfig, SiTPipeline(sampler=...) and sample.py
 # ------------------------------------------------------------------------------------------------
 
-# name -> function. ODE samplers have bare names, SDE samplers are "sde-<name>" (sample.py: --mode sde
-# --sampler <name>). A sampler's keyword-only options must be SamplerConfig fields.
+# name -> function. ODE samplers have bare names, SDE samplers are "sde-<name>" (sample.py: --sampler sde-euler).
+# A sampler's keyword-only options must be SamplingSpec fields.
 SAMPLERS: dict[str, Callable] = {
     "euler": sample_euler,
     "heun": sample_heun,
@@ -250,72 +254,117 @@ def _modes() -> dict[str, tuple[str, ...]]:
 
 
 MODES = _modes()  # mode -> its samplers' short names: {"ode": ("euler", "heun", "dopri5"), "sde": (...)}
+SAMPLER_NAMES = tuple(SAMPLERS)
+
+
+def _is_number(value, kind: type = numbers.Real) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def check_guidance(
+    cfg: float,
+    guidance_low: float = 0.0,
+    guidance_high: float = 1.0,
+    cfg_channels: int | None = None,
+    names: Sequence[str] = ("cfg", "guidance_low", "guidance_high", "cfg_channels"),
+) -> None:
+    """Reject guidance settings that mean nothing: a scale that is not a finite number >= 0, an interval
+    [guidance_low, guidance_high] not inside [0, 1] or inverted, a channel count below 1. Errors call the
+    values by `names`."""
+    scale, low, high, channels = names
+    if not _is_number(cfg) or not math.isfinite(cfg) or cfg < 0:
+        raise UserError(f"{scale} must be a finite number >= 0, got {cfg!r}")
+    for name, value in ((low, guidance_low), (high, guidance_high)):
+        if not _is_number(value) or not 0 <= value <= 1:
+            raise UserError(f"{name} must be a time in [0, 1], got {value!r}")
+    if guidance_low > guidance_high:
+        raise UserError(f"{low} {guidance_low} is above {high} {guidance_high}; the guidance interval is inverted")
+    if cfg_channels is not None and (not _is_number(cfg_channels, numbers.Integral) or cfg_channels < 1):
+        raise UserError(f"{channels} must be a positive integer or None, got {cfg_channels!r}")
 
 
 @dataclass
-class SamplerConfig:
-    """What `sample` runs. Defaults: Euler ODE, 50 steps. SDE defaults follow REPA: grid from 1 to
-    `last_step_size` = 0.04, diffusion "sigma" (g^2 = 2t on the linear path), a final "mean" step to 0.
-    sample.py's flags are these fields (`help` and `choices` below)."""
+class SamplingSpec:
+    """How a model is sampled, besides its weights, its transport and the noise seed: the sampler (one name of
+    SAMPLERS: euler, heun, dopri5 for the ODE, sde-euler, sde-heun for the SDE), its steps and options,
+    classifier-free guidance (scale, interval in t, channels) and the time shift of the grid. The one object
+    sample.py's flags, the `eval` and `preview` config sections, the sweep, the study, the trainer's previews,
+    SiTPipeline and the GPU check build and every sampler reads (EDM2's generate_images.py: the sampler's
+    keywords are the options). The field metadata (`help`, `choices`, bounds) makes the flags and config keys.
+    SDE defaults follow REPA: a grid to `last_step_size` = 0.04, diffusion "sigma" (g^2 = 2t on the linear
+    path), a final "mean" step to 0."""
 
-    mode: str = field(default="ode", metadata={"help": "ODE or SDE sampling", "choices": tuple(MODES)})
     sampler: str = field(
         default="euler",
         metadata={
-            "help": "integrator of the mode",
-            "choices": tuple(dict.fromkeys(s for v in MODES.values() for s in v)),
+            "help": "ODE sampler (euler, heun, dopri5) or SDE sampler (sde-euler, sde-heun)",
+            "choices": SAMPLER_NAMES,
         },
     )
-    num_steps: int = field(default=50, metadata={"help": "steps of the time grid (dopri5: ignored)"})
-    atol: float = field(default=1e-6, metadata={"help": "dopri5 absolute tolerance"})
-    rtol: float = field(default=1e-3, metadata={"help": "dopri5 relative tolerance"})
+    num_steps: int = field(default=50, metadata={"help": "steps of the time grid (dopri5: ignored)", "min": 1})
+    cfg: float = field(default=1.0, metadata={"help": "classifier-free guidance scale; 1: no guidance", "min": 0})
+    guidance_low: float = field(default=0.0, metadata={"help": "guidance only from this t ...", "min": 0, "max": 1})
+    guidance_high: float = field(default=1.0, metadata={"help": "... to this t (REPA: 0.7)", "min": 0, "max": 1})
+    cfg_channels: int | None = field(
+        default=None, metadata={"help": "guide only the first N channels (3: the SiT/DiT quirk)", "min": 1}
+    )
+    time_shift: float = field(
+        default=1.0,
+        metadata={
+            "help": "SD3 time shift s of the grid, t' = s t / (1 + (s - 1) t); s > 1: more steps near noise",
+            "above": 0,
+        },
+    )
+    atol: float = field(default=1e-6, metadata={"help": "dopri5 absolute tolerance", "above": 0})
+    rtol: float = field(default=1e-3, metadata={"help": "dopri5 relative tolerance", "above": 0})
     diffusion_form: str = field(
         default="sigma", metadata={"help": "SDE diffusion coefficient D(t)", "choices": DIFFUSION_FORMS}
     )
-    diffusion_norm: float = field(default=1.0, metadata={"help": "SDE: scale of D(t)"})
+    diffusion_norm: float = field(default=1.0, metadata={"help": "SDE: scale of D(t)", "min": 0})
     last_step: str = field(
         default="mean", metadata={"help": "SDE: final deterministic step to t = 0", "choices": LAST_STEPS}
     )
-    last_step_size: float = field(default=0.04, metadata={"help": "SDE: length of that final step"})
-    time_shift: float = field(
-        default=1.0,
-        metadata={"help": "SD3 time shift s of the grid, t' = s t / (1 + (s - 1) t); s > 1: more steps near noise"},
-    )
+    last_step_size: float = field(default=0.04, metadata={"help": "SDE: length of that final step", "above": 0})
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise UserError(f"unknown sampling mode {self.mode!r}; expected one of {list(MODES)}")
-        if self.sampler not in MODES[self.mode]:
-            raise UserError(f"unknown {self.mode} sampler {self.sampler!r}; expected one of {list(MODES[self.mode])}")
-        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r}; expected one of {list(SAMPLERS)}")
+        if not _is_number(self.num_steps, numbers.Integral) or self.num_steps < 1:
             raise UserError(f"num_steps must be a positive integer, got {self.num_steps!r}")
+        check_guidance(self.cfg, self.guidance_low, self.guidance_high, self.cfg_channels)
         for option in ("diffusion_form", "last_step"):
             choices = type(self).__dataclass_fields__[option].metadata["choices"]
             if getattr(self, option) not in choices:
                 raise UserError(f"unknown {option} {getattr(self, option)!r}; expected one of {list(choices)}")
         if self.mode == "sde" and self.last_step != "none" and not 0 < self.last_step_size < 1:
             raise UserError(f"last_step_size must be in (0, 1), got {self.last_step_size}")
-        if not isinstance(self.time_shift, (int, float)) or not 0 < self.time_shift < math.inf:
+        if not _is_number(self.time_shift) or not 0 < self.time_shift < math.inf:
             raise UserError(f"time_shift must be a finite number > 0 (1: no shift), got {self.time_shift!r}")
 
-    @classmethod
-    def from_name(cls, name: str, **options) -> SamplerConfig:
-        """A config for a name of the SAMPLERS table, e.g. `SamplerConfig.from_name("sde-heun", num_steps=100)`."""
-        if name not in SAMPLERS:
-            raise UserError(f"unknown sampler {name!r}; expected one of {list(SAMPLERS)} or a SamplerConfig")
-        mode, sampler = split_name(name)
-        return cls(mode=mode, sampler=sampler, **options)
-
     @property
-    def name(self) -> str:
-        return self.sampler if self.mode == "ode" else f"{self.mode}-{self.sampler}"
+    def mode(self) -> str:
+        """ "ode" or "sde"."""
+        return split_name(self.sampler)[0]
 
     @property
     def options(self) -> dict:
-        """The keyword-only options of this config's sampler, taken from the fields of the same name."""
-        function = SAMPLERS[self.name]
+        """The keyword-only options of this spec's sampler, taken from the fields of the same name."""
+        function = SAMPLERS[self.sampler]
         keywords = [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
         return {key: getattr(self, key) for key in keywords}
+
+    def predictor(self, model_fn: Callable, labels: torch.Tensor | None, null_class: int | None) -> Predictor:
+        """`model_fn(x, t, y)` wrapped into `predict(x, t)` with this spec's guidance."""
+        return guided_predictor(
+            model_fn, labels, self.cfg, null_class, self.guidance_low, self.guidance_high, self.cfg_channels
+        )
+
+
+def SamplerConfig(mode: str = "ode", sampler: str = "euler", **options) -> SamplingSpec:  # noqa: N802
+    """Deprecated (sit-atconv 0.4): a SamplingSpec, whose `sampler` names ODE and SDE samplers in one word
+    (mode "sde" with sampler "euler" is "sde-euler"). Removed in 0.6."""
+    warnings.warn("SamplerConfig(mode, sampler) is now SamplingSpec(sampler='sde-euler', ...)", DeprecationWarning, 2)
+    return SamplingSpec(sampler=sampler if mode == "ode" else f"{mode}-{sampler}", **options)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,7 +383,7 @@ def time_grid(t_start: float, t_end: float, points: int, shift: float = 1.0) -> 
     return t_end + (t_start - t_end) * u
 
 
-def sampling_grid(transport: Transport, config: SamplerConfig) -> torch.Tensor:
+def sampling_grid(transport: Transport, config: SamplingSpec) -> torch.Tensor:
     """The decreasing time grid `config`'s sampler integrates over, inside the transport's interval.
 
     ODE: num_steps + 1 points (adaptive solvers such as dopri5 take only its ends). SDE: num_steps
@@ -362,7 +411,7 @@ def sample(
     predict: Predictor,
     transport: Transport,
     x: torch.Tensor,
-    config: SamplerConfig,
+    config: SamplingSpec,
     randn_like: RandnLike | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Integrate from the noise x at t = 1 to data at t = 0 with `config`'s sampler. `randn_like` draws
@@ -374,6 +423,6 @@ def sample(
         calls += 1
         return predict(x_in, t)
 
-    sampler = SAMPLERS[config.name]
+    sampler = SAMPLERS[config.sampler]
     x = sampler(counted, transport, x, sampling_grid(transport, config), randn_like, **config.options)
     return x, calls
