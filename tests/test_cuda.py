@@ -265,7 +265,7 @@ def test_stop_signals_agree_a_fixed_number_of_steps_later_without_waiting_for_th
     here: a stand-in accelerator with 2 processes whose sum is the identity."""
     from types import SimpleNamespace
 
-    from sit_atconv.training.trainer import StopSignals
+    from sit_atconv.training.signals import StopSignals
 
     accelerator = SimpleNamespace(num_processes=2, device=DEVICE, reduce=lambda tensor, op: tensor.clone())
     signals = StopSignals(accelerator)

@@ -1,7 +1,9 @@
 from sit_atconv.training.checkpoint import NonFiniteError, complete_checkpoints, find_resume, init_weights
 from sit_atconv.training.config import load_config, model_overrides, save_config
 from sit_atconv.training.logs import plot_losses
-from sit_atconv.training.trainer import TrainingStopped, TrainResult, param_groups, train, update_ema
+from sit_atconv.training.signals import TrainingStopped
+from sit_atconv.training.step import update_ema
+from sit_atconv.training.trainer import TrainResult, param_groups, train
 
 __all__ = [
     "NonFiniteError",

@@ -1,4 +1,5 @@
-"""The training loop: flow matching (plus REPA) on HuggingFace Accelerate, from one CPU to many GPUs.
+"""The training loop: flow matching (plus REPA) on HuggingFace Accelerate, from one CPU to many GPUs (one step
+in step.py, preemption in signals.py).
 
 Run folder layout:
     config.yaml                       the resolved configuration
@@ -24,10 +25,7 @@ a resumed run repeats the uninterrupted one and N processes compute what one pro
 
 from __future__ import annotations
 
-import collections
 import copy
-import signal
-import threading
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,7 +46,7 @@ from sit_atconv.evaluation.evaluator import parse_metrics
 from sit_atconv.generation import GenerationConfig, sample_grid
 from sit_atconv.io import ExclusiveLock, check_output_path, lock_path
 from sit_atconv.models import create_model
-from sit_atconv.repa import alignment_loss, build_projector, check_token_counts, encoder_weights_file, load_encoder
+from sit_atconv.repa import build_projector, check_token_counts, encoder_weights_file, load_encoder
 from sit_atconv.training.checkpoint import (
     NonFiniteError,
     init_weights,
@@ -61,8 +59,18 @@ from sit_atconv.training.checkpoint import (
 )
 from sit_atconv.training.config import model_overrides, resume_changes, sampling_spec, save_config
 from sit_atconv.training.evaluation import TrainingEvaluation, check_eval_config
-from sit_atconv.training.logs import StepStats, TrainingLog, record_config_changes
-from sit_atconv.transport import Transport, sample_seed
+from sit_atconv.training.logs import TrainingLog, record_config_changes
+from sit_atconv.training.signals import StopSignals, TrainingStopped
+from sit_atconv.training.step import (
+    compile_or_eager,
+    forward_loss_fn,
+    review_steps,
+    step_noise,
+    train_step,
+    update_ema,
+    use_compile,
+)
+from sit_atconv.transport import Transport
 
 # ------------------------------------------------------------------------------------------------
 # What is trained
@@ -126,138 +134,6 @@ def apply_optimizer_settings(optimizer, tc: DictConfig) -> None:
     """The config's AdamW settings over those a checkpoint restored (groups as `param_groups` makes them)."""
     for group, weight_decay in zip(optimizer.param_groups, (tc.weight_decay, 0.0), strict=True):
         group.update(lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=weight_decay)
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, apply: torch.Tensor | None = None) -> None:
-    """ema <- decay * ema + (1 - decay) * model, over all parameters at once (foreach). `apply`, a bool
-    tensor on the device, turns the update off without a host sync (a skipped non-finite step)."""
-    ema_params = list(ema.parameters())
-    params = [p.detach().to(e.dtype) for e, p in zip(ema_params, model.parameters(), strict=True)]
-    if apply is None:
-        torch._foreach_lerp_(ema_params, params, 1 - decay)
-    else:
-        weight = apply.to(torch.float32) * (1 - decay)
-        torch._foreach_lerp_(ema_params, params, [weight] * len(params))
-
-
-# ------------------------------------------------------------------------------------------------
-# One step
-# ------------------------------------------------------------------------------------------------
-
-
-def step_noise(
-    config: DictConfig, transport: Transport, step: int, shape, drop_prob: float, device: torch.device
-) -> dict:
-    """Times, noise and label-dropout mask of the whole global batch of `step`, from a generator seeded
-    by (seed, step): each process takes its rows, so the numbers do not depend on the process count
-    and a resumed run draws what the uninterrupted one did."""
-    batch = config.train.global_batch_size
-    generator = torch.Generator().manual_seed(sample_seed(config.run.seed, step))
-    t = transport.sample_time(batch, torch.device("cpu"), generator)
-    eps = torch.randn((batch, *shape), generator=generator)
-    drop = torch.rand(batch, generator=generator) < drop_prob
-    noise = {"t": t, "eps": eps, "drop": drop}
-    if config.data.kind == "latents":  # for sampling the latent from its stored posterior
-        noise["latent_eps"] = torch.randn((batch, *shape), generator=generator)
-    return {key: to_device(value, device) for key, value in noise.items()}
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy to `device` without blocking the host: from pageable memory a CUDA copy waits for the GPU."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-@dataclass
-class StepResult:
-    """One step's outcome, left on the device (reading it back would wait for the GPU)."""
-
-    finite: torch.Tensor  # () bool, agreed by every process; where False the update was skipped
-    stats: StepStats  # its reported numbers: loss, repa_loss (this process's, per micro-batch mean), grad_norm
-
-
-def forward_loss_fn(transport: Transport, encoder, proj_coeff: float):
-    """`forward_loss(model, x, labels, drop, t, eps, pixels) -> (loss, REPA loss or None)`: the part of a
-    step that `train.compile` compiles."""
-
-    def forward_loss(model, x, labels, drop, t, eps, pixels):
-        per_sample, projected = transport.loss(
-            model, x, {"y": labels, "drop_labels": drop}, t=t, eps=eps, return_all=True
-        )
-        loss = per_sample.mean()
-        if encoder is None:
-            return loss, None
-        repa_loss = alignment_loss(projected, encoder(pixels)).mean()
-        return loss + proj_coeff * repa_loss, repa_loss
-
-    return forward_loss
-
-
-def train_step(accelerator, model, optimizer, loader, batches: StepBatches, noise: dict, forward_loss, config):
-    """Forward, backward and an optimizer step over the micro-batches of one step; the update is skipped
-    unless every process's loss and the gradient norm are finite, decided on the device. Returns a
-    StepResult."""
-    device = accelerator.device
-    stats = StepStats()
-    for micro in range(config.train.grad_accumulation):
-        batch = [item.to(device, non_blocking=True) for item in next(loader)]
-        rows = slice(batches.offset(micro), batches.offset(micro) + batches.micro)
-        if config.data.kind == "latents":  # a fresh latent from the stored posterior, as REPA does
-            mean, std, labels, pixels = batch
-            x = autoencoder.sample_latents(mean, std, noise["latent_eps"][rows])
-        else:
-            (x, labels), pixels = batch, None
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                loss, repa_loss = forward_loss(
-                    model, x, labels, noise["drop"][rows], noise["t"][rows], noise["eps"][rows], pixels
-                )
-            accelerator.backward(loss)
-            stats.report("loss", loss)
-            if repa_loss is not None:
-                stats.report("repa_loss", repa_loss)
-            if accelerator.sync_gradients:
-                grad_norm = gradient_norm(accelerator, model, config.train.grad_clip)
-                stats.report("grad_norm", grad_norm)  # the global norm before clipping
-                finite = all_finite(accelerator, stats.mean("loss"), grad_norm)
-                step_if_finite(accelerator, optimizer, finite)
-            optimizer.zero_grad(set_to_none=True)
-    return StepResult(finite, stats)
-
-
-def step_if_finite(accelerator, optimizer, finite: torch.Tensor) -> None:
-    """optimizer.step() where `finite`. The fused AdamW takes the decision on the device (`found_inf`, as
-    the gradient scaler passes it: parameters, moments and step count stay as they were); fp16's own
-    scaler and unfused optimizers read it back."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if accelerator.scaler is None and inner.defaults.get("fused"):
-        inner.found_inf = (~finite).float()
-        try:
-            optimizer.step()
-        finally:
-            del inner.found_inf
-    elif bool(finite):
-        optimizer.step()
-
-
-def gradient_norm(accelerator, model, max_norm: float) -> torch.Tensor:
-    """The global gradient norm, clipped to `max_norm` when it is > 0. Measured without clipping too: a
-    finite loss can still have infinite gradients, and those must never reach the weights."""
-    if max_norm > 0:
-        return accelerator.clip_grad_norm_(model.parameters(), max_norm)
-    accelerator.unscale_gradients()  # fp16: the norm of the true gradients
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-
-
-def all_finite(accelerator, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-    """() bool on the device: every process's loss and the gradient norm are finite (one all-reduce, no
-    host sync), so all processes skip or stop together."""
-    bad = (~torch.isfinite(loss.float()) | ~torch.isfinite(grad_norm.float())).float().reshape(1)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, "sum")  # (accelerate's reduce has no max)
-    return (bad == 0).reshape(())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -434,6 +310,27 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
         return train_loop(config, accelerator, run_dir, candidates, progress, dataset)
 
 
+def build_training(config: DictConfig, accelerator, dataset, fresh: bool):
+    """(SiT, its EMA, REPA's encoder or None, the prepared TrainModule, the prepared AdamW), on the device;
+    a fresh run starts from train.init_from where set."""
+    tc, device = config.train, accelerator.device
+    sit = build_model(config)
+    if tc.grad_checkpointing:
+        sit.enable_gradient_checkpointing()
+    ema = copy.deepcopy(sit).requires_grad_(False).eval()
+    encoder, projector = build_repa(config, sit, dataset, device)
+    module = TrainModule(sit, projector, config.repa.encoder_depth if projector is not None else None)
+    if tc.init_from and fresh:
+        for note in init_weights(tc.init_from, sit, ema, projector):
+            accelerator.print(f"note: {note}")
+    module.to(device)  # before the optimizer: the fused AdamW wants its parameters where they will live
+    optimizer = torch.optim.AdamW(
+        param_groups(module, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, fused=True
+    )
+    model, optimizer = accelerator.prepare(module, optimizer)
+    return sit, ema.to(device), encoder, model, optimizer
+
+
 def train_loop(
     config: DictConfig, accelerator, run_dir: Path, candidates: list[Path], progress: bool, dataset
 ) -> TrainResult:
@@ -442,47 +339,12 @@ def train_loop(
     device = accelerator.device
 
     # Set-up: model, EMA, REPA, optimizer, the state to resume or initialise from.
-    sit = build_model(config)
-    if tc.grad_checkpointing:
-        sit.enable_gradient_checkpointing()
-    ema = copy.deepcopy(sit).requires_grad_(False).eval()
-    encoder, projector = build_repa(config, sit, dataset, device)
-    module = TrainModule(sit, projector, config.repa.encoder_depth if projector is not None else None)
-    if tc.init_from and not candidates:
-        for note in init_weights(tc.init_from, sit, ema, projector):
-            accelerator.print(f"note: {note}")
+    sit, ema, encoder, model, optimizer = build_training(config, accelerator, dataset, fresh=not candidates)
     transport = Transport(**OmegaConf.to_container(config.transport, resolve=True))
-    module.to(device)  # before the optimizer: the fused AdamW wants its parameters where they will live
-    optimizer = torch.optim.AdamW(
-        param_groups(module, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, fused=True
-    )
-    model, optimizer = accelerator.prepare(module, optimizer)
-    ema.to(device)
-    last_checkpoint, state = None, {"step": 0, "skipped": 0}
-    if candidates:
-        last_checkpoint, state, notes = load_newest(accelerator, candidates, model, ema, optimizer)
-        for note in notes if accelerator.is_main_process else []:
-            warnings.warn(note, stacklevel=2)
-        apply_optimizer_settings(optimizer, tc)
-        if accelerator.is_main_process:
-            moved = set_aside_later_steps(run_dir, last_checkpoint)
-            if moved is not None:
-                print(f"note: what {run_dir} held after step {state['step']} was moved to {moved}")
-        changes = resume_changes(saved_config(last_checkpoint), config).applied
-        if changes and accelerator.is_main_process:
-            record_config_changes(run_dir, state["step"] + 1, changes)
-            for key, old, new in changes:
-                print(f"config change from step {state['step'] + 1}: {key} {old!r} -> {new!r}")
+    last_checkpoint, state = resume(config, accelerator, run_dir, candidates, model, ema, optimizer)
     start_step = state["step"]
-    batches = StepBatches(
-        len(dataset),
-        tc.global_batch_size,
-        accelerator.num_processes,
-        accelerator.process_index,
-        tc.grad_accumulation,
-        config.run.seed,
-        start_step,
-    )
+    world = accelerator.num_processes, accelerator.process_index
+    batches = StepBatches(len(dataset), tc.global_batch_size, *world, tc.grad_accumulation, config.run.seed, start_step)
     loader = iter(build_loader(dataset, batches, config, device))
     forward_loss = forward_loss_fn(transport, encoder, config.repa.proj_coeff)
     compiled = use_compile(config, device)
@@ -531,6 +393,28 @@ def train_loop(
     return TrainResult(run_dir, tc.max_steps, log.losses, last_checkpoint, accelerator.is_main_process)
 
 
+def resume(config: DictConfig, accelerator, run_dir: Path, candidates: list[Path], model, ema, optimizer):
+    """(checkpoint, {"step", "skipped"}) of the newest of `candidates` that loads, its state restored with the
+    config's optimizer settings over it, the run folder's later steps set aside and the config changes recorded;
+    (None, step 0) for a fresh start."""
+    if not candidates:
+        return None, {"step": 0, "skipped": 0}
+    checkpoint, state, notes = load_newest(accelerator, candidates, model, ema, optimizer)
+    for note in notes if accelerator.is_main_process else []:
+        warnings.warn(note, stacklevel=3)
+    apply_optimizer_settings(optimizer, config.train)
+    if accelerator.is_main_process:
+        moved = set_aside_later_steps(run_dir, checkpoint)
+        if moved is not None:
+            print(f"note: what {run_dir} held after step {state['step']} was moved to {moved}")
+        changes = resume_changes(saved_config(checkpoint), config).applied
+        if changes:
+            record_config_changes(run_dir, state["step"] + 1, changes)
+        for key, old, new in changes:
+            print(f"config change from step {state['step'] + 1}: {key} {old!r} -> {new!r}")
+    return checkpoint, state
+
+
 def startup_line(config: DictConfig, accelerator, sit, start_step: int, compiled: bool) -> str:
     """One line on what the run is about to do: model, device, processes, batch split, precision, compile."""
     tc, device, processes = config.train, accelerator.device, accelerator.num_processes
@@ -547,90 +431,6 @@ def startup_line(config: DictConfig, accelerator, sit, start_step: int, compiled
     )
 
 
-class TrainingStopped(UserError, RuntimeError):
-    """The run stopped on a signal (SIGTERM: a scheduler's preemption; SIGUSR1: a requeue script), after writing a
-    checkpoint; re-running the same command resumes. `exit_code` is the shell's 128 + signal number."""
-
-    def __init__(self, signal_name: str, step: int, checkpoint: Path | None):
-        self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGTERM))
-        super().__init__(
-            f"{signal_name} received: stopped after step {step} with checkpoint {checkpoint}; re-run the same command "
-            "to resume"
-        )
-
-
-class StopSignals:
-    """SIGTERM (what SLURM and Kubernetes send before they kill a job) and SIGUSR1 (what requeue scripts ask for
-    with `#SBATCH --signal=USR1@120`) ask the loop to stop after the current step. All processes must stop at
-    the same step, so with several processes each step's request is summed over them; on CUDA the sum is read
-    back LAG steps later, when the GPU is long done with it (the loop never waits for it). Handlers are
-    installed in the main thread only (Python's rule) and restored on exit."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-    LAG = 2
-
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
-        self.received: str | None = None
-        self.pending: collections.deque = collections.deque()
-        self.previous: dict = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                self.previous[name] = signal.signal(getattr(signal, name), self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, handler in self.previous.items():
-            signal.signal(getattr(signal, name), handler)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = self.received or signal.Signals(signum).name
-
-    @property
-    def signal_name(self) -> str:
-        return self.received or "SIGTERM"  # (a process that did not receive it stops with the others)
-
-    def agreed(self) -> bool:
-        """Whether every process stops after this step; called once per step by every process."""
-        accelerator = self.accelerator
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        asked = torch.full((1,), float(self.received is not None), device=accelerator.device)  # (no host copy)
-        total = accelerator.reduce(asked, "sum")
-        if accelerator.device.type != "cuda":
-            return bool(total.item() > 0)
-        host = torch.empty(1, pin_memory=True)
-        host.copy_(total, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        self.pending.append((host, done))
-        if len(self.pending) <= self.LAG:
-            return False
-        host, done = self.pending.popleft()
-        done.synchronize()
-        return bool(host.item() > 0)
-
-
-def review_steps(steps: list[tuple[int, bool, float]], consecutive: int, tc: DictConfig, accelerator) -> int:
-    """Report the non-finite ones of (step, finite, loss) read back from the device; raises NonFiniteError
-    (naming the step) under train.on_nonfinite=stop, or at train.max_consecutive_skips in a row. Returns
-    the count of non-finite steps in a row at the end."""
-    for step, finite, loss in steps:
-        if finite:
-            consecutive = 0
-            continue
-        consecutive += 1
-        message = f"non-finite loss or gradient at step {step} (loss={loss:.4g})"
-        if tc.on_nonfinite == "stop":
-            raise NonFiniteError(f"{message}; set train.on_nonfinite=skip to skip such steps")
-        if consecutive >= tc.max_consecutive_skips:
-            raise NonFiniteError(f"{message}: {consecutive} non-finite steps in a row (train.max_consecutive_skips)")
-        accelerator.print(f"warning: {message}, skipped")
-    return consecutive
-
-
 def build_loader(dataset, batches: StepBatches, config: DictConfig, device: torch.device) -> DataLoader:
     """Batches in the order of `batches`; on CUDA in pinned memory, so the copies to the GPU do not block,
     and with worker processes reading `data.prefetch_factor` batches ahead."""
@@ -643,19 +443,3 @@ def build_loader(dataset, batches: StepBatches, config: DictConfig, device: torc
         prefetch_factor=config.data.prefetch_factor if workers else None,
         persistent_workers=workers > 0,
     )
-
-
-def use_compile(config: DictConfig, device: torch.device) -> bool:
-    return config.train.compile if config.train.compile is not None else device.type == "cuda"
-
-
-def compile_or_eager(fn, device: torch.device):
-    """torch.compile(fn), or fn itself with one warning when this torch cannot compile on `device` (no C++
-    compiler, no Triton): a tiny function is compiled first, so the reason shows before training starts."""
-    try:
-        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
-    except Exception as error:  # whatever the backend raises, training goes on eagerly
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        warnings.warn(f"train.compile: torch.compile does not work here ({reason}); training eagerly", stacklevel=2)
-        return fn
-    return torch.compile(fn)
