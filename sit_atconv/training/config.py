@@ -364,6 +364,10 @@ def resume_changes(saved: DictConfig, new: DictConfig) -> ResumeChanges:
 def _comparable(config: DictConfig) -> dict[str, Any]:
     """A config as {dotted key: value}, over the current defaults (a key added since it was saved is no
     change) and with the model section expanded to its SiT arguments."""
+    config = config.copy()
+    with warnings.catch_warnings():  # a checkpoint's config of an earlier version: its keys by their names now
+        warnings.simplefilter("ignore", FutureWarning)
+        _respell_deprecated(config)
     try:
         config = OmegaConf.merge(OmegaConf.structured(Config), config)
     except OmegaConfBaseException:  # a key since removed from the schema: compare what is there
