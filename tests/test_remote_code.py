@@ -5,6 +5,7 @@ model card reports the architecture, the training and the metrics."""
 import ast
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from helpers import tiny_sit, tiny_vae
 
 import sit_atconv
 from sit_atconv.export import main as export_main
-from sit_atconv.pipelines import SiTPipeline
+from sit_atconv.pipelines import SiTPipeline, remote_code
 from sit_atconv.pipelines.remote_code import CODE_MODULE
 from sit_atconv.training import load_config, save_config
 
@@ -143,3 +144,41 @@ def test_model_card(exported, tmp_path, capsys):
             ["--ckpt", str(exported), "--out", str(tmp_path / "x"), "--metrics-json", str(tmp_path / "bad.json")]
         )
     assert not (tmp_path / "x").exists()
+
+
+NESTED_IMPORT = "    from sit_atconv.io import file_sha256  # noqa: F401\n"
+
+
+@pytest.mark.parametrize(
+    ("module", "edit", "rule"),
+    [
+        (
+            "generation.py",  # rule 1: a package import inside a function the pipeline reaches
+            lambda src: src.replace(
+                "    num_classes = model.config.num_classes\n",
+                NESTED_IMPORT + "    num_classes = model.config.num_classes\n",
+                1,
+            ),
+            "a package import inside a function cannot be bundled",
+        ),
+        (
+            "models/loading.py",  # rule 3: a top-level name samplers.py defines too (both reached)
+            lambda src: src.replace("WEIGHTS_NAME", "LAST_STEPS"),
+            "'LAST_STEPS' is defined in both",
+        ),
+    ],
+)
+def test_a_broken_bundle_rule_is_named_with_its_line(tmp_path, monkeypatch, module, edit, rule):
+    """CONTRIBUTING.md's rules of the generated pipeline code, broken on a copy of the package: generating the
+    code fails naming the rule and, for rules about one place, the file and line."""
+    copy = tmp_path / "sit_atconv"
+    shutil.copytree(Path(sit_atconv.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    path = copy / module
+    source = path.read_text()
+    assert edit(source) != source
+    path.write_text(edit(source))
+    monkeypatch.setattr(remote_code, "package_root", lambda: copy)
+    with pytest.raises(remote_code.BundleError, match=rule) as error:
+        remote_code.generate_code()
+    if "inside a function" in rule:
+        assert f"{path}:" in str(error.value)
