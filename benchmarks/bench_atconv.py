@@ -96,7 +96,7 @@ def build_case(spec: dict, variant: str):
     import torch
 
     from sit_atconv.models import create_model
-    from sit_atconv.models.sit import Attention
+    from sit_atconv.models.mixers import Attention
     from sit_atconv.ops import ATConv, atconv_reference
 
     torch.manual_seed(0)

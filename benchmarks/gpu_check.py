@@ -487,7 +487,7 @@ def op_cases(run: Run, tokens: int) -> list[tuple[str, str, object, list, list]]
     import torch
     import torch.nn.functional as F
 
-    from sit_atconv.models.sit import Attention
+    from sit_atconv.models.mixers import Attention
     from sit_atconv.ops import ATConv
 
     plan, device, dtype = run.plan, run.device, torch.bfloat16

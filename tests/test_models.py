@@ -9,7 +9,8 @@ import torch
 from helpers import randomise, tiny_sit
 
 from sit_atconv.models import SiT, create_model, list_models, model_config
-from sit_atconv.models.sit import Attention, sincos_pos_embed_2d, timestep_embedding
+from sit_atconv.models.mixers import Attention
+from sit_atconv.models.sit import sincos_pos_embed_2d, timestep_embedding
 from sit_atconv.ops import ATConv, DWConv
 
 TABLE_VIII = {
@@ -261,7 +262,7 @@ def test_one_architecture_comparison_from_sits_config():
 
 
 def test_mixer_table_builds_each_mixer_from_the_sit_config():
-    from sit_atconv.models.sit import MIXERS, build_mixer
+    from sit_atconv.models.mixers import MIXERS, build_mixer
 
     model = tiny(
         qk_norm=True, atconv_kernel_size=5, dwconv_kernel_size=7, mixers=["attention", "atconv", "dwconv", "atconv"]

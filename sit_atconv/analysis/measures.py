@@ -38,8 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sit_atconv.errors import UserError
+from sit_atconv.models.mixers import Attention
 from sit_atconv.models.registry import describe_mixers
-from sit_atconv.models.sit import Attention
 from sit_atconv.ops import ATConv, DWConv
 
 OPERATORS = ("atconv", "attention", "dwconv7", "conv3")

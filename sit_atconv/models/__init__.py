@@ -1,3 +1,4 @@
+from sit_atconv.models.mixers import build_mixer
 from sit_atconv.models.registry import (
     MODELS,
     architecture_differences,
@@ -9,7 +10,7 @@ from sit_atconv.models.registry import (
     model_config,
     name_fields,
 )
-from sit_atconv.models.sit import SiT, build_mixer
+from sit_atconv.models.sit import SiT
 
 __all__ = [
     "MODELS",
