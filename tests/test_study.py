@@ -29,7 +29,9 @@ TINY = [
 def counted(monkeypatch):
     """Counts of the trainings and evaluations a study command does."""
     counts = {"train": 0, "evaluate": 0}
-    train, evaluate = study.train, study.Evaluation.__call__
+    from sit_atconv.study import runs
+
+    train, evaluate = runs.train, study.Evaluation.__call__
 
     def counting_train(*args, **kwargs):
         counts["train"] += 1
@@ -39,7 +41,7 @@ def counted(monkeypatch):
         counts["evaluate"] += 1
         return evaluate(self, *args, **kwargs)
 
-    monkeypatch.setattr(study, "train", counting_train)
+    monkeypatch.setattr(runs, "train", counting_train)
     monkeypatch.setattr(study.Evaluation, "__call__", counting_evaluate)
     return counts
 
