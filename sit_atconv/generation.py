@@ -242,6 +242,20 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def progress_bar(mine: list[tuple[int, int]], todo: list[tuple[int, int]], accelerator, progress: bool):
+    """The main process's bar over its shards `mine`, the finished ones (not in `todo`) counted as done."""
+    from tqdm import tqdm
+
+    total = sum(end - start for start, end in mine)
+    return tqdm(
+        total=total,
+        initial=total - sum(end - start for start, end in todo),
+        unit="img",
+        desc=f"sampling (process {accelerator.process_index})",
+        disable=not (progress and accelerator.is_main_process),
+    )
+
+
 def sample_to_npz(
     accelerator,
     model,
@@ -258,8 +272,6 @@ def sample_to_npz(
 ) -> dict:
     """Sample indices 0..num_samples-1 across the processes of `accelerator` into `out` (.npz, resumable; a
     finished `out` of the same settings is kept and its record returned). Returns the record's info."""
-    from tqdm import tqdm
-
     labels_all = class_labels(num_samples, model.config.num_classes, label_mode, config.seed)
     check_generation(model, config, labels_all if model.config.num_classes else None)
     settings = dict(
@@ -279,14 +291,7 @@ def sample_to_npz(
 
     mine = run.shards_of(accelerator.process_index, accelerator.num_processes)
     todo = [shard for shard in mine if not run.is_done(*shard)]
-    total = sum(end - start for start, end in mine)
-    bar = tqdm(
-        total=total,
-        initial=total - sum(end - start for start, end in todo),
-        unit="img",
-        desc=f"sampling (process {accelerator.process_index})",
-        disable=not (progress and accelerator.is_main_process),
-    )
+    bar = progress_bar(mine, todo, accelerator, progress)
     conditional = model.config.num_classes > 0
     calls, made, started = 0, 0, time.perf_counter()
     for start, end in todo:

@@ -335,14 +335,7 @@ def evaluate(
     if batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size}")
     samples, reference = Path(samples), Path(reference)
-    # Both inputs are checked from their headers first: the reference pass takes minutes on 10K-50K images.
-    num_samples, *sample_size = image_layout(samples)
-    num_reference, *reference_size = image_layout(reference)
-    if sample_size != reference_size:
-        raise UserError(
-            f"{samples} images are {tuple(sample_size)} but the reference {reference} is {tuple(reference_size)}; "
-            "resize one of them (ADM compares same-size images)"
-        )
+    num_samples, num_reference = check_inputs(samples, reference)
     specs = [METRIC_SPECS[name] for name in metrics]
     networks = {spec.network for spec in specs}
     # Every network is loaded before any feature pass, so missing weights fail in seconds.
@@ -376,6 +369,19 @@ def evaluate(
         "skipped": skipped,
         "provenance": provenance,
     }
+
+
+def check_inputs(samples: Path, reference: Path) -> tuple[int, int]:
+    """(N samples, N reference images), both inputs checked from their headers (the reference pass takes minutes
+    on 10K-50K images, so a bad input must fail first): readable, uint8 (N, H, W, 3), the same image size."""
+    num_samples, *sample_size = image_layout(samples)
+    num_reference, *reference_size = image_layout(reference)
+    if sample_size != reference_size:
+        raise UserError(
+            f"{samples} images are {tuple(sample_size)} but the reference {reference} is {tuple(reference_size)}; "
+            "resize one of them (ADM compares same-size images)"
+        )
+    return num_samples, num_reference
 
 
 def sample_features(network: str, images: np.ndarray, extractor, options: dict) -> dict[str, np.ndarray]:

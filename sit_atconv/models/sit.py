@@ -43,6 +43,29 @@ INT_FIELD_BOUNDS = {
 MAX_TOKENS = 256 * 256  # (input_size / patch_size)^2: a 4096 px image at patch 2 of an f8 VAE
 
 
+def check_config(fields: Mapping) -> list[str]:
+    """Refuse SiT arguments that cannot build a model, naming the field, before anything is built: out of type or
+    bounds (`check_config_values`), mixers that are not one known name per block, mixer options without their
+    mixer, heads that do not divide the width. `fields`: the constructor's arguments by name. Returns the mixers
+    (attention in every block when None)."""
+    check_config_values(fields)
+    mixers, depth = fields["mixers"], fields["depth"]
+    if isinstance(mixers, str):
+        raise TypeError(f"mixers must be a list with one mixer per block, got the string {mixers!r}")
+    mixers = list(mixers) if mixers is not None else ["attention"] * depth
+    if len(mixers) != depth:
+        raise UserError(f"mixers has {len(mixers)} entries but depth={depth}; give one mixer per block")
+    for kind in mixers:
+        if kind not in MIXERS:
+            raise UserError(f"unknown mixer {kind!r} in mixers; expected one of {list(MIXERS)}")
+    check_mixer_options(mixers, fields)
+    if "attention" in mixers and fields["hidden_size"] % fields["num_heads"]:
+        raise UserError(f"hidden_size={fields['hidden_size']} is not divisible by num_heads={fields['num_heads']}")
+    if fields["pos_embed"] not in POS_EMBEDS:
+        raise UserError(f"pos_embed={fields['pos_embed']!r} is not supported; expected one of {list(POS_EMBEDS)}")
+    return mixers
+
+
 def check_config_values(fields: Mapping) -> None:
     """Refuse SiT arguments out of type or bounds (see INT_FIELD_BOUNDS), naming the field, before anything is
     built. `fields`: the constructor's arguments by name."""
@@ -261,27 +284,7 @@ class SiT(ModelMixin, ConfigMixin):
         dwconv_kernel_size: int = 3,
     ):
         super().__init__()
-        check_config_values(locals())
-        if isinstance(mixers, str):
-            raise TypeError(f"mixers must be a list with one mixer per block, got the string {mixers!r}")
-        mixers = list(mixers) if mixers is not None else ["attention"] * depth
-        if len(mixers) != depth:
-            raise UserError(f"mixers has {len(mixers)} entries but depth={depth}; give one mixer per block")
-        for kind in mixers:
-            if kind not in MIXERS:
-                raise UserError(f"unknown mixer {kind!r} in mixers; expected one of {list(MIXERS)}")
-        ablations = dict(
-            atconv_kernel=atconv_kernel,
-            atconv_value_proj=atconv_value_proj,
-            atconv_out_proj=atconv_out_proj,
-            atconv_modulation=atconv_modulation,
-            dwconv_kernel_size=dwconv_kernel_size,
-        )
-        check_mixer_options(mixers, ablations)
-        if "attention" in mixers and hidden_size % num_heads:
-            raise UserError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
-        if pos_embed not in POS_EMBEDS:
-            raise UserError(f"pos_embed={pos_embed!r} is not supported; expected one of {list(POS_EMBEDS)}")
+        mixers = check_config(locals())
 
         # forward reads plain attributes, not self.config: torch.compile would guard on the config dict
         self.in_channels = in_channels

@@ -52,22 +52,8 @@ def run_variant(
     print(f"[study] {name} seed {seed}: training {settings.steps} steps in {run_dir}")
     train(config, resume="auto", progress=progress)
 
-    evaluations_path = run_dir / "evaluation.json"
-    evaluations = read_json(evaluations_path) if evaluations_path.is_file() else {}
     checkpoints = {int(path.name.split("_")[-1]): path for path in complete_checkpoints(run_dir)}
-    for step in range(settings.eval_every, settings.steps + 1, settings.eval_every):
-        if str(step) in evaluations:
-            continue
-        if step not in checkpoints:
-            raise FileNotFoundError(f"{run_dir} has no complete checkpoint of step {step} to evaluate")
-        model = load_model(checkpoints[step], ema=True, device=evaluation.device)
-        evaluations[str(step)] = evaluation(model, timed=step == settings.steps)
-        write_json_atomic(evaluations_path, evaluations)
-        print(
-            f"[study] {name} seed {seed} step {step}: "
-            + ", ".join(f"{k} {v:.4g}" for k, v in evaluations[str(step)].items())
-        )
-
+    evaluations = evaluate_checkpoints(f"{name} seed {seed}", run_dir, checkpoints, settings, evaluation)
     final = evaluations[str(settings.steps)]
     rows = metric_rows(run_dir / "metrics.csv")
     losses = [(int(r["step"]), float(r["loss"])) for r in rows if r.get("loss")]  # evaluation rows have none
@@ -89,6 +75,26 @@ def run_variant(
             if step != settings.steps:
                 shutil.rmtree(path)
     return result
+
+
+def evaluate_checkpoints(
+    label: str, run_dir: Path, checkpoints: dict[int, Path], settings: StudySettings, evaluation: Evaluation
+) -> dict[str, dict]:
+    """{step: metrics} of every `eval_every` checkpoint of a run, kept in its evaluation.json as they are computed,
+    so a killed study evaluates no step twice."""
+    path = run_dir / "evaluation.json"
+    evaluations = read_json(path) if path.is_file() else {}
+    for step in range(settings.eval_every, settings.steps + 1, settings.eval_every):
+        if str(step) in evaluations:
+            continue
+        if step not in checkpoints:
+            raise FileNotFoundError(f"{run_dir} has no complete checkpoint of step {step} to evaluate")
+        model = load_model(checkpoints[step], ema=True, device=evaluation.device)
+        evaluations[str(step)] = evaluation(model, timed=step == settings.steps)
+        write_json_atomic(path, evaluations)
+        numbers = ", ".join(f"{k} {v:.4g}" for k, v in evaluations[str(step)].items())
+        print(f"[study] {label} step {step}: {numbers}")
+    return evaluations
 
 
 def read_json(path: Path) -> dict:

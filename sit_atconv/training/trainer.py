@@ -57,9 +57,10 @@ from sit_atconv.training.checkpoint import (
     set_aside_later_steps,
     set_aside_previous_run,
 )
-from sit_atconv.training.config import model_overrides, resume_changes, sampling_spec, save_config
+from sit_atconv.training.config import model_overrides, sampling_spec, save_config
 from sit_atconv.training.evaluation import TrainingEvaluation, check_eval_config
 from sit_atconv.training.logs import TrainingLog, record_config_changes
+from sit_atconv.training.resume import resume_changes
 from sit_atconv.training.signals import StopSignals, TrainingStopped
 from sit_atconv.training.step import (
     compile_or_eager,
