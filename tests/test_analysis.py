@@ -240,7 +240,7 @@ def test_features_command(tmp_path):
     compare = ["--num-inputs", "2", "--t", "0.5", "--compare-modulation"]
     record = main(["features", "--ckpt", save(model, tmp_path / "g"), "--out", str(out), *compare])
     assert record["curves"]["model"] != record["curves"]["no_modulation"]
-    plain = save(tiny_sit("SiT-ATConv-S/2", atconv_modulation="none"), tmp_path / "none")
+    plain = save(tiny_sit("SiT-ATConv-S/2", mixer_options={"atconv": {"modulation": "none"}}), tmp_path / "none")
     record = main(["features", "--ckpt", plain, "--out", str(out), *compare])
     assert record["curves"]["model"] == record["curves"]["no_modulation"]
 

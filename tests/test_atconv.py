@@ -346,14 +346,22 @@ def test_ablation_options_are_checked_and_part_of_the_architecture():
 
     small = dict(depth=2, hidden_size=32, num_heads=2, input_size=8)
     with pytest.raises(ValueError, match="modulation='sharpen' is not supported"):
-        create_model("SiT-ATConv-S/2", **small, atconv_modulation="sharpen")
-    with pytest.raises(ValueError, match="atconv_modulation='none' needs a 'atconv' mixer"):
-        create_model("SiT-S/2", **small, mixers=["dwconv", "dwconv"], atconv_modulation="none")
-    with pytest.raises(ValueError, match="dwconv_kernel_size=7 needs a 'dwconv' mixer"):
-        create_model("SiT-ATConv-S/2", **small, dwconv_kernel_size=7)
-    variant = create_model("SiT-ATConv-S/2", **small, atconv_modulation="none")
+        create_model("SiT-ATConv-S/2", **small, mixer_options={"atconv": {"modulation": "sharpen"}})
+    with pytest.raises(ValueError, match="mixer_options.atconv.modulation='none' needs a 'atconv' mixer"):
+        create_model("SiT-S/2", **small, mixers=["dwconv", "dwconv"], mixer_options={"atconv": {"modulation": "none"}})
+    with pytest.raises(ValueError, match="mixer_options.dwconv.kernel_size=7 needs a 'dwconv' mixer"):
+        create_model("SiT-ATConv-S/2", **small, mixer_options={"dwconv": {"kernel_size": 7}})
+    with pytest.raises(ValueError, match="mixer_options.atconv.gain: unknown option; atconv takes kernel_size"):
+        create_model("SiT-ATConv-S/2", **small, mixer_options={"atconv": {"gain": 2}})
+    variant = create_model("SiT-ATConv-S/2", **small, mixer_options={"atconv": {"modulation": "none"}})
     paper = create_model("SiT-ATConv-S/2", **small)
-    with pytest.raises(ValueError, match="atconv_modulation: 'none' there, 'differential' expected"):
+    with pytest.raises(ValueError, match="mixer_options.atconv.modulation: 'none' there, 'differential' expected"):
         check_architecture(variant.config, paper.config, "the checkpoint is another variant")
-    baseline = create_model("SiT-S/2", **small, mixers=["dwconv", "atconv"], dwconv_kernel_size=5)
+    # 0.4's flat spelling still builds the same model, with a DeprecationWarning
+    with pytest.warns(DeprecationWarning, match=r"SiT arguments \['atconv_modulation'\] are now mixer_options"):
+        old = create_model("SiT-ATConv-S/2", **small, atconv_modulation="none")
+    assert old.config.mixer_options == variant.config.mixer_options
+    baseline = create_model(
+        "SiT-S/2", **small, mixers=["dwconv", "atconv"], mixer_options={"dwconv": {"kernel_size": 5}}
+    )
     assert isinstance(baseline.blocks[0].mixer, DWConv) and baseline.blocks[0].mixer.kernel_size == 5

@@ -116,7 +116,8 @@ def test_official_atconv_sit_code_pure_and_hybrid(tmp_path):
     torch.save({"ema": pure.state_dict()}, tmp_path / "pure.pt")
     converted = convert_checkpoint(tmp_path / "pure.pt", "atconv-official", "SiT-ATConv-S/2", input_size=8, **TINY)
     config = converted.model.config
-    assert (config.pos_embed, config.atconv_context_pool, config.atconv_kernel_act) == ("none", "raster", "gelu_tanh")
+    options = config.mixer_options["atconv"]
+    assert (config.pos_embed, options["context_pool"], options["kernel_act"]) == ("none", "raster", "gelu_tanh")
     assert_sit_convention(converted.model, pure)
 
     hybrid = official("sit", ["attention", "atconv"])  # ATConv in every other block, position embedding kept
@@ -151,7 +152,7 @@ def test_official_atconv_repa_code(tmp_path):
     reference = official("repa", ["attention", "atconv"], z_dim=12)  # 1x1 convs, SiLU, REPA's time convention
     torch.save({"ema": reference.state_dict(), "args": argparse.Namespace(use_atconv=True)}, tmp_path / "r.pt")
     converted = convert_checkpoint(tmp_path / "r.pt", "atconv-official", "SiT-Hybrid-S/2", **TINY)
-    assert converted.convention == "repa" and converted.model.config.atconv_kernel_act == "silu"
+    assert converted.convention == "repa" and converted.model.config.mixer_options["atconv"]["kernel_act"] == "silu"
     assert_same_convention(converted.model, reference)
     assert converted.projector_state is not None
 
@@ -239,10 +240,16 @@ def test_cli_writes_a_pipeline_that_samples_and_continues_training(tmp_path, cap
         assert torch.allclose(sit.eval()(x, t, y), online(x, t, y), atol=2e-5, rtol=1e-4)
         assert torch.allclose(ema_copy.eval()(x, t, y), ema(x, t, y), atol=2e-5, rtol=1e-4)
     assert torch.equal(projector[4].weight, online.projectors[0][4].weight)
-    with pytest.raises(ValueError, match="atconv_context_pool: 'raster' there, '2d' expected"):
+    with pytest.raises(ValueError, match="mixer_options.atconv.context_pool: 'raster' there, '2d' expected"):
         init_weights(
             out,
-            create_model("SiT-Hybrid-S/2", input_size=8, num_classes=10, learn_sigma=False, atconv_kernel_act="silu"),
+            create_model(
+                "SiT-Hybrid-S/2",
+                input_size=8,
+                num_classes=10,
+                learn_sigma=False,
+                mixer_options={"atconv": {"kernel_act": "silu"}},
+            ),
             ema_copy,
             None,
         )

@@ -171,7 +171,7 @@ def test_attention_mixer_matches_softmax_reference():
 
 
 def test_qk_norm_adds_per_head_layernorms():
-    model = tiny("SiT-S/2", qk_norm=True)
+    model = tiny("SiT-S/2", mixer_options={"attention": {"qk_norm": True}})
     assert "blocks.0.mixer.q_norm.weight" in model.state_dict()
     assert model.blocks[0].mixer.q_norm.normalized_shape == (8,)
 
@@ -190,7 +190,9 @@ def test_initialisation_follows_sit():
 
 
 def test_config_round_trip_rebuilds_the_same_architecture():
-    model = tiny(mixers=["atconv", "attention", "atconv", "atconv"], atconv_context_pool="raster")
+    model = tiny(
+        mixers=["atconv", "attention", "atconv", "atconv"], mixer_options={"atconv": {"context_pool": "raster"}}
+    )
     rebuilt = SiT.from_config(model.config)
     assert rebuilt.mixers == model.mixers
     assert rebuilt.blocks[0].mixer.context_pool == "raster"
@@ -229,7 +231,7 @@ def test_bad_configs_raise_clear_errors():
     with pytest.raises(ValueError, match="pos_embed='learned'"):
         tiny(pos_embed="learned")
     with pytest.raises(ValueError, match="kernel_size must be a positive odd integer"):
-        tiny(atconv_kernel_size=4)
+        tiny(mixer_options={"atconv": {"kernel_size": 4}})
     with pytest.raises(ValueError, match=r"input size 9x8 is not divisible by patch_size=2"):
         tiny()(torch.randn(1, 4, 9, 8), torch.rand(1), torch.tensor([0]))
 
@@ -240,11 +242,16 @@ def test_one_architecture_comparison_from_sits_config():
     fields = set(architecture_fields())
     sit_fields = set(inspect.signature(SiT.__init__).parameters) - {"self"}
     assert fields == sit_fields - {"input_size", "class_dropout_prob"}  # follows SiT's config, nothing hand-kept
-    base = tiny(atconv_context_pool="raster").config
+    base = tiny(mixer_options={"atconv": {"context_pool": "raster"}}).config
     assert architecture_differences(base, dict(base, input_size=16, mixers=tuple(base["mixers"]))) == {}
-    changed = dict(base, atconv_context_pool="2d", depth=3)
-    assert architecture_differences(base, changed) == {"depth": (4, 3), "atconv_context_pool": ("raster", "2d")}
-    with pytest.raises(ValueError, match=r"not it: depth: 4 there, 3 expected; atconv_context_pool: 'raster' there"):
+    changed = dict(base, mixer_options={"atconv": {"context_pool": "2d"}}, depth=3)
+    assert architecture_differences(base, changed) == {
+        "depth": (4, 3),
+        "mixer_options.atconv.context_pool": ("raster", "2d"),
+    }
+    with pytest.raises(
+        ValueError, match=r"not it: depth: 4 there, 3 expected; mixer_options.atconv.context_pool: 'raster'"
+    ):
         check_architecture(base, changed, "not it")
     # A registry name fixes size, patch, mixer layout and family defaults, not options or data fields.
     assert set(name_fields("SiT-ATConv-XL/2")) == {
@@ -255,7 +262,8 @@ def test_one_architecture_comparison_from_sits_config():
         "pos_embed",
         "mixers",
     }
-    converted = create_model("SiT-ATConv-S/2", atconv_context_pool="raster", learn_sigma=False, num_classes=0).config
+    raster = {"atconv": {"context_pool": "raster"}}
+    converted = create_model("SiT-ATConv-S/2", mixer_options=raster, learn_sigma=False, num_classes=0).config
     check_architecture(converted, model_config("SiT-ATConv-S/2"), "not a SiT-ATConv-S/2", name_fields("SiT-ATConv-S/2"))
     with pytest.raises(ValueError, match=r"mixers: attention in all 12 blocks there, atconv in blocks 1,3,5,7,9,11 of"):
         check_architecture(model_config("SiT-S/2"), model_config("SiT-Hybrid-S/2"), "x", name_fields("SiT-Hybrid-S/2"))
@@ -264,9 +272,8 @@ def test_one_architecture_comparison_from_sits_config():
 def test_mixer_table_builds_each_mixer_from_the_sit_config():
     from sit_atconv.models.mixers import MIXERS, build_mixer
 
-    model = tiny(
-        qk_norm=True, atconv_kernel_size=5, dwconv_kernel_size=7, mixers=["attention", "atconv", "dwconv", "atconv"]
-    )
+    options = {"attention": {"qk_norm": True}, "atconv": {"kernel_size": 5}, "dwconv": {"kernel_size": 7}}
+    model = tiny(mixer_options=options, mixers=["attention", "atconv", "dwconv", "atconv"])
     assert set(MIXERS) == {"attention", "atconv", "dwconv"}
     assert isinstance(model.blocks[0].mixer, Attention) and model.blocks[0].mixer.q_norm.normalized_shape == (8,)
     assert isinstance(model.blocks[1].mixer, ATConv) and model.blocks[1].mixer.kernel_size == 5

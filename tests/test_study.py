@@ -99,7 +99,7 @@ def test_study_refuses_to_mix_settings_or_variant_definitions(tmp_path, counted)
     with pytest.raises(ValueError, match=r"(?s)other settings.*\n  train\.lr: 0\.0015 there, 0\.001 now"):
         main(["--out", str(out), "--variants", "atconv", "--seeds", "0", *TINY, "train.lr=1e-3"])
     redefined = tmp_path / "variants.yaml"
-    redefined.write_text("atconv: {family: SiT-ATConv, overrides: [model.atconv_kernel_size=5]}\n")
+    redefined.write_text("atconv: {family: SiT-ATConv, overrides: [model.mixer_options.atconv.kernel_size=5]}\n")
     with pytest.raises(ValueError, match="was trained as variant 'atconv'"):
         main(["--out", str(out), "--variants", "atconv", "--seeds", "0", "--variants-file", str(redefined), *TINY])
     assert counted["train"] == 1
@@ -113,8 +113,8 @@ def test_study_rejects_bad_input_before_training(tmp_path, counted):
     with pytest.raises(ValueError, match="--eval-every 3 must divide --steps 4"):
         main([*base, "--variants", "sit", "--eval-every=3"])
     bad = tmp_path / "bad.yaml"
-    bad.write_text("dw: {family: SiT-ATConv, mixer: dwconv, overrides: [model.atconv_modulation=none]}\n")
-    with pytest.raises(ValueError, match="atconv_modulation='none' needs a 'atconv' mixer"):
+    bad.write_text("dw: {family: SiT-ATConv, mixer: dwconv, overrides: [model.mixer_options.atconv.modulation=none]}\n")
+    with pytest.raises(ValueError, match="mixer_options.atconv.modulation='none' needs a 'atconv' mixer"):
         main([*base, "--variants", "dw", "--variants-file", str(bad)])
     bad.write_text("dw: {family: ConvNet}\n")
     with pytest.raises(ValueError, match="family 'ConvNet' is not one of"):
@@ -132,13 +132,16 @@ def test_study_rejects_bad_input_before_training(tmp_path, counted):
 
 def test_user_variants_file_and_their_configs(tmp_path):
     path = tmp_path / "variants.yaml"
-    path.write_text("dwconv7: {family: SiT-ATConv, mixer: dwconv, overrides: [model.dwconv_kernel_size=7]}\n")
+    path.write_text(
+        "dwconv7: {family: SiT-ATConv, mixer: dwconv, overrides: [model.mixer_options.dwconv.kernel_size=7]}\n"
+    )
     variants = study.load_variants_file(path)
-    assert variants["dwconv7"] == Variant("SiT-ATConv", "dwconv", ("model.dwconv_kernel_size=7",), label="dwconv7")
+    overrides = ("model.mixer_options.dwconv.kernel_size=7",)
+    assert variants["dwconv7"] == Variant("SiT-ATConv", "dwconv", overrides, label="dwconv7")
     settings = StudySettings(overrides=["model.depth=3"], steps=10, eval_every=5)
     config = study.variant_config(settings, variants["dwconv7"], seed=4, run_dir=tmp_path / "run")
     assert config.model.name == "SiT-ATConv-S/2" and list(config.model.mixers) == ["dwconv"] * 3
-    assert config.model.dwconv_kernel_size == 7 and config.run.seed == 4 and config.train.max_steps == 10
+    assert config.model.mixer_options.dwconv.kernel_size == 7 and config.run.seed == 4 and config.train.max_steps == 10
     assert config.checkpoint.every == 5 and config.checkpoint.milestone_every == 5
     hybrid = study.variant_config(settings, study.VARIANTS["hybrid"], seed=0, run_dir=tmp_path / "h")
     assert hybrid.model.name == "SiT-Hybrid-S/2" and hybrid.model.hidden_size == 128  # the demo's size

@@ -10,7 +10,7 @@ Sources (`--from`):
                      projections, GELU-tanh kernels, no position embedding for pure ATConv) or
                      generation/REPA (REPA's convention, 1x1 Conv2d projections, SiLU kernels,
                      projectors). Told apart by those keys. Both pool the raster-ordered tokens to
-                     K^2 bins (our atconv_context_pool="raster").
+                     K^2 bins (our mixer_options.atconv.context_pool="raster").
 
 Key mapping: blocks.i.attn -> blocks.i.mixer; ATConv kernel_proj -> context_proj, x_proj -> value_proj,
 proj -> out_proj, difference_control -> gamma; the stored sin-cos `pos_embed` is checked against ours
@@ -166,14 +166,17 @@ def target_config(arch: dict, model_name: str, path: Path, convention: str, **ov
         "num_classes",
         "class_dropout_prob",
         "learn_sigma",
-        "qk_norm",
         "pos_embed",
         "input_size",
     ):
         if key in arch and key not in overrides and key not in compared:
             config[key] = arch[key]
-    config["atconv_context_pool"] = "raster"
-    config["atconv_kernel_act"] = "gelu_tanh" if convention == "sit" else "silu"
+    options = {kind: dict(values) for kind, values in config["mixer_options"].items()}
+    if "attention" in options:
+        options["attention"]["qk_norm"] = arch["qk_norm"]
+    if "atconv" in options:  # the official code pools raster tokens; SiT's code and REPA's use other activations
+        options["atconv"].update(context_pool="raster", kernel_act="gelu_tanh" if convention == "sit" else "silu")
+    config["mixer_options"] = options
     return config
 
 

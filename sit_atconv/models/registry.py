@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sit_atconv.errors import UserError
+from sit_atconv.models.mixers import mixer_options_of_flat, resolve_mixer_options
 from sit_atconv.models.sit import SiT
 
 SIZES = {  # depth, hidden size, heads (SiT/DiT Table 1)
@@ -68,13 +69,15 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
     fields = [p for p in inspect.signature(SiT.__init__).parameters if p != "self"]
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise TypeError(f"unknown SiT config field(s) {unknown}; valid fields: {', '.join(fields)}")
     layout, config = MODELS[name]
     config = {**config, **overrides}
     if config.get("mixers") is None:
         config["mixers"] = mixer_layout(layout, config["depth"])
+    config = mixer_options_of_flat(config, warn=True)  # 0.4's atconv_modulation=... and the like
+    unknown = sorted(set(config) - set(fields))
+    if unknown:
+        raise TypeError(f"unknown SiT config field(s) {unknown}; valid fields: {', '.join(fields)}")
+    config["mixer_options"] = resolve_mixer_options(config["mixers"], config.get("mixer_options"))
     return config
 
 
@@ -106,8 +109,25 @@ def architecture_differences(
     def plain(value):
         return list(value) if isinstance(value, (list, tuple)) else value
 
+    found, expected = resolved(found), resolved(expected)
     fields = architecture_fields() if fields is None else fields
-    return {k: (found[k], expected[k]) for k in fields if plain(found[k]) != plain(expected[k])}
+    differences = {
+        k: (found[k], expected[k]) for k in fields if k != "mixer_options" and plain(found[k]) != plain(expected[k])
+    }
+    if "mixer_options" in fields:  # option by option, for the mixers both use (other mixers: `mixers` differs)
+        for kind in found["mixer_options"].keys() & expected["mixer_options"].keys():
+            ours, theirs = found["mixer_options"][kind], expected["mixer_options"][kind]
+            for name in ours:
+                if ours[name] != theirs.get(name):
+                    differences[f"mixer_options.{kind}.{name}"] = (ours[name], theirs.get(name))
+    return differences
+
+
+def resolved(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A SiT config (of any version: 0.4's flat mixer options too) with its mixer options resolved."""
+    config = mixer_options_of_flat(dict(config), warn=False)
+    mixers = config.get("mixers") or ["attention"] * config.get("depth", 0)
+    return {**config, "mixer_options": resolve_mixer_options(mixers, config.get("mixer_options"))}
 
 
 def describe_mixers(mixers: Iterable[str]) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ from einops import rearrange
 from timm.layers import Mlp
 
 from sit_atconv.errors import UserError
-from sit_atconv.models.mixers import MIXERS, build_mixer, check_mixer_options
+from sit_atconv.models.mixers import MIXERS, build_mixer, mixer_options_of_flat, resolve_mixer_options
 
 POS_EMBEDS = ("sincos", "none")
 # Far beyond any real model, these bounds stop a corrupt or mistyped config before it allocates anything (depth
@@ -37,9 +38,8 @@ INT_FIELD_BOUNDS = {
     "depth": (1, 1024),
     "num_heads": (1, 4096),
     "num_classes": (0, 10_000_000),
-    "atconv_kernel_size": (1, 63),
-    "dwconv_kernel_size": (1, 63),
 }
+MAX_KERNEL_SIZE = 63  # of the convolutional mixers' options
 MAX_TOKENS = 256 * 256  # (input_size / patch_size)^2: a 4096 px image at patch 2 of an f8 VAE
 
 
@@ -58,12 +58,20 @@ def check_config(fields: Mapping) -> list[str]:
     for kind in mixers:
         if kind not in MIXERS:
             raise UserError(f"unknown mixer {kind!r} in mixers; expected one of {list(MIXERS)}")
-    check_mixer_options(mixers, fields)
     if "attention" in mixers and fields["hidden_size"] % fields["num_heads"]:
         raise UserError(f"hidden_size={fields['hidden_size']} is not divisible by num_heads={fields['num_heads']}")
     if fields["pos_embed"] not in POS_EMBEDS:
         raise UserError(f"pos_embed={fields['pos_embed']!r} is not supported; expected one of {list(POS_EMBEDS)}")
     return mixers
+
+
+def check_kernel_sizes(mixer_options: Mapping) -> None:
+    for kind, options in mixer_options.items():
+        size = options.get("kernel_size")
+        if size is not None and (
+            isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_KERNEL_SIZE
+        ):
+            raise UserError(f"mixer_options.{kind}.kernel_size={size!r} is outside [1, {MAX_KERNEL_SIZE}]")
 
 
 def check_config_values(fields: Mapping) -> None:
@@ -246,12 +254,11 @@ class SiT(ModelMixin, ConfigMixin):
         learn_sigma: the final layer predicts 2 * in_channels channels (SiT/DiT checkpoints);
             `forward` returns the first `in_channels`.
         pos_embed: "sincos" (fixed 2-D sin-cos, not trained, not saved) or "none".
-        mixers: one of "attention" | "atconv" per block; None means attention everywhere.
-        qk_norm: LayerNorm on queries and keys in the attention blocks.
-        atconv_kernel_size, atconv_context_pool, atconv_kernel_act: ATConv options (see `ATConv`).
-        atconv_kernel ("context" | "static"), atconv_value_proj, atconv_out_proj, atconv_modulation
-            ("differential" | "none" | "softmax" | "central_difference"): the paper's ablations (Table IX(c));
-            the defaults are ATConv. dwconv_kernel_size: K of the "dwconv" mixer (3, 5, 7).
+        mixers: one mixer name of `MIXERS` ("attention", "atconv", "dwconv") per block; None: attention everywhere.
+        mixer_options: {mixer: {option: value}} for the mixers used, over the defaults of each mixer's options
+            dataclass (models/mixers.py: AttentionOptions.qk_norm; ATConvOptions.kernel_size, context_pool,
+            kernel_act and the paper's ablations kernel, value_proj, out_proj, modulation; DWConvOptions.kernel_size).
+            config.json holds them resolved; 0.4's flat arguments (atconv_modulation=...) are read from old files.
 
     `enable_gradient_checkpointing()` (diffusers' ModelMixin) recomputes each block in the backward pass.
     """
@@ -273,18 +280,13 @@ class SiT(ModelMixin, ConfigMixin):
         learn_sigma: bool = True,
         pos_embed: str = "sincos",
         mixers: list[str] | None = None,
-        qk_norm: bool = False,
-        atconv_kernel_size: int = 3,
-        atconv_context_pool: str = "2d",
-        atconv_kernel_act: str = "gelu_tanh",
-        atconv_kernel: str = "context",
-        atconv_value_proj: bool = True,
-        atconv_out_proj: bool = True,
-        atconv_modulation: str = "differential",
-        dwconv_kernel_size: int = 3,
+        mixer_options: dict[str, dict[str, Any]] | None = None,
     ):
         super().__init__()
         mixers = check_config(locals())
+        mixer_options = resolve_mixer_options(mixers, mixer_options)
+        check_kernel_sizes(mixer_options)
+        self.register_to_config(mixer_options=mixer_options)  # the resolved options: config.json says them all
 
         # forward reads plain attributes, not self.config: torch.compile would guard on the config dict
         self.in_channels = in_channels
@@ -306,7 +308,8 @@ class SiT(ModelMixin, ConfigMixin):
         else:
             self.fixed_pos_embed = None
         self.blocks = nn.ModuleList(
-            SiTBlock(hidden_size, mlp_ratio, build_mixer(kind, hidden_size, num_heads, self.config)) for kind in mixers
+            SiTBlock(hidden_size, mlp_ratio, build_mixer(kind, hidden_size, num_heads, mixer_options[kind]))
+            for kind in mixers
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.gradient_checkpointing = False  # set by enable_gradient_checkpointing()
@@ -342,6 +345,11 @@ class SiT(ModelMixin, ConfigMixin):
         # in the config: torch.compile would guard on the config dict, which save_pretrained extends, and
         # recompile after every checkpoint. Config values are read as model.config.<name>.
         return nn.Module.__getattr__(self, name)
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' reading of config.json, with 0.4's flat mixer options moved into `mixer_options`."""
+        return super().extract_init_dict(mixer_options_of_flat(dict(config_dict), warn=False), **kwargs)
 
     @property
     def null_class(self) -> int | None:

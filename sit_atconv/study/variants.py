@@ -23,7 +23,7 @@ FAMILIES = ("SiT", "SiT-ATConv", "SiT-Hybrid")
 @dataclass(frozen=True)
 class Variant:
     """A model variant: a registry family, optionally one mixer in every block instead of the family's
-    layout, and dotted config overrides (e.g. "model.atconv_modulation=none")."""
+    layout, and dotted config overrides (e.g. "model.mixer_options.atconv.modulation=none")."""
 
     family: str
     mixer: str | None = None
@@ -52,14 +52,15 @@ VARIANTS = {
     "hybrid": Variant("SiT-Hybrid", label="SiT-Hybrid"),
     "dwconv": Variant("SiT-ATConv", mixer="dwconv", label="DWConv 3x3 (static)"),
     "atconv-no-modulation": Variant(
-        "SiT-ATConv", overrides=("model.atconv_modulation=none",), label="ATConv, no modulation"
+        "SiT-ATConv", overrides=("model.mixer_options.atconv.modulation=none",), label="ATConv, no modulation"
     ),
 }
 DEFAULT_VARIANTS = tuple(VARIANTS)
 
 
 def load_variants_file(path: str | Path) -> dict[str, Variant]:
-    """Variants from YAML: `name: {family: SiT-ATConv, mixer: dwconv, overrides: [model.dwconv_kernel_size=7]}`."""
+    """Variants from YAML, e.g.
+    `dwconv7: {family: SiT-ATConv, mixer: dwconv, overrides: [model.mixer_options.dwconv.kernel_size=7]}`."""
     path = Path(path)
     try:
         entries = yaml.safe_load(path.read_text())

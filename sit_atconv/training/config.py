@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from sit_atconv.errors import UserError
+from sit_atconv.models.mixers import FLAT_OPTIONS
 from sit_atconv.models.registry import list_models, model_config
 from sit_atconv.models.sit import SiT
 from sit_atconv.repa import ENCODERS
@@ -246,25 +247,26 @@ DEPRECATED_KEYS = {
     "log.sample_classes": "preview.classes",
     "log.sample_steps": "preview.num_steps",
     "log.sample_cfg": "preview.cfg",
+    **{f"model.{flat}": f"model.mixer_options.{kind}.{name}" for flat, (kind, name) in FLAT_OPTIONS.items()},
 }
 
 
 def respell_deprecated_keys(layer: DictConfig) -> None:
     """Move 0.4's keys of a config layer to their new names, warning; the old and the new key with different
-    values in one layer are one error naming both."""
+    values in one layer are one error naming both. A null old key (0.4's saved configs list every model field)
+    is dropped without a word."""
     for old, new in DEPRECATED_KEYS.items():
         old_section, old_key = old.split(".")
         if not isinstance(layer.get(old_section), DictConfig) or old_key not in layer[old_section]:
             continue
         value = layer[old_section].pop(old_key)
-        new_section, new_key = new.split(".")
-        if new_section not in layer:
-            layer[new_section] = {}
-        target = layer[new_section]
-        if new_key in target and target[new_key] != value:
-            raise UserError(f"{old}={value!r} and {new}={target[new_key]!r} are the same setting; give {new} only")
+        if value is None:
+            continue
+        current = OmegaConf.select(layer, new, default=None)
+        if current is not None and current != value:
+            raise UserError(f"{old}={value!r} and {new}={current!r} are the same setting; give {new} only")
         warnings.warn(f"config key {old} is deprecated: use {new}", FutureWarning, stacklevel=4)
-        target[new_key] = value
+        OmegaConf.update(layer, new, value, force_add=True)
 
 
 def _did_you_mean(full_key: str) -> str:
