@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from sit_atconv.models.loading import load_model, sampling_defaults
 from sit_atconv.pipelines import SiTPipeline, flow_match_scheduler
 from sit_atconv.pipelines.model_card import DEFAULT_LICENSE, CardInfo, read_metrics, training_record, write_model_card
 from sit_atconv.pipelines.remote_code import generate_code, write_remote_code
-from sit_atconv.transport import PATHS, PREDICTIONS
+from sit_atconv.transport import INTERPOLANTS, PREDICTIONS
 
 # ------------------------------------------------------------------------------------------------
 # Class names
@@ -133,7 +134,10 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, transport_default: s
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="export the EMA weights")
     parser.add_argument("--vae", default=None, help="AutoencoderKL hub id or folder to ship in vae/ (default: none)")
     parser.add_argument("--id2label", default=None, help="JSON file of class names (default: ImageNet's for 1000)")
-    parser.add_argument("--path", choices=list(PATHS), help=f"transport path (default: {transport_default})")
+    parser.add_argument(
+        "--interpolant", choices=list(INTERPOLANTS), help=f"the transport's interpolant (default: {transport_default})"
+    )
+    parser.add_argument("--path", choices=list(INTERPOLANTS), help=argparse.SUPPRESS)  # 0.4's name of --interpolant
     parser.add_argument("--prediction", choices=list(PREDICTIONS), help=f"prediction (default: {transport_default})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument(
@@ -167,8 +171,10 @@ def write_pipeline(
     the model card."""
     recorded = recorded or {}
     card = card or card_info(args)
+    if args.path is not None:
+        warnings.warn("--path is deprecated: pass --interpolant", FutureWarning, stacklevel=2)
     transport = {
-        "path": args.path or recorded.get("path", "linear"),
+        "interpolant": args.interpolant or args.path or recorded.get("interpolant", "linear"),
         "prediction": args.prediction or recorded.get("prediction", "velocity"),
     }
     vae = autoencoder.vae_for_model(model, args.vae or recorded.get("vae"), "cpu", default=None, needs_images=False)
@@ -176,9 +182,8 @@ def write_pipeline(
         print("note: no --vae, so the pipeline has no vae/ (pass vae= to from_pretrained or --vae to sample.py)")
     id2label = read_id2label(args.id2label, model.config.num_classes) if args.id2label else None
     out = save_pipeline(args.out, model, vae, id2label, transport, extra=extra, overwrite=args.overwrite, card=card)
-    print(
-        f"wrote {out} (transformer{' + vae' if vae is not None else ''}, {transport['path']} {transport['prediction']})"
-    )
+    parts = "transformer + vae" if vae is not None else "transformer"
+    print(f"wrote {out} ({parts}, {transport['interpolant']} {transport['prediction']})")
     if args.license is None:
         print(f"note: the model card says license: {DEFAULT_LICENSE}; pass --license to state the weights' terms")
     return out

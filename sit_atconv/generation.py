@@ -33,11 +33,11 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --
 @dataclass
 class GenerationConfig:
     """Everything besides the weights that decides the pixels of a sample: how it is sampled (`spec`), the seed
-    of its noise, and the transport the model was trained with (`path`, `prediction`)."""
+    of its noise, and the transport the model was trained with (`interpolant`, `prediction`)."""
 
     spec: SamplingSpec = field(default_factory=SamplingSpec)
     seed: int = 0
-    path: str = "linear"
+    interpolant: str = "linear"
     prediction: str = "velocity"
 
     def predictor(self, model_fn, labels: torch.Tensor | None, null_class: int | None):
@@ -73,7 +73,7 @@ def generate(
 
     Latent models are decoded with the VAE; pixel models (vae None) are returned as they are.
     """
-    transport = Transport(path=config.path, prediction=config.prediction)
+    transport = Transport(interpolant=config.interpolant, prediction=config.prediction)
     size = model.config.input_size
     noise = SampleNoise(config.seed, indices, device)
     x = noise.randn((model.config.in_channels, size, size))
@@ -189,7 +189,7 @@ class SamplingModel:
     model: torch.nn.Module
     vae: torch.nn.Module | None
     precision: str
-    transport: dict  # {"path", "prediction"}: the checkpoint's, else linear / velocity
+    transport: dict  # {"interpolant", "prediction"}: the checkpoint's, else linear / velocity
     record: dict  # `model_record`: checkpoint, EMA or not, weights SHA-256, VAE, precision
 
     @property
@@ -213,7 +213,10 @@ def load_for_sampling(
     model = load_model(ckpt, ema=ema, device=device)
     vae_choice = vae or recorded.get("vae")
     decoder = autoencoder.vae_for_model(model, vae_choice, device)
-    transport = {"path": recorded.get("path", "linear"), "prediction": recorded.get("prediction", "velocity")}
+    transport = {
+        "interpolant": recorded.get("interpolant", "linear"),
+        "prediction": recorded.get("prediction", "velocity"),
+    }
     record = model_record(ckpt, ema, decoder, vae_choice, precision)
     return SamplingModel(model, decoder, precision, transport, record)
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sit_atconv.models import SiT, create_model
 from sit_atconv.training.config import ModelConfig, load_config, model_overrides, save_config
-from sit_atconv.transport.transport import LOSS_WEIGHTS, PATHS, PREDICTIONS, TIME_SAMPLINGS
+from sit_atconv.transport.transport import INTERPOLANTS, LOSS_WEIGHTS, PREDICTIONS, TIME_SAMPLINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "digits.yaml"
@@ -19,7 +19,7 @@ DEMO = ROOT / "configs" / "demo" / "digits.yaml"
 OLD_DEFAULTS = {
     "run": {"output_dir": "runs/default", "seed": 0},
     "transport": {
-        "path": "linear",
+        "interpolant": "linear",
         "prediction": "velocity",
         "loss_weight": "none",
         "time_sampling": "uniform",
@@ -82,6 +82,12 @@ def test_the_old_preview_keys_still_work_with_a_warning():
         load_config(None, ["log.sample_cfg=3.5", "preview.cfg=2.0"])
 
 
+def test_the_0_4_transport_path_key_is_the_interpolant():
+    with pytest.warns(FutureWarning, match="config key transport.path is deprecated: use transport.interpolant"):
+        config = load_config(DEMO, ["transport.path=cosine"])
+    assert config.transport.interpolant == "cosine" and "path" not in config.transport
+
+
 def test_model_section_follows_the_sit_signature():
     params = [p for p in inspect.signature(SiT.__init__).parameters if p != "self"]
     assert [f.name for f in dataclasses.fields(ModelConfig)] == ["name", *params]
@@ -92,7 +98,10 @@ def test_config_overrides_and_validation(tmp_path):
     assert isinstance(config, DictConfig)
     assert config.model.depth == 3 and config.train.max_steps == 5 and config.train.lr == 2e-4
     assert config.model.name == "SiT-ATConv-S/2" and config.train.global_batch_size == 64  # from the YAML
-    assert OmegaConf.to_container(config.transport)["path"] == "linear" and tuple(config.train.betas) == (0.9, 0.999)
+    assert OmegaConf.to_container(config.transport)["interpolant"] == "linear" and tuple(config.train.betas) == (
+        0.9,
+        0.999,
+    )
     with pytest.raises(ValueError, match="unknown config key: train.maxsteps"):
         load_config(DEMO, ["train.maxsteps=5"])
     with pytest.raises(ValueError, match=r"train.mixed_precision='fp8' is not one of"):
@@ -166,7 +175,7 @@ def test_unknown_model_field_is_named(tmp_path):
 @pytest.mark.parametrize(
     "key,choices",
     [
-        ("transport.path", PATHS),
+        ("transport.interpolant", INTERPOLANTS),
         ("transport.prediction", PREDICTIONS),
         ("transport.loss_weight", LOSS_WEIGHTS),
         ("transport.time_sampling", TIME_SAMPLINGS),

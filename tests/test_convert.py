@@ -224,7 +224,10 @@ def test_cli_writes_a_pipeline_that_samples_and_continues_training(tmp_path, cap
     assert load_file(out / "projector.safetensors")["4.weight"].shape == (24, 16)
 
     pipe = SiTPipeline.from_pretrained(out)
-    assert pipe.id2label[3] == "class 3" and pipe.config.transport == {"path": "linear", "prediction": "velocity"}
+    assert pipe.id2label[3] == "class 3" and pipe.config.transport == {
+        "interpolant": "linear",
+        "prediction": "velocity",
+    }
     x, t, y = inputs()
     with torch.no_grad():
         assert torch.allclose(pipe.transformer(x, t, y), ema(x, t, y), atol=2e-5, rtol=1e-4)

@@ -193,7 +193,7 @@ def test_resume_refuses_changes_to_what_is_trained_and_writes_nothing(tmp_path):
         ({"model.depth": 3}, "model.depth: 2 in the checkpoint, 3 now"),
         ({"data.resolution": 16, "model.input_size": 16}, "data.resolution: 8 in the checkpoint, 16 now"),
         ({"run.seed": 5}, "run.seed: 0 in the checkpoint, 5 now"),
-        ({"transport.path": "cosine"}, "transport.path: 'linear' in the checkpoint, 'cosine' now"),
+        ({"transport.interpolant": "cosine"}, "transport.interpolant: 'linear' in the checkpoint, 'cosine' now"),
     ]:
         with pytest.raises(ValueError, match="which a resume cannot change") as error:
             run(tmp_path, steps=6, **change)

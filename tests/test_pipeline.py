@@ -25,13 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """A training checkpoint folder (ema/, model/, config.yaml with a cosine path), a VAE folder, and
+    """A training checkpoint folder (ema/, model/, config.yaml with a cosine interpolant), a VAE folder, and
     the pipeline exported from them."""
     root = tmp_path_factory.mktemp("pipeline")
     ckpt = root / "run" / "checkpoints" / "step_00000010"
     tiny_sit(seed=0).save_pretrained(ckpt / "ema")
     tiny_sit(seed=1).save_pretrained(ckpt / "model")
-    save_config(load_config(ROOT / "configs" / "demo" / "digits.yaml", ["transport.path=cosine"]), ckpt / "config.yaml")
+    save_config(
+        load_config(ROOT / "configs" / "demo" / "digits.yaml", ["transport.interpolant=cosine"]), ckpt / "config.yaml"
+    )
     tiny_vae().save_pretrained(root / "vae")
     export_main(["--ckpt", str(ckpt), "--out", str(root / "exported"), "--vae", str(root / "vae")])
     return root
@@ -56,7 +58,10 @@ def test_export_round_trip_is_bit_identical(assets, pipe):
     assert index["_class_name"] == ["pipeline_sit_atconv", "SiTPipeline"]
     assert index["transformer"] == ["pipeline_sit_atconv", "SiT"]
     assert type(pipe) is SiTPipeline and type(pipe.transformer).__module__ == "sit_atconv.models.sit"
-    assert index["transport"] == {"path": "cosine", "prediction": "velocity"}  # from the checkpoint's config.yaml
+    assert index["transport"] == {
+        "interpolant": "cosine",
+        "prediction": "velocity",
+    }  # from the checkpoint's config.yaml
     assert index["id2label"]["3"] == "3"
     x, t, y = inputs()
     ema = load_model(assets / "run" / "checkpoints" / "step_00000010")
@@ -64,7 +69,7 @@ def test_export_round_trip_is_bit_identical(assets, pipe):
         assert torch.equal(pipe.transformer(x, t, y), ema(x, t, y))
     assert all(p.device.type == "cpu" for p in pipe.transformer.parameters())
     # sample.py reads the pipeline folder too, with its vae/ and transport
-    assert sampling_defaults(folder) == {"path": "cosine", "prediction": "velocity", "vae": str(folder / "vae")}
+    assert sampling_defaults(folder) == {"interpolant": "cosine", "prediction": "velocity", "vae": str(folder / "vae")}
     out = assets / "grid.png"
     sample_cli.main(["--ckpt", str(folder), "--num-steps", "2", "--classes", "1", "2", "--out", str(out)])
     assert Image.open(out).mode == "RGB"
@@ -109,15 +114,15 @@ def predictor(model, labels, cfg=1.0, low=0.0, high=1.0):
     return guided_predictor(lambda x, t, y: model(x, t, y).float(), labels, cfg, model.null_class, low, high)
 
 
-@pytest.mark.parametrize("path", ["linear", "cosine"])
-def test_scheduler_reproduces_the_euler_sampler(path):
+@pytest.mark.parametrize("interpolant", ["linear", "cosine"])
+def test_scheduler_reproduces_the_euler_sampler(interpolant):
     model = tiny_sit()
-    pipe = SiTPipeline(model, flow_match_scheduler(), transport={"path": path})
+    pipe = SiTPipeline(model, flow_match_scheduler(), transport={"interpolant": interpolant})
     labels = torch.tensor([1, 2, 3])
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     for steps, cfg, high, shift in ((10, 1.0, 1.0, 1.0), (25, 2.5, 0.7, 1.0), (8, 2.0, 1.0, 3.0)):
         config = SamplingSpec(num_steps=steps, time_shift=shift)
-        ours, calls = sample(predictor(model, labels, cfg, 0.0, high), Transport(path=path), x, config)
+        ours, calls = sample(predictor(model, labels, cfg, 0.0, high), Transport(interpolant=interpolant), x, config)
         got = pipe(
             class_labels=labels.tolist(),
             guidance_scale=cfg,
@@ -135,7 +140,7 @@ def test_scheduler_reproduces_the_euler_sampler(path):
 
 def test_pipeline_matches_sample_py_generation(pipe):
     """The pipeline's images are sample.py's (`generation.generate`) given the same initial noise."""
-    config = generation.GenerationConfig(spec=SamplingSpec(num_steps=4, cfg=1.8), seed=7, path="cosine")
+    config = generation.GenerationConfig(spec=SamplingSpec(num_steps=4, cfg=1.8), seed=7, interpolant="cosine")
     labels = torch.tensor([4, 5])
     expected, _ = generation.generate(pipe.transformer, pipe.vae, [0, 1], labels, config, torch.device("cpu"))
     latents = SampleNoise(7, [0, 1]).randn((4, 8, 8))
@@ -148,7 +153,7 @@ def test_project_samplers_through_the_pipeline(pipe):
     heun = pipe(class_labels=[1, 2], num_inference_steps=5, latents=x, output_type="latent", sampler="heun").images
     expected, calls = sample(
         predictor(pipe.transformer, torch.tensor([1, 2])),
-        Transport(path="cosine"),
+        Transport(interpolant="cosine"),
         x,
         SamplingSpec(sampler="heun", num_steps=5),
     )

@@ -122,7 +122,7 @@ def test_model_card(exported, tmp_path, capsys):
     assert f"Parameters: {parameters:,}" in body and "atconv in blocks 1 of 2" in body
     assert "# SiT-ATConv-S/2 (my-sit)" in body  # the registry name from the checkpoint's config.yaml
     assert "Training steps: 10 of 800" in body and "Data: digits at 16 px" in body
-    assert "Transport: linear path, velocity prediction" in body and "Autoencoder: vae/" in body
+    assert "Transport: linear interpolant, velocity prediction" in body and "Autoencoder: vae/" in body
     assert (
         "| FID | 12.35 |" in body
         and "| Recall | 0.55 |" in body

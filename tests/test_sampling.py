@@ -205,7 +205,8 @@ def test_loss_plot_shows_the_last_preview_beside_the_curve(tmp_path):
 
 
 def test_the_0_4_flag_spellings_still_work_with_a_warning(capsys):
-    """`--mode sde --sampler heun` is `--sampler sde-heun` and `--cfg-scale` is `--cfg`, with a warning each; both
+    """`--mode sde --sampler heun` is `--sampler sde-heun`, `--cfg-scale` is `--cfg` and `--path` is `--interpolant`,
+    with a warning each; both
     spellings of one knob with different values is one usage error naming both."""
     with pytest.warns(FutureWarning, match="--mode is deprecated: pass --sampler sde-heun"):
         old = sample_cli.parse_args(["--ckpt", "x", "--mode", "sde", "--sampler", "heun", "--num-steps", "9"])
@@ -215,3 +216,8 @@ def test_the_0_4_flag_spellings_still_work_with_a_warning(capsys):
     with pytest.raises(SystemExit):
         sample_cli.parse_args(["--ckpt", "x", "--cfg", "3", "--cfg-scale", "2"])
     assert "--cfg 3.0 and --cfg-scale 2.0 are the same setting" in capsys.readouterr().err
+    with pytest.warns(FutureWarning, match="--path is deprecated: pass --interpolant"):
+        assert sample_cli.parse_args(["--ckpt", "x", "--path", "cosine"]).interpolant == "cosine"
+    with pytest.raises(SystemExit):
+        sample_cli.parse_args(["--ckpt", "x", "--interpolant", "vp", "--path", "cosine"])
+    assert "--interpolant vp and --path cosine are the same setting" in capsys.readouterr().err

@@ -68,7 +68,7 @@ def test_training_evaluates_the_ema_with_the_shared_sampling_and_metrics(
     # The samples are sample.py's from the checkpoint's EMA weights, and the numbers eval_fid.py's on them.
     ema = load_model(run / "checkpoints" / "step_00000004")
     config_4 = generation.GenerationConfig(
-        spec=SamplingSpec(num_steps=2, cfg=1.5), seed=0, path="linear", prediction="velocity"
+        spec=SamplingSpec(num_steps=2, cfg=1.5), seed=0, interpolant="linear", prediction="velocity"
     )
     from accelerate import Accelerator
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sit_atconv.transport import (
+    INTERPOLANTS,
     MODES,
-    PATHS,
     SAMPLERS,
     SampleNoise,
     SamplingSpec,
@@ -32,7 +32,7 @@ class MixtureModel:
             self.components[null] = [(w / n, m, v) for comps in components.values() for (w, m, v) in comps]
 
     def posterior(self, x_t, t, comps):
-        alpha, sigma, _, _ = self.transport.path.coefficients(t[:, None].double())
+        alpha, sigma, _, _ = self.transport.interpolant.coefficients(t[:, None].double())
         x_t = x_t.double()
         log_resp, means_x, means_eps = [], [], []
         for weight, mean, var in comps:
@@ -52,7 +52,7 @@ class MixtureModel:
         for label in y.unique().tolist():
             rows = y == label
             ex, eeps, alpha, sigma = self.posterior(x_t[rows], t[rows], self.components[label])
-            _, _, d_alpha, d_sigma = self.transport.path.coefficients(t[rows][:, None].double())
+            _, _, d_alpha, d_sigma = self.transport.interpolant.coefficients(t[rows][:, None].double())
             if self.transport.prediction == "velocity":
                 out[rows] = d_alpha * ex + d_sigma * eeps
             elif self.transport.prediction == "noise":
@@ -88,10 +88,10 @@ def assert_gaussian(samples, tol_mean=0.08, tol_var=0.15):
     assert off.abs().max() < 0.08
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("interpolant", INTERPOLANTS)
 @pytest.mark.parametrize("sampler,steps", [("euler", 200), ("heun", 40), ("dopri5", 1)])
-def test_ode_samplers_reproduce_gaussian(path, sampler, steps):
-    transport = Transport(path=path)
+def test_ode_samplers_reproduce_gaussian(interpolant, sampler, steps):
+    transport = Transport(interpolant=interpolant)
     samples, calls = run_sampler(transport, SamplingSpec(sampler=sampler, num_steps=steps))
     assert_gaussian(samples)
     if sampler == "euler":
@@ -102,10 +102,10 @@ def test_ode_samplers_reproduce_gaussian(path, sampler, steps):
         assert calls > 6  # adaptive: reports its function evaluations
 
 
-@pytest.mark.parametrize("path", ["linear", "cosine"])
+@pytest.mark.parametrize("interpolant", ["linear", "cosine"])
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
-def test_sde_samplers_reproduce_gaussian(path, sampler):
-    transport = Transport(path=path)
+def test_sde_samplers_reproduce_gaussian(interpolant, sampler):
+    transport = Transport(interpolant=interpolant)
     config = SamplingSpec(sampler=f"sde-{sampler}", num_steps=250 if sampler == "euler" else 100)
     samples, calls = run_sampler(transport, config)
     assert_gaussian(samples)
@@ -138,13 +138,13 @@ def test_time_shift_grid_is_sd3s_and_keeps_its_ends():
     ],
 )
 def test_time_shifted_grids_still_reach_the_exact_distribution(config):
-    samples, _ = run_sampler(Transport(path="linear"), config)
+    samples, _ = run_sampler(Transport(interpolant="linear"), config)
     assert_gaussian(samples)
 
 
 @pytest.mark.parametrize("prediction", ["noise", "score"])
 def test_noise_and_score_predictions_sample_the_same_distribution(prediction):
-    transport = Transport(path="linear", prediction=prediction)
+    transport = Transport(interpolant="linear", prediction=prediction)
     samples, _ = run_sampler(transport, SamplingSpec(sampler="heun", num_steps=60))
     assert_gaussian(samples)
 
@@ -154,7 +154,7 @@ def test_noise_and_score_predictions_sample_the_same_distribution(prediction):
 def test_sde_last_steps_and_diffusion_forms(last_step, form):
     if form == "constant" and last_step == "mean":
         pytest.skip("a noiseless mean step of 0.04 with D = 1 shrinks the spread by design (about 30% here)")
-    transport = Transport(path="linear")
+    transport = Transport(interpolant="linear")
     config = SamplingSpec(sampler="sde-euler", num_steps=200, diffusion_form=form, last_step=last_step)
     samples, _ = run_sampler(transport, config, n=3000)
     assert_gaussian(samples)
@@ -215,9 +215,9 @@ def test_cfg_needs_a_conditional_model():
         guided_predictor(lambda x, t, y: x, None, cfg=2.0)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_velocity_target_is_the_time_derivative(path):
-    transport = Transport(path=path)
+@pytest.mark.parametrize("interpolant", INTERPOLANTS)
+def test_velocity_target_is_the_time_derivative(interpolant):
+    transport = Transport(interpolant=interpolant)
     x, eps = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64)
     h = 1e-6
@@ -227,15 +227,15 @@ def test_velocity_target_is_the_time_derivative(path):
     torch.testing.assert_close(target, (plus - minus) / (2 * h), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("interpolant", INTERPOLANTS)
 @pytest.mark.parametrize("prediction", ["velocity", "noise", "score"])
-def test_prediction_conversions_round_trip(path, prediction):
+def test_prediction_conversions_round_trip(interpolant, prediction):
     """Given the true (x, eps), each prediction type's target converts to the same velocity, noise and data."""
     x, eps = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     t = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
-    reference = Transport(path=path)
+    reference = Transport(interpolant=interpolant)
     x_t, velocity = reference.interpolate(x, eps, t)
-    transport = Transport(path=path, prediction=prediction)
+    transport = Transport(interpolant=interpolant, prediction=prediction)
     _, target = transport.interpolate(x, eps, t)
     torch.testing.assert_close(transport.velocity(target, x_t, t), velocity)
     torch.testing.assert_close(transport.noise(target, x_t, t), eps)
@@ -243,12 +243,12 @@ def test_prediction_conversions_round_trip(path, prediction):
 
 
 def test_lognormal_time_sampling_matches_the_snr_definition():
-    for path in PATHS:
-        transport = Transport(path=path, time_sampling="lognormal")
+    for interpolant in INTERPOLANTS:
+        transport = Transport(interpolant=interpolant, time_sampling="lognormal")
         t = transport.sample_time(20000, torch.device("cpu"), torch.Generator().manual_seed(0)).double()
-        alpha, sigma, _, _ = transport.path.coefficients(t)
+        alpha, sigma, _, _ = transport.interpolant.coefficients(t)
         log_ratio = torch.log(sigma / alpha)
-        assert abs(log_ratio.mean()) < 0.05 and abs(log_ratio.std() - 1) < 0.05, path
+        assert abs(log_ratio.mean()) < 0.05 and abs(log_ratio.std() - 1) < 0.05, interpolant
 
 
 def test_loss_is_per_sample_and_zero_for_the_exact_target():
@@ -327,8 +327,8 @@ def test_bad_sampler_configs():
         SamplingSpec(sampler="sde-euler", last_step="midpoint")
     with pytest.raises(ValueError, match="unknown diffusion_form 'cubic'"):
         SamplingSpec(sampler="sde-euler", diffusion_form="cubic")
-    with pytest.raises(ValueError, match="unknown path 'sine'"):
-        Transport(path="sine")
+    with pytest.raises(ValueError, match="unknown interpolant 'sine'"):
+        Transport(interpolant="sine")
     with pytest.raises(ValueError, match="unknown prediction 'x0'"):
         Transport(prediction="x0")
 
@@ -348,3 +348,13 @@ def test_the_0_4_spellings_still_work_with_a_warning():
     torch.testing.assert_close(before, guided_predictor(model, labels, cfg=2.0, null_class=0)(x, torch.tensor(0.5)))
     with pytest.raises(ValueError, match="cfg_scale=2.0 and cfg=3.0 are the same setting"):
         guided_predictor(model, labels, cfg=3.0, cfg_scale=2.0, null_class=0)
+
+
+def test_the_0_4_keyword_path_is_the_interpolant():
+    with pytest.warns(DeprecationWarning, match="path is now called interpolant"):
+        old = Transport(path="cosine")
+    assert old.interpolant == Transport(interpolant="cosine").interpolant
+    with pytest.warns(DeprecationWarning, match="Transport.path is now Transport.interpolant"):
+        assert old.path.name == "cosine"
+    with pytest.raises(ValueError, match="path='cosine' and interpolant='vp'"), pytest.warns(DeprecationWarning):
+        Transport(interpolant="vp", path="cosine")

@@ -119,11 +119,11 @@ def _path(path: Path | None) -> str | None:
 
 
 def load_sit(args, device):
-    """The SiT of --ckpt, or a seeded --model built by the registry with --model-overrides; and its path name."""
+    """The SiT of --ckpt, or a seeded --model built by the registry with --model-overrides; and its interpolant."""
     if args.ckpt is not None:
         from sit_atconv.models.loading import load_model, sampling_defaults
 
-        return load_model(args.ckpt, device=device), sampling_defaults(args.ckpt).get("path", "linear")
+        return load_model(args.ckpt, device=device), sampling_defaults(args.ckpt).get("interpolant", "linear")
     torch.manual_seed(args.seed)
     return create_model(args.model, **args.model_overrides).to(device).eval(), "linear"
 
@@ -181,7 +181,7 @@ def influence_operators(args, device, dtype) -> tuple[list[tuple[str, torch.nn.M
 
     if args.operators or args.weights:
         raise UserError("--operators and --weights are for random operators; with --ckpt, choose --block")
-    model, path = load_sit(args, device)
+    model, interpolant = load_sit(args, device)
     blocks = args.block
     if blocks is None:
         blocks = atconv_blocks(model)
@@ -194,12 +194,13 @@ def influence_operators(args, device, dtype) -> tuple[list[tuple[str, torch.nn.M
         if not 0 <= i < len(model.blocks):
             raise UserError(f"--block {i} is not a block of the model (0..{len(model.blocks) - 1})")
     x0, noise, labels = model_inputs(model, args, device)
-    mixer_inputs = capture_mixers(model, noisy_inputs(x0, noise, args.t, path), args.t, labels, blocks, "input")
+    inputs = noisy_inputs(x0, noise, args.t, interpolant)
+    mixer_inputs = capture_mixers(model, inputs, args.t, labels, blocks, "input")
     built = [
         (f"block {i} ({model.mixers[i]})", for_analysis(model.blocks[i].mixer, dtype), mixer_inputs[i].to(dtype))
         for i in blocks
     ]
-    settings = {"source": str(args.ckpt), "blocks": blocks, "t": args.t, "path": path}
+    settings = {"source": str(args.ckpt), "blocks": blocks, "t": args.t, "interpolant": interpolant}
     settings.update(images=_path(args.images), latents=_path(args.latents), size=list(x0.shape[-2:]))
     settings["label"] = None if labels is None else int(labels[0])
     return built, settings
@@ -298,14 +299,15 @@ def plot_features(record: dict, path: Path) -> None:
 
 def run_features(args) -> dict:
     device = torch.device(args.device)
-    model, path = load_sit(args, device)
+    model, interpolant = load_sit(args, device)
     x0, noise, labels = model_inputs(model, args, device)
     what = f"the model in {args.ckpt}" if args.ckpt is not None else args.model
     if not atconv_blocks(model):
         raise UserError(f"{what} has no ATConv blocks (mixers: {describe_mixers(model.mixers)})")
-    curves = {"model": feature_curves(model, x0, noise, args.t, labels, args.sigma, path)}
+    curves = {"model": feature_curves(model, x0, noise, args.t, labels, args.sigma, interpolant)}
     if args.compare_modulation:
-        curves["no_modulation"] = feature_curves(without_modulation(model), x0, noise, args.t, labels, args.sigma, path)
+        plain = without_modulation(model)
+        curves["no_modulation"] = feature_curves(plain, x0, noise, args.t, labels, args.sigma, interpolant)
     blocks = curves["model"]["blocks"]
     for c in curves.values():
         del c["blocks"]
@@ -322,7 +324,7 @@ def run_features(args) -> dict:
             "size": list(x0.shape[-2:]),
             "label": None if labels is None else int(labels[0]),
             "sigma": args.sigma,
-            "path": path,
+            "interpolant": interpolant,
             "seed": args.seed,
             "modulation": sorted({getattr(model.blocks[i].mixer, "modulation", None) for i in blocks}),
         },

@@ -322,12 +322,12 @@ def require_atconv_blocks(model: nn.Module, what: str = "the model") -> list[int
     return blocks
 
 
-def noisy_inputs(x0: torch.Tensor, noise: torch.Tensor, t: float, path: str = "linear") -> torch.Tensor:
-    """x_t on the transport's path (t = 0 data, t = 1 noise; linear: (1 - t) x0 + t noise). (B, C, H, W)."""
+def noisy_inputs(x0: torch.Tensor, noise: torch.Tensor, t: float, interpolant: str = "linear") -> torch.Tensor:
+    """x_t of the transport's interpolant (t = 0 data, t = 1 noise; linear: (1 - t) x0 + t noise). (B, C, H, W)."""
     from sit_atconv.transport import Transport
 
     times = torch.full((x0.shape[0],), float(t), dtype=x0.dtype, device=x0.device)
-    return Transport(path=path).interpolate(x0, noise, times)[0]
+    return Transport(interpolant=interpolant).interpolate(x0, noise, times)[0]
 
 
 @torch.no_grad()
@@ -413,7 +413,7 @@ def feature_curves(
     times: Sequence[float],
     y: torch.Tensor | None = None,
     sigma: float = 1.0,
-    path: str = "linear",
+    interpolant: str = "linear",
 ) -> dict:
     """CSC and CER of every ATConv block's mixer output, per time: {"blocks": [i, ...], "csc": [[per block]
     per t], "cer": [...]}. x0, noise: (B, in_channels, H, W); the same pair at every t, so the curves differ
@@ -421,7 +421,7 @@ def feature_curves(
     blocks = require_atconv_blocks(model)
     curves = {"blocks": blocks, "csc": [], "cer": []}
     for t in times:
-        maps = capture_mixers(model, noisy_inputs(x0, noise, t, path), t, y, blocks, "output")
+        maps = capture_mixers(model, noisy_inputs(x0, noise, t, interpolant), t, y, blocks, "output")
         curves["csc"].append([csc(maps[i], sigma) for i in blocks])
         curves["cer"].append([cer(maps[i]) for i in blocks])
     return curves

@@ -41,22 +41,30 @@ def resolve_model_folder(path: str | Path, ema: bool = True) -> Path:
     return folder
 
 
+def transport_settings(recorded: dict | None) -> dict:
+    """{"interpolant", "prediction"} of a recorded transport (model_index.json's, a config's `transport`), the
+    ones it does not say omitted; 0.4 called the interpolant "path"."""
+    recorded = dict(recorded or {})
+    if "interpolant" not in recorded and "path" in recorded:
+        recorded["interpolant"] = recorded["path"]
+    return {key: recorded[key] for key in ("interpolant", "prediction") if recorded.get(key) is not None}
+
+
 def sampling_defaults(path: str | Path) -> dict:
-    """What a checkpoint records about sampling it: "path" and "prediction" of its transport and, for
+    """What a checkpoint records about sampling it: the "interpolant" and "prediction" of its transport and, for
     pipeline folders, the "vae" folder it ships. Keys are absent when the checkpoint does not say."""
     path = Path(path)
     found = {}
     if (path / "model_index.json").is_file():
         index = json.loads((path / "model_index.json").read_text())
-        found.update(index.get("transport") or {})
+        found.update(transport_settings(index.get("transport")))
         if (index.get("vae") or [None])[0] is not None and (path / "vae").is_dir():
             found["vae"] = str(path / "vae")
     elif (path / "config.yaml").is_file():  # training checkpoint
         from omegaconf import OmegaConf
 
-        transport = OmegaConf.load(path / "config.yaml").get("transport") or {}
-        found.update({k: transport[k] for k in ("path", "prediction") if k in transport})
-    return {k: v for k, v in found.items() if k in ("path", "prediction", "vae")}
+        found.update(transport_settings(OmegaConf.to_container(OmegaConf.load(path / "config.yaml")).get("transport")))
+    return found
 
 
 def from_pretrained_strict(cls, folder: str | Path, dtype: torch.dtype | None = None):

@@ -254,7 +254,8 @@ def render_card(transformer, transport: dict, has_vae: bool, info: CardInfo, fol
         "",
         "## Sampling",
         "",
-        f"- Transport: {transport['path']} path, {transport['prediction']} prediction (t = 0 data, t = 1 noise)",
+        f"- Transport: {transport['interpolant']} interpolant, {transport['prediction']} prediction"
+        " (t = 0 data, t = 1 noise)",
         "- Default sampler: Euler ODE steps of the FlowMatchEulerDiscreteScheduler on a uniform time grid",
         f"- Autoencoder: {vae}",
         "",

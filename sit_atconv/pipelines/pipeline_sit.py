@@ -37,11 +37,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from sit_atconv import vae as autoencoder
 from sit_atconv.errors import UserError
 from sit_atconv.generation import GenerationConfig, check_generation
-from sit_atconv.models.loading import from_pretrained_strict, load_sit
+from sit_atconv.models.loading import from_pretrained_strict, load_sit, transport_settings
 from sit_atconv.models.sit import SiT
 from sit_atconv.transport import SAMPLERS, SamplingSpec, Transport, sample, sampling_grid
 
-DEFAULT_TRANSPORT = {"path": "linear", "prediction": "velocity"}
+DEFAULT_TRANSPORT = {"interpolant": "linear", "prediction": "velocity"}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Files of a pipeline folder that sampling does not need (skipped when fetching from the hub).
 TRAINING_ONLY = ["model/*", "projector.safetensors"]
@@ -61,7 +61,7 @@ class SiTPipeline(DiffusionPipeline):
         scheduler: `FlowMatchEulerDiscreteScheduler` for the default Euler steps.
         vae: `AutoencoderKL` decoding latents scaled by 0.18215; None for pixel-space models.
         id2label: class index -> name ("tench, Tinca tinca" style synonyms separated by commas).
-        transport: {"path": "linear" | "cosine" | "vp", "prediction": "velocity" | "noise" | "score"}
+        transport: {"interpolant": "linear" | "cosine" | "vp", "prediction": "velocity" | "noise" | "score"}
             the model was trained with.
     """
 
@@ -78,8 +78,11 @@ class SiTPipeline(DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
-        transport = {**DEFAULT_TRANSPORT, **(transport or {})}
-        Transport(**transport)  # rejects unknown paths or predictions now, not at the first call
+        unknown = sorted(set(transport or {}) - {*DEFAULT_TRANSPORT, "path"})  # "path": 0.4's word for interpolant
+        if unknown:
+            raise UserError(f"unknown transport setting(s) {unknown}; a pipeline records {list(DEFAULT_TRANSPORT)}")
+        transport = {**DEFAULT_TRANSPORT, **transport_settings(transport)}
+        Transport(**transport)  # rejects unknown interpolants or predictions now, not at the first call
         id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
         # JSON object keys are strings; they come back as ints above.
         self.register_to_config(id2label={str(k): v for k, v in id2label.items()}, transport=transport)
@@ -307,7 +310,7 @@ class SiTPipeline(DiffusionPipeline):
             return model(x_t.to(model.dtype), t, y).float()  # t stays float32 for its embedding
 
         predict = config.predictor(model_fn, labels, model.null_class)
-        transport = Transport(path=config.path, prediction=config.prediction)
+        transport = Transport(interpolant=config.interpolant, prediction=config.prediction)
         grid = sampling_grid(transport, config.spec)
         if use_scheduler and grid[-1] == 0.0:
             return self._scheduler_loop(predict, transport, x, grid)

@@ -28,7 +28,7 @@ def generation_config(settings: StudySettings, transport: Transport, conditional
     return GenerationConfig(
         spec=SamplingSpec(num_steps=settings.sample_steps, cfg=settings.cfg if conditional else 1.0),
         seed=settings.eval_seed,
-        path=transport.path.name,
+        interpolant=transport.interpolant.name,
         prediction=transport.prediction,
     )
 

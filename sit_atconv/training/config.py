@@ -41,7 +41,7 @@ from sit_atconv.models.registry import list_models, model_config
 from sit_atconv.models.sit import SiT
 from sit_atconv.repa import ENCODERS
 from sit_atconv.transport.samplers import SamplingSpec
-from sit_atconv.transport.transport import LOSS_WEIGHTS, PATHS, PREDICTIONS, TIME_SAMPLINGS
+from sit_atconv.transport.transport import INTERPOLANTS, LOSS_WEIGHTS, PREDICTIONS, TIME_SAMPLINGS
 
 
 def choice(default: str, choices: typing.Iterable[str]) -> Any:
@@ -88,7 +88,7 @@ ModelConfig = _model_config()
 
 @dataclass
 class TransportConfig:  # see sit_atconv.transport.Transport
-    path: str = choice("linear", PATHS)  # interpolant: linear (rectified flow, SiT's default), cosine (GVP) or vp
+    interpolant: str = choice("linear", INTERPOLANTS)  # linear (rectified flow, SiT's default), cosine (GVP) or vp
     prediction: str = choice("velocity", PREDICTIONS)  # the model's target: velocity (SiT's default), noise or score
     loss_weight: str = choice("none", LOSS_WEIGHTS)  # SiT's weighting of noise/score losses: none, velocity, likelihood
     time_sampling: str = choice("uniform", TIME_SAMPLINGS)  # training times: uniform, or lognormal (logit-normal t)
@@ -247,6 +247,7 @@ DEPRECATED_KEYS = {
     "log.sample_classes": "preview.classes",
     "log.sample_steps": "preview.num_steps",
     "log.sample_cfg": "preview.cfg",
+    "transport.path": "transport.interpolant",
     **{f"model.{flat}": f"model.mixer_options.{kind}.{name}" for flat, (kind, name) in FLAT_OPTIONS.items()},
 }
 

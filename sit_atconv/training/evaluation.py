@@ -86,7 +86,7 @@ class TrainingEvaluation:
         self.generation = GenerationConfig(
             spec=sampling_spec(ec),
             seed=ec.seed,
-            path=config.transport.path,
+            interpolant=config.transport.interpolant,
             prediction=config.transport.prediction,
         )
 

@@ -171,7 +171,7 @@ def preview(config: DictConfig, ema, vae, device: torch.device, path: Path) -> N
     generation = GenerationConfig(
         spec=sampling_spec(config.preview),
         seed=config.run.seed,
-        path=config.transport.path,
+        interpolant=config.transport.interpolant,
         prediction=config.transport.prediction,
     )
     sample_grid(ema, vae, generation, path, config.preview.classes, device=device)

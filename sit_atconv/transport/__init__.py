@@ -17,14 +17,15 @@ from sit_atconv.transport.samplers import (
     sampling_grid,
     time_grid,
 )
-from sit_atconv.transport.transport import PATHS, PREDICTIONS, Path, Transport
+from sit_atconv.transport.transport import INTERPOLANTS, PATHS, PREDICTIONS, Interpolant, Transport
 
 __all__ = [
+    "INTERPOLANTS",
+    "Interpolant",
     "MODES",
     "PATHS",
     "PREDICTIONS",
     "SAMPLERS",
-    "Path",
     "SDEDrift",
     "SampleNoise",
     "SamplerConfig",

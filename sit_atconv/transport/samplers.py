@@ -403,7 +403,7 @@ def sampling_grid(transport: Transport, config: SamplingSpec) -> torch.Tensor:
     ts = time_grid(t_max, t_min, config.num_steps, config.time_shift)
     if last == "none":
         return ts
-    t_end = 0.0 if transport.path.name != "vp" and transport.prediction == "velocity" else transport.sample_eps
+    t_end = 0.0 if transport.interpolant.name != "vp" and transport.prediction == "velocity" else transport.sample_eps
     return torch.cat([ts, torch.tensor([t_end], dtype=torch.float64)])
 
 

@@ -1,4 +1,4 @@
-"""Flow-matching transport: interpolation paths, prediction targets and the training loss.
+"""Flow-matching transport: interpolants, prediction targets and the training loss.
 
 Time convention (stated once, used by the loss and every sampler): t = 0 is data, t = 1 is noise,
 and the interpolant is
@@ -9,7 +9,7 @@ with velocity u_t = d/dt x_t = alpha'_t x + sigma'_t eps. Sampling integrates fr
 The model sees raw t in [0, 1]. (The official SiT code runs the other way; only checkpoint import
 converts.)
 
-Paths (SiT, Ma et al. 2024, Sec. 3):
+Interpolants (SiT, Ma et al. 2024, Sec. 3, calls them paths; sit-atconv 0.4 did too):
     linear   alpha = 1 - t,           sigma = t                        (rectified flow; the default)
     cosine   alpha = cos(pi t / 2),   sigma = sin(pi t / 2)            (GVP)
     vp       alpha = exp(m(t)),       sigma = sqrt(1 - alpha^2),
@@ -23,13 +23,15 @@ given x_t and t.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from sit_atconv.errors import UserError
+from sit_atconv.errors import UserError, renamed_keyword
 
-PATHS = ("linear", "cosine", "vp")
+INTERPOLANTS = ("linear", "cosine", "vp")
+PATHS = INTERPOLANTS  # the 0.4 name
 PREDICTIONS = ("velocity", "noise", "score")
 TIME_SAMPLINGS = ("uniform", "lognormal")
 LOSS_WEIGHTS = ("none", "velocity", "likelihood")
@@ -43,16 +45,16 @@ def _expand(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Path:
-    """alpha_t, sigma_t and their time derivatives for one interpolation path."""
+class Interpolant:
+    """alpha_t, sigma_t and their time derivatives of one interpolant."""
 
     name: str = "linear"
     beta_min: float = 0.1  # vp only
     beta_max: float = 20.0
 
     def __post_init__(self):
-        if self.name not in PATHS:
-            raise UserError(f"unknown path {self.name!r}; expected one of {list(PATHS)}")
+        if self.name not in INTERPOLANTS:
+            raise UserError(f"unknown interpolant {self.name!r}; expected one of {list(INTERPOLANTS)}")
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(alpha_t, sigma_t, d alpha_t / dt, d sigma_t / dt), elementwise in t."""
@@ -87,9 +89,9 @@ class Path:
         return (-0.5 * b0 + torch.sqrt(0.25 * b0**2 + delta * c)) / (0.5 * delta)
 
 
-def default_eps(path: str, prediction: str) -> tuple[float, float]:
+def default_eps(interpolant: str, prediction: str) -> tuple[float, float]:
     """(train_eps, sample_eps) as in SiT: 0 where the target is regular on [0, 1] (linear/cosine velocity)."""
-    if path == "vp":
+    if interpolant == "vp":
         return 1e-5, 1e-3
     if prediction != "velocity":
         return 1e-3, 1e-3
@@ -100,19 +102,19 @@ class Transport:
     """The interpolant, the prediction target, the conversions the samplers need, and the loss.
 
     Args:
-        path: "linear" (default), "cosine" or "vp".
+        interpolant: "linear" (default), "cosine" or "vp" (`path`: 0.4's name of it).
         prediction: what the model predicts: "velocity" (default), "noise" or "score".
         loss_weight: for noise/score prediction, SiT's weighting: "none", "velocity" ((D/sigma)^2,
             which makes the loss a velocity-space loss) or "likelihood" (D / sigma^2), D being the
-            diffusion coefficient sigma sigma' - (alpha'/alpha) sigma^2 of the path.
+            diffusion coefficient sigma sigma' - (alpha'/alpha) sigma^2 of the interpolant.
         time_sampling: "uniform" on [train_eps, 1 - train_eps'] or "lognormal" (REPA: log(sigma/alpha)
-            ~ N(lognormal_mean, lognormal_std^2), i.e. logit-normal t on the linear path).
+            ~ N(lognormal_mean, lognormal_std^2), i.e. logit-normal t on the linear interpolant).
         train_eps, sample_eps: distance kept from the singular ends of [0, 1]; None = SiT's default.
     """
 
     def __init__(
         self,
-        path: str = "linear",
+        interpolant: str = "linear",
         prediction: str = "velocity",
         loss_weight: str = "none",
         time_sampling: str = "uniform",
@@ -120,7 +122,9 @@ class Transport:
         lognormal_std: float = 1.0,
         train_eps: float | None = None,
         sample_eps: float | None = None,
+        **deprecated,
     ):
+        interpolant = renamed_keyword(deprecated, "path", "interpolant", interpolant, "linear", "Transport")
         for name, value, choices in (
             ("prediction", prediction, PREDICTIONS),
             ("time_sampling", time_sampling, TIME_SAMPLINGS),
@@ -128,20 +132,27 @@ class Transport:
         ):
             if value not in choices:
                 raise UserError(f"unknown {name} {value!r}; expected one of {list(choices)}")
-        self.path = Path(path)
+        self.interpolant = Interpolant(interpolant)
         self.prediction = prediction
         self.loss_weight = loss_weight
         self.time_sampling = time_sampling
         self.lognormal_mean, self.lognormal_std = lognormal_mean, lognormal_std
-        default_train, default_sample = default_eps(path, prediction)
+        default_train, default_sample = default_eps(interpolant, prediction)
         self.train_eps = default_train if train_eps is None else train_eps
         self.sample_eps = default_sample if sample_eps is None else sample_eps
 
     def __repr__(self) -> str:
         return (
-            f"Transport(path={self.path.name!r}, prediction={self.prediction!r}, loss_weight={self.loss_weight!r}, "
-            f"time_sampling={self.time_sampling!r}, train_eps={self.train_eps}, sample_eps={self.sample_eps})"
+            f"Transport(interpolant={self.interpolant.name!r}, prediction={self.prediction!r}, "
+            f"loss_weight={self.loss_weight!r}, time_sampling={self.time_sampling!r}, "
+            f"train_eps={self.train_eps}, sample_eps={self.sample_eps})"
         )
+
+    @property
+    def path(self) -> Interpolant:
+        """0.4's name of `interpolant`."""
+        warnings.warn("Transport.path is now Transport.interpolant", DeprecationWarning, stacklevel=2)
+        return self.interpolant
 
     # -- interval --------------------------------------------------------------------------------
 
@@ -150,11 +161,11 @@ class Transport:
     ) -> tuple[float, float]:
         """[t_min, t_max] that training or sampling stays in, following SiT's rules (in our direction):
         the noise end t = 1 is avoided where the target or the SDE's diffusion diverges there, the
-        data end t = 0 where the path or the prediction is singular, or where a final deterministic
+        data end t = 0 where the interpolant or the prediction is singular, or where a final deterministic
         step of `last_step_size` covers it."""
         t_min, t_max = 0.0, 1.0
         data_end = eps if (not sde or last_step_size == 0) else last_step_size
-        if self.path.name == "vp":
+        if self.interpolant.name == "vp":
             t_min = data_end
         elif self.prediction != "velocity" or sde:
             if self.prediction != "velocity" or (sde and diffusion_form == "SBDM"):
@@ -171,11 +182,11 @@ class Transport:
             u = torch.rand(batch, device=device, generator=generator)
             return t_min + (t_max - t_min) * u
         normal = torch.randn(batch, device=device, generator=generator) * self.lognormal_std + self.lognormal_mean
-        return self.path.t_from_log_snr_ratio(normal).clamp(t_min, t_max)
+        return self.interpolant.t_from_log_snr_ratio(normal).clamp(t_min, t_max)
 
     def interpolate(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, target) for data x, noise eps and times t (B,)."""
-        alpha, sigma, d_alpha, d_sigma = self.path.coefficients(_expand(t, x))
+        alpha, sigma, d_alpha, d_sigma = self.interpolant.coefficients(_expand(t, x))
         x_t = alpha * x + sigma * eps
         if self.prediction == "velocity":
             target = d_alpha * x + d_sigma * eps
@@ -188,7 +199,7 @@ class Transport:
     def loss_weights(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | float:
         if self.prediction == "velocity" or self.loss_weight == "none":
             return 1.0
-        alpha, sigma, d_alpha, d_sigma = self.path.coefficients(_expand(t, x))
+        alpha, sigma, d_alpha, d_sigma = self.interpolant.coefficients(_expand(t, x))
         diffusion = sigma * d_sigma - d_alpha / alpha * sigma**2
         return (diffusion / sigma) ** 2 if self.loss_weight == "velocity" else diffusion / sigma**2
 
@@ -216,7 +227,7 @@ class Transport:
         prediction, extras = output if isinstance(output, tuple) else (output, None)
         if self.prediction == "score":
             # SiT compares sigma * score with -eps, which is finite where the score itself is not.
-            _, sigma, _, _ = self.path.coefficients(_expand(t, x))
+            _, sigma, _, _ = self.interpolant.coefficients(_expand(t, x))
             error = (prediction * sigma + eps) ** 2
         else:
             error = (prediction - target) ** 2
@@ -229,7 +240,7 @@ class Transport:
         """The velocity u_t implied by a prediction at (x_t, t)."""
         if self.prediction == "velocity":
             return prediction
-        alpha, sigma, d_alpha, d_sigma = self.path.coefficients(_expand(t, x_t))
+        alpha, sigma, d_alpha, d_sigma = self.interpolant.coefficients(_expand(t, x_t))
         eps = prediction if self.prediction == "noise" else -sigma * prediction
         # u = alpha' x + sigma' eps with x = (x_t - sigma eps) / alpha
         return d_alpha / alpha * x_t + (d_sigma - d_alpha * sigma / alpha) * eps
@@ -238,35 +249,35 @@ class Transport:
         """The noise eps implied by a prediction at (x_t, t)."""
         if self.prediction == "noise":
             return prediction
-        alpha, sigma, d_alpha, d_sigma = self.path.coefficients(_expand(t, x_t))
+        alpha, sigma, d_alpha, d_sigma = self.interpolant.coefficients(_expand(t, x_t))
         if self.prediction == "score":
             return -sigma * prediction
         # Eliminate x from x_t = alpha x + sigma eps and u = alpha' x + sigma' eps; no division by
-        # alpha, so this stays finite at t = 1 where the linear path has alpha = 0.
+        # alpha, so this stays finite at t = 1 where the linear interpolant has alpha = 0.
         return (alpha * prediction - d_alpha * x_t) / (alpha * d_sigma - d_alpha * sigma)
 
     def score(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The score grad log p_t(x_t) implied by a prediction at (x_t, t)."""
         if self.prediction == "score":
             return prediction
-        _, sigma, _, _ = self.path.coefficients(_expand(t, x_t))
+        _, sigma, _, _ = self.interpolant.coefficients(_expand(t, x_t))
         return -self.noise(prediction, x_t, t) / sigma
 
     def data(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The denoised estimate E[x | x_t] implied by a prediction (Tweedie's formula)."""
-        alpha, sigma, _, _ = self.path.coefficients(_expand(t, x_t))
+        alpha, sigma, _, _ = self.interpolant.coefficients(_expand(t, x_t))
         return (x_t - sigma * self.noise(prediction, x_t, t)) / alpha
 
     def diffusion(self, t: torch.Tensor, form: str = "sigma", norm: float = 1.0) -> torch.Tensor:
         """D(t) of the reverse SDE dx = [u - D score] dt + sqrt(2 D) dW (SiT's diffusion forms):
-        "sigma": norm * sigma_t (REPA's g^2 = 2t on the linear path), "constant": norm,
-        "linear": norm * t, "SBDM": norm * (sigma sigma' - alpha'/alpha sigma^2), the path's own."""
+        "sigma": norm * sigma_t (REPA's g^2 = 2t on the linear interpolant), "constant": norm,
+        "linear": norm * t, "SBDM": norm * (sigma sigma' - alpha'/alpha sigma^2), the interpolant's own."""
         t = torch.as_tensor(t, dtype=torch.float64)
         if form == "constant":
             return torch.full_like(t, norm)
         if form == "linear":
             return norm * t
-        alpha, sigma, d_alpha, d_sigma = self.path.coefficients(t)
+        alpha, sigma, d_alpha, d_sigma = self.interpolant.coefficients(t)
         if form == "sigma":
             return norm * sigma
         if form == "SBDM":
