@@ -1329,7 +1329,7 @@ def test_training_evaluation_never_takes_samples_of_other_weights(tmp_path, monk
     other weights (a resume with another lr, a fresh start) samples again."""
     from accelerate import Accelerator
 
-    from sit_atconv.training import evaluation as training_evaluation
+    from sit_atconv.evaluation import during_training as training_evaluation
 
     monkeypatch.setattr(training_evaluation, "evaluate", lambda *a, **k: {"fid": 1.0})
     reference = tmp_path / "ref.npz"

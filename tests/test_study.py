@@ -31,7 +31,7 @@ def counted(monkeypatch):
     counts = {"train": 0, "evaluate": 0}
     from sit_atconv.study import runs
 
-    train, evaluate = runs.train, study.Evaluation.__call__
+    train, evaluate = runs.train, study.CheckpointScorer.__call__
 
     def counting_train(*args, **kwargs):
         counts["train"] += 1
@@ -42,7 +42,7 @@ def counted(monkeypatch):
         return evaluate(self, *args, **kwargs)
 
     monkeypatch.setattr(runs, "train", counting_train)
-    monkeypatch.setattr(study.Evaluation, "__call__", counting_evaluate)
+    monkeypatch.setattr(study.CheckpointScorer, "__call__", counting_evaluate)
     return counts
 
 
@@ -198,8 +198,8 @@ def test_evaluation_is_the_same_for_every_run(tmp_path):
     base = settings.base_config()
     torch.manual_seed(0)
     model = build_model(base).eval()
-    first = study.Evaluation(settings, base, torch.device("cpu"))(model)
-    again = study.Evaluation(settings, base, torch.device("cpu"))(model)
+    first = study.CheckpointScorer(settings, base, torch.device("cpu"))(model)
+    again = study.CheckpointScorer(settings, base, torch.device("cpu"))(model)
     assert first == again and set(first) == {"eval_loss", "accuracy", "fd_digits"}
 
 
@@ -240,7 +240,7 @@ def test_inception_fid_joins_the_metrics_and_decides_the_verdict(monkeypatch):
     base = settings.base_config()
     torch.manual_seed(0)
     model = build_model(base).eval()
-    evaluation = study.Evaluation(settings, base, torch.device("cpu"))
+    evaluation = study.CheckpointScorer(settings, base, torch.device("cpu"))
     metrics = evaluation(model)
 
     def features(images):

@@ -13,9 +13,9 @@ from test_evaluation import inception_weights, low_rank_sqrtm  # noqa: F401 (a f
 from sit_atconv import generation
 from sit_atconv.data import DigitsDataset
 from sit_atconv.data.images import to_uint8_nhwc
+from sit_atconv.evaluation import during_training as training_evaluation
 from sit_atconv.evaluation import evaluate, metrics
 from sit_atconv.models.loading import load_model
-from sit_atconv.training import evaluation as training_evaluation
 from sit_atconv.training import load_config, train
 from sit_atconv.transport import SamplingSpec
 

@@ -38,9 +38,9 @@ import torch
 from sit_atconv.cli import ArgumentParser, non_negative_int, positive_int
 from sit_atconv.errors import UserError
 from sit_atconv.io import ExclusiveLock, atomic_output, check_output_path, lock_path, write_json_atomic
-from sit_atconv.study.evaluation import Evaluation
 from sit_atconv.study.report import plot_curves, results_markdown, sample_grids, summarise, verdict
 from sit_atconv.study.runs import read_json, run_variant
+from sit_atconv.study.scoring import CheckpointScorer
 from sit_atconv.study.variants import DEFAULT_VARIANTS, VARIANTS, StudySettings, load_variants_file, variant_config
 from sit_atconv.training.trainer import build_model
 from sit_atconv.transport import check_guidance
@@ -176,15 +176,15 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with ExclusiveLock(lock_path(out, folder=True), f"study folder {out}"):
         check_study_folder(out, settings.fingerprint())
-        evaluation, progress = None, not args.no_progress
+        scorer, progress = None, not args.no_progress
         results = {}
         for name, variant in chosen.items():
             results[name] = []
             for seed in seeds:
-                if evaluation is None and not (out / "runs" / name / f"seed{seed}" / "result.json").is_file():
-                    evaluation = Evaluation(settings, settings.base_config(), device)
+                if scorer is None and not (out / "runs" / name / f"seed{seed}" / "result.json").is_file():
+                    scorer = CheckpointScorer(settings, settings.base_config(), device)
                 results[name].append(
-                    run_variant(name, variant, seed, settings, out, evaluation, progress, args.keep_checkpoints)
+                    run_variant(name, variant, seed, settings, out, scorer, progress, args.keep_checkpoints)
                 )
         report = write_report(out, results, chosen, settings, seeds, device)
     print(report)

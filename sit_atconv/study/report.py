@@ -12,7 +12,7 @@ from sit_atconv.evaluation.metrics import RESULTS
 from sit_atconv.generation import sample_grid
 from sit_atconv.io import save_figure
 from sit_atconv.models.loading import load_model
-from sit_atconv.study.evaluation import generation_config
+from sit_atconv.study.scoring import generation_config
 from sit_atconv.study.variants import StudySettings, Variant
 from sit_atconv.transport import Transport
 

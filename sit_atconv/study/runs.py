@@ -14,7 +14,7 @@ import torch
 from sit_atconv.errors import UserError
 from sit_atconv.io import write_json_atomic
 from sit_atconv.models.loading import load_model
-from sit_atconv.study.evaluation import Evaluation
+from sit_atconv.study.scoring import CheckpointScorer
 from sit_atconv.study.variants import StudySettings, Variant, variant_config
 from sit_atconv.training import train
 from sit_atconv.training.checkpoint import complete_checkpoints
@@ -31,7 +31,7 @@ def run_variant(
     seed: int,
     settings: StudySettings,
     out: Path,
-    evaluation: Evaluation | None,
+    scorer: CheckpointScorer | None,
     progress: bool = True,
     keep_checkpoints: bool = False,
 ) -> dict:
@@ -53,7 +53,7 @@ def run_variant(
     train(config, resume="auto", progress=progress)
 
     checkpoints = {int(path.name.split("_")[-1]): path for path in complete_checkpoints(run_dir)}
-    evaluations = evaluate_checkpoints(f"{name} seed {seed}", run_dir, checkpoints, settings, evaluation)
+    evaluations = score_checkpoints(f"{name} seed {seed}", run_dir, checkpoints, settings, scorer)
     final = evaluations[str(settings.steps)]
     rows = metric_rows(run_dir / "metrics.csv")
     losses = [(int(r["step"]), float(r["loss"])) for r in rows if r.get("loss")]  # evaluation rows have none
@@ -77,8 +77,8 @@ def run_variant(
     return result
 
 
-def evaluate_checkpoints(
-    label: str, run_dir: Path, checkpoints: dict[int, Path], settings: StudySettings, evaluation: Evaluation
+def score_checkpoints(
+    label: str, run_dir: Path, checkpoints: dict[int, Path], settings: StudySettings, scorer: CheckpointScorer
 ) -> dict[str, dict]:
     """{step: metrics} of every `eval_every` checkpoint of a run, kept in its evaluation.json as they are computed,
     so a killed study evaluates no step twice."""
@@ -89,8 +89,8 @@ def evaluate_checkpoints(
             continue
         if step not in checkpoints:
             raise FileNotFoundError(f"{run_dir} has no complete checkpoint of step {step} to evaluate")
-        model = load_model(checkpoints[step], ema=True, device=evaluation.device)
-        evaluations[str(step)] = evaluation(model, timed=step == settings.steps)
+        model = load_model(checkpoints[step], ema=True, device=scorer.device)
+        evaluations[str(step)] = scorer(model, timed=step == settings.steps)
         write_json_atomic(path, evaluations)
         numbers = ", ".join(f"{k} {v:.4g}" for k, v in evaluations[str(step)].items())
         print(f"[study] {label} step {step}: {numbers}")

@@ -285,7 +285,7 @@ def _check_across_sections(config: DictConfig) -> None:
     """Settings that are each valid but do not fit together, refused at load time rather than at the first step."""
     for section in ("preview", "eval"):  # the sampling settings together (an inverted guidance interval, ...)
         try:
-            sampling_spec(config[section])
+            SamplingSpec.from_fields(config[section])
         except UserError as error:
             raise UserError(f"{section}.{error}") from error
     depth = model_config(config.model.name, **model_overrides(config))["depth"]
@@ -318,11 +318,6 @@ def _check_value(key: str, value: Any, rules: typing.Mapping) -> None:
         raise UserError(f"{key}={value}: expected a value > {rules['above']}")
     if "below" in rules and value >= rules["below"]:
         raise UserError(f"{key}={value}: expected a value < {rules['below']}")
-
-
-def sampling_spec(section: DictConfig) -> SamplingSpec:
-    """The SamplingSpec of a config section holding its fields (`eval`, `preview`)."""
-    return SamplingSpec(**{f.name: section[f.name] for f in dataclasses.fields(SamplingSpec)})
 
 
 def model_overrides(config: DictConfig) -> dict[str, Any]:

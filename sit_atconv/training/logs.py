@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sit_atconv.evaluation.metrics import RESULTS
 from sit_atconv.io import atomic_output, named_os_error, save_figure
 from sit_atconv.training.config import flatten
-from sit_atconv.training.evaluation import EVAL_FIELDS
 
 # The numbers a step reports (`StepStats.report`), in metrics.csv's order; a step that reports none of one (REPA
 # off) logs NaN. A new training statistic: its name here and one `report` where the trainer computes it.
@@ -23,7 +23,7 @@ LOOP_FIELDS = ("lr", "images_per_s", "steps_per_s", "peak_memory_mib", "skipped"
 
 def metric_fields() -> tuple[str, ...]:
     """metrics.csv's columns: the step, the training statistics, the loop's numbers, the evaluations'."""
-    return ("step", *TRAINING_STATS, *LOOP_FIELDS, *EVAL_FIELDS)
+    return ("step", *TRAINING_STATS, *LOOP_FIELDS, *RESULTS)
 
 
 METRIC_FIELDS = metric_fields()
@@ -168,7 +168,7 @@ class TrainingLog:
         metrics.csv (a row of their own when the step logged none), to the trackers and the console."""
         if results is None:
             return
-        numbers = {key: results[key] for key in EVAL_FIELDS if isinstance(results.get(key), (int, float))}
+        numbers = {key: results[key] for key in RESULTS if isinstance(results.get(key), (int, float))}
         if self.tracking:
             self.accelerator.log({f"eval/{key}": value for key, value in numbers.items()}, step=step)
         self.bar.write(f"step {step}: " + ", ".join(f"{key} {value:.4g}" for key, value in numbers.items()))

@@ -5,7 +5,7 @@ Run folder layout:
     config.yaml                       the resolved configuration
     checkpoints/                      see `sit_atconv.training.checkpoint`
     metrics.csv, loss.png, samples/   logged scalars, the loss plot, periodic EMA grids
-    eval/                             metrics of the evaluations during training (eval.every; evaluation.py)
+    eval/                             metrics of the evaluations during training (eval.every; evaluation/during_training.py)
     logs/                             tracker output (TensorBoard by default)
 
 A run folder is written by one run at a time (an exclusive lock naming the holder). Before anything is
@@ -42,6 +42,7 @@ from sit_atconv.data import DigitsDataset, StepBatches
 from sit_atconv.data.latents import LatentDataset
 from sit_atconv.errors import UserError
 from sit_atconv.evaluation.dinov2 import DEFAULT_DINOV2
+from sit_atconv.evaluation.during_training import TrainingEvaluation, check_eval_config
 from sit_atconv.evaluation.evaluator import parse_metrics
 from sit_atconv.generation import GenerationConfig, sample_grid
 from sit_atconv.io import ExclusiveLock, check_output_path, lock_path
@@ -57,8 +58,7 @@ from sit_atconv.training.checkpoint import (
     set_aside_later_steps,
     set_aside_previous_run,
 )
-from sit_atconv.training.config import model_overrides, sampling_spec, save_config
-from sit_atconv.training.evaluation import TrainingEvaluation, check_eval_config
+from sit_atconv.training.config import model_overrides, save_config
 from sit_atconv.training.logs import TrainingLog, record_config_changes
 from sit_atconv.training.resume import resume_changes
 from sit_atconv.training.signals import StopSignals, TrainingStopped
@@ -71,7 +71,7 @@ from sit_atconv.training.step import (
     update_ema,
     use_compile,
 )
-from sit_atconv.transport import Transport
+from sit_atconv.transport import SamplingSpec, Transport
 
 # ------------------------------------------------------------------------------------------------
 # What is trained
@@ -169,7 +169,7 @@ def training_evaluation(config: DictConfig, accelerator, run_dir: Path, sit) -> 
 def preview(config: DictConfig, ema, vae, device: torch.device, path: Path) -> None:
     """An EMA sample grid as the `preview` section says (decoded with `vae` for latent models)."""
     generation = GenerationConfig(
-        spec=sampling_spec(config.preview),
+        spec=SamplingSpec.from_fields(config.preview),
         seed=config.run.seed,
         interpolant=config.transport.interpolant,
         prediction=config.transport.prediction,

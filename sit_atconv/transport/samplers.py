@@ -292,7 +292,7 @@ class SamplingSpec:
     SiTPipeline and the GPU check build and every sampler reads (EDM2's generate_images.py: the sampler's
     keywords are the options). The field metadata (`help`, `choices`, bounds) makes the flags and config keys.
     SDE defaults follow REPA: a grid to `last_step_size` = 0.04, diffusion "sigma" (g^2 = 2t on the linear
-    path), a final "mean" step to 0."""
+    interpolant), a final "mean" step to 0."""
 
     sampler: str = field(
         default="euler",
@@ -340,6 +340,11 @@ class SamplingSpec:
             raise UserError(f"last_step_size must be in (0, 1), got {self.last_step_size}")
         if not _is_number(self.time_shift) or not 0 < self.time_shift < math.inf:
             raise UserError(f"time_shift must be a finite number > 0 (1: no shift), got {self.time_shift!r}")
+
+    @classmethod
+    def from_fields(cls, fields) -> SamplingSpec:
+        """The spec of a mapping holding (at least) its fields by name: the `eval` and `preview` config sections."""
+        return cls(**{name: fields[name] for name in cls.__dataclass_fields__})
 
     @property
     def mode(self) -> str:

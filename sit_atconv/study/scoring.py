@@ -1,4 +1,4 @@
-"""The evaluation every kept checkpoint gets, with noise that is the same for every run: the EMA model's
+"""The scores every kept checkpoint of the study gets, with noise that is the same for every run: the EMA model's
 flow-matching loss on a fixed set, and on the digits CFG samples scored by a classifier and FD_digits."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def generation_config(settings: StudySettings, transport: Transport, conditional
     )
 
 
-class Evaluation:
+class CheckpointScorer:
     """The evaluation every checkpoint gets, set up once per study.
 
     - loss: the EMA model's flow-matching loss on a fixed set (up to `loss_images` training images, each

@@ -22,13 +22,9 @@ from sit_atconv.evaluation.evaluator import (
     parse_metrics,
     resolve_inception_weights,
 )
-from sit_atconv.evaluation.metrics import RESULTS
 from sit_atconv.generation import GenerationConfig, sample_to_npz, weights_digest
 from sit_atconv.io import write_json_atomic
-from sit_atconv.training.config import sampling_spec
-
-# The numbers an evaluation adds to metrics.csv: every result of the metric table.
-EVAL_FIELDS = tuple(RESULTS)
+from sit_atconv.transport import SamplingSpec
 
 
 def check_eval_config(config: DictConfig, image_size: int | None) -> None:
@@ -84,7 +80,7 @@ class TrainingEvaluation:
                         stacklevel=2,
                     )
         self.generation = GenerationConfig(
-            spec=sampling_spec(ec),
+            spec=SamplingSpec.from_fields(ec),
             seed=ec.seed,
             interpolant=config.transport.interpolant,
             prediction=config.transport.prediction,
