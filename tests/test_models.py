@@ -282,6 +282,33 @@ def test_mixer_table_builds_each_mixer_from_the_sit_config():
         build_mixer("conv", 32, 4, model.config)
 
 
+def test_a_mixer_option_added_to_the_table_reaches_sit_config_json_and_loading(monkeypatch, tmp_path):
+    """CONTRIBUTING's "add a mixer option" recipe, done at run time: one field of the options dataclass, read by the
+    builder, is enough for SiT's `mixer_options`, config.json, strict loading and the architecture check."""
+    import dataclasses
+
+    from sit_atconv.models import mixers
+    from sit_atconv.models.loading import load_model
+
+    options = dataclasses.make_dataclass(
+        "AttentionOptions", [("qk_norm", bool, False), ("qkv_bias", bool, True)], frozen=True
+    )
+
+    def build(dim, num_heads, o):
+        attention = Attention(dim, num_heads, qk_norm=o.qk_norm)
+        attention.qkv = torch.nn.Linear(dim, 3 * dim, bias=o.qkv_bias)
+        return attention
+
+    monkeypatch.setitem(mixers.MIXERS, "attention", mixers.Mixer(options, build))
+    model = tiny(mixers=["attention", "atconv"] * 2, mixer_options={"attention": {"qkv_bias": False}})
+    assert model.blocks[0].mixer.qkv.bias is None and model.config.mixer_options["attention"]["qkv_bias"] is False
+    model.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.state_dict().keys() == model.state_dict().keys() and loaded.blocks[0].mixer.qkv.bias is None
+    with pytest.raises(ValueError, match="mixer_options.attention.qkv_biass"):
+        tiny(mixers=["attention", "atconv"] * 2, mixer_options={"attention": {"qkv_biass": False}})
+
+
 def test_gradient_checkpointing_gives_the_same_outputs_features_and_gradients():
     model = tiny_sit("SiT-Hybrid-S/2").train()
     x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])

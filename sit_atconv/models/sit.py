@@ -322,7 +322,8 @@ class SiT(ModelMixin, ConfigMixin):
         def basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:  # a mixer option may leave a projection without one
+                    nn.init.zeros_(module.bias)
 
         self.apply(basic_init)
         w = self.x_embedder.proj.weight

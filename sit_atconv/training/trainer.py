@@ -5,7 +5,7 @@ Run folder layout:
     config.yaml                       the resolved configuration
     checkpoints/                      see `sit_atconv.training.checkpoint`
     metrics.csv, loss.png, samples/   logged scalars, the loss plot, periodic EMA grids
-    eval/                             metrics of the evaluations during training (eval.every; evaluation/during_training.py)
+    eval/                             evaluations during training (eval.every; evaluation/during_training.py)
     logs/                             tracker output (TensorBoard by default)
 
 A run folder is written by one run at a time (an exclusive lock naming the holder). Before anything is
