@@ -57,13 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     add_dataclass_arguments(p, SamplingSpec)  # --sampler, --num-steps, --cfg, --guidance-low/high, --time-shift, ...
     p.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)  # 0.4: --mode sde --sampler euler
-    p.add_argument("--cfg-scale", type=float, help=argparse.SUPPRESS)  # 0.4's spelling of --cfg
+    p.add_renamed_argument("--cfg-scale", "--cfg")  # 0.4's names, for one more release
     p.add_argument(
         "--interpolant",
         choices=list(INTERPOLANTS),
         help="interpolant the model was trained on (default: the checkpoint's, else linear)",
     )
-    p.add_argument("--path", choices=list(INTERPOLANTS), help=argparse.SUPPRESS)  # 0.4's name of --interpolant
+    p.add_renamed_argument("--path", "--interpolant")
     p.add_argument("--prediction", choices=list(PREDICTIONS), help="default: the checkpoint's, else velocity")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=32, help="samples per process and forward")
@@ -97,25 +97,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def respell_deprecated_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """0.4's spellings, for one more release: `--mode sde --sampler euler` (now `--sampler sde-euler`), `--path`
-    (now `--interpolant`) and `--cfg-scale` (now `--cfg`), each with a warning; both spellings at once with
-    different values: an error."""
+    """0.4's `--mode sde --sampler euler` (now `--sampler sde-euler`), for one more release, with a warning. (Its
+    renamed flags, `--cfg-scale` and `--path`, are the parser's `add_renamed_argument`.)"""
     if args.mode is not None:
         one_word = args.sampler if args.mode == "ode" or args.sampler.startswith("sde-") else f"sde-{args.sampler}"
         if one_word not in SAMPLERS or (args.mode == "ode" and one_word.startswith("sde-")):
             parser.error(f"unknown {args.mode} sampler {args.sampler!r}; the samplers are {', '.join(SAMPLERS)}")
         warnings.warn(f"--mode is deprecated: pass --sampler {one_word}", FutureWarning, stacklevel=2)
         args.sampler = one_word
-    if args.path is not None:
-        if args.interpolant is not None and args.interpolant != args.path:
-            parser.error(f"--interpolant {args.interpolant} and --path {args.path} are the same setting; give it once")
-        warnings.warn("--path is deprecated: pass --interpolant", FutureWarning, stacklevel=2)
-        args.interpolant = args.path
-    if args.cfg_scale is not None:
-        if args.cfg != 1.0 and args.cfg != args.cfg_scale:
-            parser.error(f"--cfg {args.cfg} and --cfg-scale {args.cfg_scale} are the same setting; give --cfg once")
-        warnings.warn("--cfg-scale is deprecated: pass --cfg", FutureWarning, stacklevel=2)
-        args.cfg = args.cfg_scale
 
 
 def generation_config(args: argparse.Namespace, recorded: dict) -> GenerationConfig:

@@ -58,6 +58,30 @@ class ArgumentParser(argparse.ArgumentParser):
         if "prog" not in kwargs and spec is not None and spec.name.startswith("sit_atconv."):  # not "__main__.py"
             kwargs["prog"] = f"python -m {spec.name.removesuffix('.__main__')}"
         super().__init__(*args, **kwargs)
+        self.renamed: dict[str, argparse.Action] = {}  # an earlier release's flag -> the action of its new name
+
+    def add_renamed_argument(self, old: str, new: str) -> None:
+        """`old`, a flag of an earlier release, as a hidden alias of the flag `new` (added before): it works with a
+        FutureWarning naming `new`; both given with different values is a usage error naming both."""
+        action = self._option_string_actions[new]
+        self.add_argument(old, dest=f"renamed{old}", type=action.type, choices=action.choices, help=argparse.SUPPRESS)
+        self.renamed[old] = action
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        for old, action in self.renamed.items():
+            value = getattr(namespace, f"renamed{old}")
+            delattr(namespace, f"renamed{old}")
+            if value is None:
+                continue
+            new, current = action.option_strings[0], getattr(namespace, action.dest)
+            if current != action.default and current != value:
+                self.error(f"{new} {current} and {old} {value} are the same setting; give {new} once")
+            import warnings
+
+            warnings.warn(f"{old} is deprecated: pass {new}", FutureWarning, stacklevel=3)
+            setattr(namespace, action.dest, value)
+        return namespace, extras
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,7 +127,7 @@ def save_pipeline(
     return out
 
 
-def add_pipeline_arguments(parser: argparse.ArgumentParser, transport_default: str) -> None:
+def add_pipeline_arguments(parser: ArgumentParser, transport_default: str) -> None:
     """The flags of `export` and `convert` that say what goes into the pipeline folder."""
     parser.add_argument("--out", required=True, type=Path, help="pipeline folder to write")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="export the EMA weights")
@@ -137,7 +136,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, transport_default: s
     parser.add_argument(
         "--interpolant", choices=list(INTERPOLANTS), help=f"the transport's interpolant (default: {transport_default})"
     )
-    parser.add_argument("--path", choices=list(INTERPOLANTS), help=argparse.SUPPRESS)  # 0.4's name of --interpolant
+    parser.add_renamed_argument("--path", "--interpolant")  # 0.4's name, for one more release
     parser.add_argument("--prediction", choices=list(PREDICTIONS), help=f"prediction (default: {transport_default})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument(
@@ -171,10 +170,8 @@ def write_pipeline(
     the model card."""
     recorded = recorded or {}
     card = card or card_info(args)
-    if args.path is not None:
-        warnings.warn("--path is deprecated: pass --interpolant", FutureWarning, stacklevel=2)
     transport = {
-        "interpolant": args.interpolant or args.path or recorded.get("interpolant", "linear"),
+        "interpolant": args.interpolant or recorded.get("interpolant", "linear"),
         "prediction": args.prediction or recorded.get("prediction", "velocity"),
     }
     vae = autoencoder.vae_for_model(model, args.vae or recorded.get("vae"), "cpu", default=None, needs_images=False)

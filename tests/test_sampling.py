@@ -205,9 +205,9 @@ def test_loss_plot_shows_the_last_preview_beside_the_curve(tmp_path):
 
 
 def test_the_0_4_flag_spellings_still_work_with_a_warning(capsys):
-    """`--mode sde --sampler heun` is `--sampler sde-heun`, `--cfg-scale` is `--cfg` and `--path` is `--interpolant`,
-    with a warning each; both
-    spellings of one knob with different values is one usage error naming both."""
+    """`--mode sde --sampler heun` is `--sampler sde-heun`, `--cfg-scale` is `--cfg` and `--path` is `--interpolant`
+    (sample.py, export and convert), with a warning each; both spellings of one knob with different values is one
+    usage error naming both."""
     with pytest.warns(FutureWarning, match="--mode is deprecated: pass --sampler sde-heun"):
         old = sample_cli.parse_args(["--ckpt", "x", "--mode", "sde", "--sampler", "heun", "--num-steps", "9"])
     assert old.spec == sample_cli.parse_args(["--ckpt", "x", "--sampler", "sde-heun", "--num-steps", "9"]).spec
@@ -221,3 +221,11 @@ def test_the_0_4_flag_spellings_still_work_with_a_warning(capsys):
     with pytest.raises(SystemExit):
         sample_cli.parse_args(["--ckpt", "x", "--interpolant", "vp", "--path", "cosine"])
     assert "--interpolant vp and --path cosine are the same setting" in capsys.readouterr().err
+    from sit_atconv.convert.__main__ import parse_args as convert_args
+
+    convert = ["--from", "sit", "x.pt", "--model", "SiT-S/2", "--out", "y"]
+    with pytest.warns(FutureWarning, match="--path is deprecated: pass --interpolant"):
+        assert convert_args([*convert, "--path", "cosine"]).interpolant == "cosine"
+    with pytest.raises(SystemExit):
+        convert_args([*convert, "--path", "cosine", "--interpolant", "linear"])
+    assert "--interpolant linear and --path cosine are the same setting" in capsys.readouterr().err
