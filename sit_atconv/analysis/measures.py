@@ -425,28 +425,3 @@ def feature_curves(
         curves["csc"].append([csc(maps[i], sigma) for i in blocks])
         curves["cer"].append([cer(maps[i]) for i in blocks])
     return curves
-
-
-__all__ = [
-    "OPERATORS",
-    "MixerOnMaps",
-    "analyse_operator",
-    "atconv_blocks",
-    "capture_mixers",
-    "cer",
-    "csc",
-    "far_share",
-    "feature_curves",
-    "for_analysis",
-    "gaussian_blur",
-    "influence_maps",
-    "influence_summary",
-    "lateral_inhibition",
-    "make_operator",
-    "map_diversity",
-    "noisy_inputs",
-    "require_atconv_blocks",
-    "routing_centroids",
-    "routing_diversity",
-    "without_modulation",
-]
