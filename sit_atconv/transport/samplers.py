@@ -18,6 +18,7 @@ which has the marginals of the ODE dx = u dt for every D >= 0.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import math
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sit_atconv.errors import UserError, renamed_keyword
+from sit_atconv.transport.multistep import sample_dpmpp_2m, sample_unipc
 from sit_atconv.transport.transport import DIFFUSION_FORMS, Transport
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -234,6 +236,8 @@ SAMPLERS: dict[str, Callable] = {
     "euler": sample_euler,
     "heun": sample_heun,
     "dopri5": sample_dopri5,
+    "dpm++2m": sample_dpmpp_2m,
+    "unipc": sample_unipc,
     "sde-euler": sample_euler_maruyama,
     "sde-heun": sample_stochastic_heun,
 }
@@ -297,11 +301,15 @@ class SamplingSpec:
     sampler: str = field(
         default="euler",
         metadata={
-            "help": "ODE sampler (euler, heun, dopri5) or SDE sampler (sde-euler, sde-heun)",
+            "help": "ODE sampler (euler, heun, dopri5, dpm++2m, unipc) or SDE sampler (sde-euler, sde-heun)",
             "choices": SAMPLER_NAMES,
         },
     )
     num_steps: int = field(default=50, metadata={"help": "steps of the time grid (dopri5: ignored)", "min": 1})
+    nfe: int | None = field(
+        default=None,
+        metadata={"help": "model calls per sample (CFG counted once): sets num_steps for the sampler", "min": 1},
+    )
     cfg: float = field(default=1.0, metadata={"help": "classifier-free guidance scale; 1: no guidance", "min": 0})
     guidance_low: float = field(default=0.0, metadata={"help": "guidance only from this t ...", "min": 0, "max": 1})
     guidance_high: float = field(default=1.0, metadata={"help": "... to this t (REPA: 0.7)", "min": 0, "max": 1})
@@ -340,6 +348,14 @@ class SamplingSpec:
             raise UserError(f"last_step_size must be in (0, 1), got {self.last_step_size}")
         if not _is_number(self.time_shift) or not 0 < self.time_shift < math.inf:
             raise UserError(f"time_shift must be a finite number > 0 (1: no shift), got {self.time_shift!r}")
+        if self.nfe is not None:  # a budget of model calls: becomes the sampler's num_steps, so a spec has one form
+            steps = steps_for_nfe(self)
+            if self.num_steps not in (steps, NUM_STEPS_DEFAULT):
+                raise UserError(
+                    f"nfe={self.nfe} and num_steps={self.num_steps} disagree: {self.sampler} takes {steps} steps for "
+                    f"{self.nfe} model calls; give one of them"
+                )
+            self.num_steps, self.nfe = steps, None
 
     @classmethod
     def from_fields(cls, fields) -> SamplingSpec:
@@ -363,6 +379,41 @@ class SamplingSpec:
         return guided_predictor(
             model_fn, labels, self.cfg, null_class, self.guidance_low, self.guidance_high, self.cfg_channels
         )
+
+
+NUM_STEPS_DEFAULT = SamplingSpec.__dataclass_fields__["num_steps"].default
+
+
+def model_calls(spec: SamplingSpec) -> int:
+    """Model calls per sample of `spec` (guidance counted once), found by running its sampler on a one-number
+    stand-in model, so every sampler of the table answers without a formula of its own."""
+    zeros = torch.zeros(1, 1, dtype=torch.float64)
+    _, calls = sample(lambda x, t: torch.zeros_like(x), Transport(), zeros, spec, torch.zeros_like)
+    return calls
+
+
+def steps_for_nfe(spec: SamplingSpec) -> int:
+    """The most steps of `spec`'s sampler that take at most `spec.nfe` model calls (heun: 2N - 1 calls, the SDE
+    samplers one less than their grid's points plus the last step, the others N). Errors name the value and the
+    allowed range: adaptive samplers choose their own steps, and a budget below one step is refused."""
+
+    def calls(steps: int) -> int:
+        return model_calls(dataclasses.replace(spec, num_steps=steps, nfe=None))
+
+    fewest = calls(1)
+    if calls(2) == fewest:
+        raise UserError(
+            f"{spec.sampler} chooses its own steps (adaptive): nfe does not apply; give num_steps or tolerances"
+        )
+    if spec.nfe < fewest:
+        raise UserError(f"nfe={spec.nfe} is below {spec.sampler}'s minimum of {fewest} model call(s) per sample")
+    low, high = 1, 2
+    while calls(high) <= spec.nfe:  # calls grow with the steps: bracket, then bisect
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if calls(middle) <= spec.nfe else (low, middle)
+    return low
 
 
 def SamplerConfig(mode: str = "ode", sampler: str = "euler", **options) -> SamplingSpec:  # noqa: N802

@@ -265,7 +265,9 @@ class Transport:
 
     def data(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The denoised estimate E[x | x_t] implied by a prediction (Tweedie's formula)."""
-        alpha, sigma, _, _ = self.interpolant.coefficients(_expand(t, x_t))
+        alpha, sigma, d_alpha, d_sigma = self.interpolant.coefficients(_expand(t, x_t))
+        if self.prediction == "velocity":  # x from x_t and u without dividing by alpha: finite at alpha = 0
+            return (d_sigma * x_t - sigma * prediction) / (alpha * d_sigma - d_alpha * sigma)
         return (x_t - sigma * self.noise(prediction, x_t, t)) / alpha
 
     def diffusion(self, t: torch.Tensor, form: str = "sigma", norm: float = 1.0) -> torch.Tensor:
