@@ -138,6 +138,55 @@ def test_scheduler_reproduces_the_euler_sampler(interpolant):
         assert torch.allclose(pipe.scheduler.sigmas.double(), grid, atol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' numpy call
+def test_diffusers_flow_schedulers_give_our_solvers_samples():
+    """`pipe.scheduler = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")` (and
+    DPM-Solver++, FlowMatchHeun) samples what the project's unipc (dpm++2m, heun) samples on the grid the scheduler
+    steps over; `nfe` sets the steps by the scheduler's calls per step."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchHeunDiscreteScheduler, UniPCMultistepScheduler
+
+    from sit_atconv.transport.samplers import SAMPLERS
+
+    model, labels, calls = tiny_sit(), torch.tensor([1, 2]), []
+    model.register_forward_hook(lambda *_: calls.append(1))  # one batched forward per call, guidance included
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+    cases = [
+        (UniPCMultistepScheduler(**flow), "unipc", 10),
+        (DPMSolverMultistepScheduler(**flow, algorithm_type="dpmsolver++"), "dpm++2m", 10),
+        (FlowMatchHeunDiscreteScheduler(), "heun", 5),
+    ]
+    for scheduler, sampler, steps in cases:
+        pipe = SiTPipeline(model, scheduler)
+        calls.clear()
+        got = pipe(class_labels=labels.tolist(), guidance_scale=2.0, nfe=10, latents=x, output_type="latent").images
+        assert len(calls) == (9 if sampler == "heun" else 10)
+        sigmas = pipe.scheduler.sigmas.double()
+        if sampler == "heun":  # its sigmas repeat each inner point for the second stage
+            sigmas = torch.cat([sigmas[:1], sigmas[1:-1:2], sigmas[-1:]])
+        assert len(sigmas) == steps + 1
+        ours = SAMPLERS[sampler](predictor(model, labels, 2.0), Transport(), x, sigmas)
+        assert (got - ours).abs().max() < 1e-5 * ours.abs().max(), sampler
+    # UniPC takes the project's grid: the same samples as sampler="unipc"
+    pipe = SiTPipeline(model, UniPCMultistepScheduler(**flow))
+    kwargs = {"class_labels": [1, 2], "num_inference_steps": 6, "latents": x, "output_type": "latent"}
+    assert (pipe(**kwargs).images - pipe(sampler="unipc", **kwargs).images).abs().max() < 1e-5
+
+
+def test_a_scheduler_the_pipeline_cannot_drive_is_one_clear_error():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    model = tiny_sit()
+    with pytest.raises(ValueError, match="drives diffusers' flow schedulers .*, not DDIMScheduler"):
+        SiTPipeline(model, DDIMScheduler())(class_labels=[1], num_inference_steps=2)
+    with pytest.raises(ValueError, match="use_flow_sigmas=True and prediction_type='flow_prediction'"):
+        SiTPipeline(model, DPMSolverMultistepScheduler())(class_labels=[1], num_inference_steps=2)
+    cosine = SiTPipeline(model, DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction"))
+    cosine.register_to_config(transport={"interpolant": "cosine", "prediction": "velocity"})
+    with pytest.raises(ValueError, match="assumes the linear interpolant, and this model was trained on the cosine"):
+        cosine(class_labels=[1], num_inference_steps=2)
+
+
 def test_pipeline_matches_sample_py_generation(pipe):
     """The pipeline's images are sample.py's (`generation.generate`) given the same initial noise."""
     config = generation.GenerationConfig(spec=SamplingSpec(num_steps=4, cfg=1.8), seed=7, interpolant="cosine")

@@ -47,6 +47,49 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TRAINING_ONLY = ["model/*", "projector.safetensors"]
 
 
+# diffusers' flow-matching schedulers the pipeline drives, and the sampler of the table each one steps like. Their
+# x_sigma = (1 - sigma) x + sigma eps is the linear interpolant at t = sigma, and their "flow" model output
+# (flow_prediction) is its velocity dx/dt = eps - x: `scheduler_times` is the whole mapping. The Euler and Heun
+# schedulers step dx/dsigma = u whatever the interpolant; the multistep ones assume the linear one.
+SCHEDULER_SAMPLERS = {
+    "FlowMatchEulerDiscreteScheduler": "euler",
+    "FlowMatchHeunDiscreteScheduler": "heun",
+    "DPMSolverMultistepScheduler": "dpm++2m",
+    "UniPCMultistepScheduler": "unipc",
+}
+MULTISTEP_SCHEDULERS = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+
+
+def scheduler_sampler(scheduler, interpolant: str) -> str:
+    """The name in the sampler table that `scheduler` steps like (its model calls per step), after checking that
+    it is set up for a flow model trained on `interpolant`; a clear error otherwise."""
+    kind = type(scheduler).__name__
+    if kind not in SCHEDULER_SAMPLERS:
+        raise UserError(
+            f"the pipeline drives diffusers' flow schedulers ({', '.join(SCHEDULER_SAMPLERS)}), not {kind}; "
+            "or pass sampler=... to use the project's samplers"
+        )
+    if kind in MULTISTEP_SCHEDULERS:
+        config = scheduler.config
+        if not config.get("use_flow_sigmas") or config.get("prediction_type") != "flow_prediction":
+            raise UserError(
+                f"{kind} must be built with use_flow_sigmas=True and prediction_type='flow_prediction' for a flow "
+                f"model, got use_flow_sigmas={config.get('use_flow_sigmas')}, "
+                f"prediction_type={config.get('prediction_type')!r}"
+            )
+        if interpolant != "linear":
+            raise UserError(
+                f"{kind} assumes the linear interpolant, and this model was trained on the {interpolant} one; "
+                "use sampler='dpm++2m' or 'unipc' (the project's solvers take any interpolant)"
+            )
+    return SCHEDULER_SAMPLERS[kind]
+
+
+def scheduler_times(scheduler) -> list[torch.Tensor]:
+    """The model's time t at each of the scheduler's calls (after `set_timesteps`): its sigma there."""
+    return [scheduler.sigmas[i] for i in range(len(scheduler.timesteps))]
+
+
 def flow_match_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """The scheduler whose steps are the project's Euler ODE sampler: no shift, and the pipeline hands
     it the project's time grid as `sigmas` (its own default grid stops at 1/1000, not 0)."""
@@ -171,27 +214,32 @@ class SiTPipeline(DiffusionPipeline):
         sampler: str | SamplingSpec | None = None,
         batch_size: int | None = None,
         time_shift: float | None = None,
+        nfe: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images.
 
         Args:
             class_labels: indices or names, one per image (class-conditional models).
             guidance_scale: classifier-free guidance scale; 1 disables guidance (one forward per step).
-            num_inference_steps: sampler steps (model calls: N for Euler, 2N - 1 for Heun).
+            num_inference_steps: sampler steps (model calls: N for Euler and the multistep solvers, 2N - 1 for Heun).
             generator: torch generator(s) for the initial noise and SDE noise (a list: one per image).
             latents: initial noise (B, C, H, W) at t = 1 instead of drawing it.
             output_type: "pil", "np" (B, H, W, C) floats in [0, 1], "pt" (B, C, H, W) in [0, 1], or
                 "latent" (the sampler's output, not decoded).
             guidance_interval: (low, high) times in [0, 1] where guidance applies (REPA: (0, 0.7)).
             cfg_channels: guide only the first N channels (3 reproduces SiT/DiT's published sampler).
-            sampler: None for the scheduler's Euler steps; a name of `sit_atconv.transport.SAMPLERS`
-                ("euler", "heun", "dopri5", "sde-euler", "sde-heun") or a `SamplingSpec`, to run the
-                project's samplers (a spec's own guidance and steps apply where the keywords are left at
-                their defaults; both set to different values is an error).
+            sampler: None for the scheduler's steps (`pipe.scheduler`: FlowMatchEuler by default; FlowMatchHeun,
+                and DPMSolverMultistep or UniPCMultistep built with use_flow_sigmas=True and
+                prediction_type="flow_prediction", step like "heun", "dpm++2m" and "unipc"); a name of
+                `sit_atconv.transport.SAMPLERS` ("euler", "heun", "dopri5", "dpm++2m", "unipc", "sde-euler",
+                "sde-heun") or a `SamplingSpec`, to run the project's samplers (a spec's own guidance and steps
+                apply where the keywords are left at their defaults; both set to different values is an error).
             batch_size: number of images of an unconditional or single-class model (default 1).
             time_shift: SD3's shift s of the time grid (`sit_atconv.transport.time_grid`; s > 1 puts more of
                 few steps near the noise); the scheduler's Euler steps follow the same grid. None: 1 (no
                 shift), or the `SamplingSpec`'s own.
+            nfe: a budget of model calls per image (guidance counted once) instead of num_inference_steps: the
+                steps the sampler (or the scheduler's equivalent) can take within it.
         Returns:
             `ImagePipelineOutput` with `.images`, or a one-element tuple when return_dict is False.
 
@@ -202,7 +250,7 @@ class SiTPipeline(DiffusionPipeline):
         labels = self.prepare_labels(class_labels, batch_size, latents)
         count = len(labels) if labels is not None else batch_size or (len(latents) if latents is not None else 1)
         config = self.generation_config(
-            guidance_scale, guidance_interval, cfg_channels, sampler, num_inference_steps, time_shift
+            guidance_scale, guidance_interval, cfg_channels, sampler, num_inference_steps, time_shift, nfe
         )
         self.check_inputs(config, labels, count, latents, output_type)
         x = self.prepare_latents(count, generator, latents)
@@ -234,9 +282,11 @@ class SiTPipeline(DiffusionPipeline):
         sampler: str | SamplingSpec | None,
         num_inference_steps: int,
         time_shift: float | None = None,
+        nfe: int | None = None,
     ) -> GenerationConfig:
         """The sampling settings of a call: diffusers' keywords mapped onto a SamplingSpec (guidance_scale is its
-        `cfg`, num_inference_steps its `num_steps`); the transport is the one the model was trained with."""
+        `cfg`, num_inference_steps its `num_steps`; without `sampler`, the scheduler's equivalent sampler); the
+        transport is the one the model was trained with."""
         low, high = guidance_interval
         keywords = {
             "cfg": (guidance_scale, 1.0, "guidance_scale"),
@@ -245,6 +295,7 @@ class SiTPipeline(DiffusionPipeline):
             "cfg_channels": (cfg_channels, None, "cfg_channels"),
             "num_steps": (num_inference_steps, 50, "num_inference_steps"),
             "time_shift": (time_shift, None, "time_shift"),
+            "nfe": (nfe, None, "nfe"),
         }
         if isinstance(sampler, SamplingSpec):
             spec, defaults = sampler, SamplingSpec()
@@ -263,7 +314,9 @@ class SiTPipeline(DiffusionPipeline):
             if sampler is not None and sampler not in SAMPLERS:
                 raise UserError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)} or a SamplingSpec")
             values = {name: value for name, (value, default, _) in keywords.items() if value is not None}
-            spec = SamplingSpec(sampler=sampler or "euler", **values)
+            spec = SamplingSpec(
+                sampler=sampler or scheduler_sampler(self.scheduler, self.config.transport["interpolant"]), **values
+            )
         return GenerationConfig(spec=spec, **self.config.transport)
 
     def check_inputs(
@@ -338,15 +391,15 @@ class SiTPipeline(DiffusionPipeline):
     def _scheduler_loop(
         self, predict: Callable, transport: Transport, x: torch.Tensor, grid: torch.Tensor
     ) -> torch.Tensor:
-        """Euler steps of the scheduler over `grid` (decreasing, ending at 0)."""
+        """The scheduler's steps over `grid` (decreasing, ending at 0) where it takes a grid (the Euler and UniPC
+        schedulers), else over its own grid of as many steps (DPM-Solver++, Heun)."""
         device = self._execution_device
         if "sigmas" in inspect.signature(self.scheduler.set_timesteps).parameters:
-            self.scheduler.set_timesteps(sigmas=grid[:-1].tolist(), device=device)
-        else:  # a scheduler swapped in by the user: its own grid
+            self.scheduler.set_timesteps(sigmas=grid[:-1].numpy(), device=device)
+        else:
             self.scheduler.set_timesteps(len(grid) - 1, device=device)
-        scale = self.scheduler.config.num_train_timesteps
-        for timestep in self.progress_bar(self.scheduler.timesteps):
-            t = timestep / scale
+        times = scheduler_times(self.scheduler)
+        for t, timestep in zip(times, self.progress_bar(self.scheduler.timesteps), strict=True):
             velocity = transport.velocity(predict(x, t), x, t)
             x = self.scheduler.step(velocity, timestep, x).prev_sample
         return x

@@ -10,8 +10,8 @@ so over one step from s to t
 exactly, for every (alpha_t, sigma_t). The solvers take x_hat in that integral as a polynomial in lambda through
 the model outputs of the last steps: one model call per step, the UniPC corrector reusing the call that starts
 the next step. As diffusers' multistep schedulers do by default, the first step and the last one (to t = 0,
-where lambda = +inf) are first order; so is any step whose older point has alpha = 0 (lambda = -inf: it fixes
-no slope in lambda).
+where lambda = +inf) are first order, and a point with alpha = 0 (lambda = -inf) fixes no slope in lambda: the
+terms that would use it take their limit, zero (what diffusers' arithmetic gives there too).
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ def sample_dpmpp_2m(predict, transport, x, ts, randn_like=None):
     for i in range(len(ts) - 1):
         x_hat = _data(predict, transport, x, ts[i])
         r = grid.ratio(i - 1, i) if previous is not None and i != last else None
-        # r = -(h of the step before) / h: the slope of x_hat in lambda through the two points
-        slope = x_hat if r is None else x_hat + (previous - x_hat) / (2 * r)
-        x, _ = grid.step(i, x, slope)
+        # r = -(h of the step before) / h; x_hat extrapolated to the middle of the step in lambda
+        estimate = x_hat if r is None else x_hat + (previous - x_hat) / (2 * r)
+        x, _ = grid.step(i, x, estimate)
         previous = x_hat
     return x
 
@@ -80,7 +80,7 @@ def sample_unipc(predict, transport, x, ts, randn_like=None):
         if x_start is not None:  # correct the point the last step predicted, with its own model output
             x = _unipc_update(grid, i - 1, x_start, history, predictor_order, x_hat)
         history = [*history[-1:], x_hat]
-        predictor_order = 1 if i in (0, last) or grid.ratio(i - 1, i) is None else 2
+        predictor_order = 1 if i in (0, last) else 2
         x_start = x
         x = _unipc_update(grid, i, x, history, predictor_order)
     return x
@@ -91,17 +91,18 @@ def _unipc_update(grid: _Grid, i: int, x, history: list[torch.Tensor], order: in
     history[-1] is x_hat at point i, history[-2] at i - 1 (used by order 2)."""
     x_next, phi = grid.step(i, x, history[-1])  # phi = e^-h - 1 = B(h) of bh2 (and h phi_1)
     alpha_next = grid.alpha[i + 1]
-    if order == 2:
-        r = grid.ratio(i - 1, i)
-        slope = (history[-2] - history[-1]) / r
-    if x_hat_next is None:  # predictor: rho = 1/2 for order 2
-        return x_next if order == 1 else x_next - (alpha_next * phi * 0.5) * slope
+    r = grid.ratio(i - 1, i) if order == 2 else None
+    if x_hat_next is None:  # predictor: rho = 1/2 for order 2 (no slope term where the older point has none)
+        return x_next if r is None else x_next - (alpha_next * phi * 0.5) * ((history[-2] - history[-1]) / r)
     change = x_hat_next - history[-1]
     if order == 1:
         return x_next - (alpha_next * phi * 0.5) * change
     hh = math.log1p(phi)  # = -h
     # b_k = k! h phi_{k+1}(hh) / B(h) with phi_1(z) = (e^z - 1) / z, phi_{k+1}(z) = (phi_k(z) - 1 / k!) / z
     b1 = (phi / hh - 1) / phi
+    if r is None:  # the limit r -> -inf of the solution below: the slope term vanishes, rho of the change is b1
+        return x_next - (alpha_next * phi * b1) * change
     b2 = 2 * ((phi / hh - 1) / hh - 0.5) / phi
     rho_slope = (b1 - b2) / (1 - r)  # solves [[1, 1], [r, 1]] rho = [b1, b2]
+    slope = (history[-2] - history[-1]) / r
     return x_next - (alpha_next * phi) * (rho_slope * slope + (b1 - rho_slope) * change)

@@ -403,7 +403,7 @@ def steps_for_nfe(spec: SamplingSpec) -> int:
     fewest = calls(1)
     if calls(2) == fewest:
         raise UserError(
-            f"{spec.sampler} chooses its own steps (adaptive): nfe does not apply; give num_steps or tolerances"
+            f"{spec.sampler} chooses its own steps (adaptive): nfe does not apply; set its tolerances (atol, rtol)"
         )
     if spec.nfe < fewest:
         raise UserError(f"nfe={spec.nfe} is below {spec.sampler}'s minimum of {fewest} model call(s) per sample")
