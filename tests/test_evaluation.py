@@ -489,3 +489,24 @@ def test_a_metric_is_one_entry_of_the_table(tmp_path, monkeypatch):
     assert list(results)[:2] == ["inception_score", "brightness"]  # the table's order
     assert results["brightness"] == pytest.approx(images.mean() / 255) and results["inception_score"] is None
     assert list(results["skipped"]) == ["inception_score"] and results["provenance"]["reference_sha256"] is None
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # half of a set against all of it
+def test_digit_metrics_score_real_digits_as_real(tmp_path):
+    """fd_digits and digit_accuracy (the demo's network): real digits against all real digits are close to 0 and
+    read right; the same images with shuffled labels are read right only by chance; no labels, one clear error."""
+    from sit_atconv.data import digits_reference
+
+    reference = digits_reference.main([str(tmp_path / "ref.npz"), "--resolution", "8"])
+    with np.load(reference) as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    half = write_npz(tmp_path / "half.npz", images[::2], arr_1=labels[::2])
+    results = evaluation.evaluate(half, reference, metrics="fd_digits,digit_accuracy", progress=False)
+    assert results["digit_accuracy"] > 0.97 and 0 <= results["fd_digits"] < 0.5
+    assert results["provenance"]["reference_sha256"] == evaluation.file_digest(reference)
+    shuffled = write_npz(tmp_path / "shuffled.npz", images[::2], arr_1=np.roll(labels[::2], 1))
+    assert evaluation.evaluate(shuffled, reference, metrics="digit_accuracy", progress=False)["digit_accuracy"] < 0.3
+    noise = write_npz(tmp_path / "noise.npz", np.random.default_rng(0).integers(0, 256, images[:300].shape, np.uint8))
+    assert evaluation.evaluate(noise, reference, metrics="fd_digits", progress=False)["fd_digits"] > 10
+    with pytest.raises(ValueError, match="digit_accuracy needs the labels the samples were drawn for"):
+        evaluation.evaluate(noise, reference, metrics="digit_accuracy", progress=False)

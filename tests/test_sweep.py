@@ -75,3 +75,41 @@ def test_bad_sweeps_fail_before_any_work(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="reference .*missing.npz does not exist"):
         sweep.main([*base, "--ref", str(tmp_path / "missing.npz")])
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.filterwarnings("ignore:20 samples for:UserWarning", "ignore::scipy.linalg.LinAlgWarning")
+def test_a_solver_sweep_by_model_calls_with_the_digit_metrics(tmp_path):
+    """--sampler and --nfe are axes: each setting samples within its budget of model calls, the table gives the
+    steps and the calls the run counted, the digit metrics score it, and the plot is against the calls."""
+    from sit_atconv.data import digits_reference
+
+    tiny_sit(in_channels=1, num_classes=10).save_pretrained(tmp_path / "model")
+    reference = digits_reference.main([str(tmp_path / "ref.npz"), "--resolution", "8"])
+    out = tmp_path / "sweep"
+    argv = ["--ckpt", str(tmp_path / "model"), "--ref", str(reference), "--out", str(out), "--vae", "none"]
+    argv += ["--cfg", "1.5", "--sampler", "heun", "unipc", "--nfe", "3", "5", "--num-samples", "20"]
+    argv += ["--batch-size", "10", "--metrics", "fd_digits,digit_accuracy", "--no-progress"]
+    results = sweep.main(argv)
+    expected = [("heun", 3, 2, 3), ("heun", 5, 3, 5), ("unipc", 3, 3, 3), ("unipc", 5, 5, 5)]
+    got = [
+        (r["setting"]["sampler"], r["setting"]["nfe"], r["generation"]["spec"]["num_steps"], sweep.model_calls(r))
+        for r in results
+    ]
+    assert sorted(got) == expected
+    assert all(0 <= r["evaluation"]["digit_accuracy"] <= 1 and r["evaluation"]["fd_digits"] > 0 for r in results)
+    assert (out / "cfg1.5_low0_high1_nfe5_unipc.npz").is_file()
+    table = (out / "sweep.md").read_text()
+    assert "| sampler | cfg | interval | steps | NFE | FD_digits | accuracy |" in table and "| unipc" in table
+
+
+def test_bad_solver_sweeps_fail_before_any_work(tmp_path, capsys):
+    base = ["--ckpt", str(tmp_path / "model"), "--out", str(tmp_path / "sweep"), "--ref", "r.npz"]
+    for flags, message in [
+        (["--nfe", "10", "--num-steps", "20"], "--nfe and --num-steps both set the steps; give one of them"),
+        (["--sampler", "euler", "dopri5", "--nfe", "10"], "dopri5 chooses its own steps"),
+        (["--sampler", "heun", "--nfe", "10", "0"], "argument --nfe: expected an integer >= 1, got '0'"),
+    ]:
+        with pytest.raises(SystemExit):
+            sweep.main(base + flags)
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()

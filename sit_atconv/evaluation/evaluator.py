@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sit_atconv.data.digits import DigitNetworks
 from sit_atconv.errors import UserError
 from sit_atconv.evaluation.dinov2 import DEFAULT_DINOV2, DINOv2Features, compute_dinov2_features, load_dinov2
 from sit_atconv.evaluation.inputs import image_files, image_layout, load_images, read_npz
@@ -341,19 +342,22 @@ def evaluate(
     # Every network is loaded before any feature pass, so missing weights fail in seconds.
     inception = InceptionFeatures(inception_weights, download).eval() if "inception" in networks else None
     encoder = load_dinov2(dinov2, dinov2_weights) if "dinov2" in networks else None
+    digits = DigitNetworks() if "digits" in networks else None
     options = {"batch_size": batch_size, "device": device, "progress": progress}
     cache_dir = Path(cache_dir) if cache_dir else None
     digest = file_digest(reference) if any(spec.needs_reference for spec in specs) else None  # caches, provenance
     images = load_images(samples)
     results, skipped, provenance = {}, {}, {"reference_sha256": digest}
-    for network, extractor in (("inception", inception), ("dinov2", encoder)):
+    for network, extractor in (("inception", inception), ("dinov2", encoder), ("digits", digits)):
         mine = [spec for spec in specs if spec.network == network]
         if mine:
             ref = None
             if any(spec.needs_reference for spec in mine):
-                reference_pass = reference_features if network == "inception" else reference_dinov2_features
+                reference_pass = REFERENCE_PASSES[network]
                 ref = reference_pass(reference, extractor, cache_dir, use_cache, digest, **options)
             fake = sample_features(network, images, extractor, options)
+            if network == "digits":  # the accuracy compares with the labels the samples were drawn for
+                fake["labels"] = read_npz(samples, ["arr_1"]).get("arr_1") if samples.is_file() else None
             network_results(mine, extractor, fake, ref, device, results, skipped)
             provenance[network] = extractor.provenance
     results = {key: results[key] for key in RESULTS if key in results}  # the table's order, whatever was asked
@@ -384,10 +388,26 @@ def check_inputs(samples: Path, reference: Path) -> tuple[int, int]:
     return num_samples, num_reference
 
 
+def reference_digit_features(path: Path, extractor: DigitNetworks, *args, **kwargs) -> dict[str, np.ndarray]:
+    """The digits network's features of a reference and their statistics (seconds: no cache)."""
+    features = extractor.features(load_images(path))["digits"]
+    mu, sigma = feature_statistics(features)
+    return {"digits": features, "mu_digits": mu, "sigma_digits": sigma}
+
+
+REFERENCE_PASSES = {
+    "inception": reference_features,
+    "dinov2": reference_dinov2_features,
+    "digits": reference_digit_features,
+}
+
+
 def sample_features(network: str, images: np.ndarray, extractor, options: dict) -> dict[str, np.ndarray]:
     """The samples' features of `network`, keyed as the metric table's `compute` reads them."""
     if network == "inception":
         return compute_features(images, extractor, **options)
+    if network == "digits":
+        return extractor.features(images)
     return {"dinov2": compute_dinov2_features(images, extractor, **options)}
 
 

@@ -133,9 +133,10 @@ class Result:
 @dataclass(frozen=True)
 class MetricSpec:
     """One name of --metrics (EDM2's `metric_specs`): its results, the network whose features it compares
-    ("inception" or "dinov2"), whether it needs the reference's features and the Inception's classifier, and
-    `compute(samples, reference, device) -> {key: value}` on the features of `evaluate` (samples: "pool",
-    "spatial", "logits" or "dinov2" arrays; reference: those plus their statistics)."""
+    ("inception", "dinov2" or "digits"), whether it needs the reference's features and the Inception's
+    classifier, and `compute(samples, reference, device) -> {key: value}` on the features of `evaluate` (samples:
+    "pool", "spatial", "logits", "dinov2" or "digits" arrays, "digit_predictions" and the samples' "labels";
+    reference: those plus their statistics)."""
 
     name: str
     results: tuple[Result, ...]
@@ -154,6 +155,12 @@ def _frechet(features: str, mu: str, sigma: str, key: str):
 
 def _inception_score(samples: dict, reference: dict | None, device: str) -> dict:
     return {"inception_score": inception_score(samples["logits"])}
+
+
+def _digit_accuracy(samples: dict, reference: dict | None, device: str) -> dict:
+    if samples.get("labels") is None:
+        raise UserError("digit_accuracy needs the labels the samples were drawn for: arr_1 of sample.py's .npz")
+    return {"digit_accuracy": float((samples["digit_predictions"] == samples["labels"]).mean())}
 
 
 def _precision_recall(samples: dict, reference: dict, device: str) -> dict:
@@ -195,6 +202,20 @@ METRIC_SPECS = {
             (Result("fd_dinov2", "FD_DINOv2", "FD_DINOv2", "{:.1f}"),),
             "dinov2",
             _frechet("dinov2", "mu_dinov2", "sigma_dinov2", "fd_dinov2"),
+        ),
+        # The demo's digits (data/digits.py): FD on a small network's features, and a classifier's accuracy.
+        MetricSpec(
+            "fd_digits",
+            (Result("fd_digits", "FD_digits", "FD_digits", "{:.2f}"),),
+            "digits",
+            _frechet("digits", "mu_digits", "sigma_digits", "fd_digits"),
+        ),
+        MetricSpec(
+            "digit_accuracy",
+            (Result("digit_accuracy", "accuracy", "Digit accuracy", "{:.3f}", higher_is_better=True),),
+            "digits",
+            _digit_accuracy,
+            needs_reference=False,
         ),
     )
 }
