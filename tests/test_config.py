@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sit_atconv.models import SiT, create_model
 from sit_atconv.training.config import ModelConfig, load_config, model_overrides, save_config
+from sit_atconv.transport import SamplingSpec
 from sit_atconv.transport.transport import INTERPOLANTS, LOSS_WEIGHTS, PREDICTIONS, TIME_SAMPLINGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,3 +266,15 @@ def test_every_yaml_loads_and_builds_on_meta(path):
     with torch.device("meta"):
         model = create_model(config.model.name, **model_overrides(config))
     assert model.config.in_channels == (1 if config.data.kind == "digits" else 4)
+
+
+def test_eval_and_preview_take_a_model_call_budget():
+    config = load_config(
+        DEMO, ["eval.sampler=dpm++2m", "eval.nfe=12", "preview.sampler=heun", "preview.nfe=12", "preview.num_steps=50"]
+    )
+    assert (
+        SamplingSpec.from_fields(config.eval).num_steps == 12
+        and SamplingSpec.from_fields(config.preview).num_steps == 6
+    )
+    with pytest.raises(ValueError, match="dopri5 chooses its own steps"):
+        load_config(DEMO, ["eval.sampler=dopri5", "eval.nfe=12"])

@@ -352,8 +352,9 @@ class SamplingSpec:
             steps = steps_for_nfe(self)
             if self.num_steps not in (steps, NUM_STEPS_DEFAULT):
                 raise UserError(
-                    f"nfe={self.nfe} and num_steps={self.num_steps} disagree: {self.sampler} takes {steps} steps for "
-                    f"{self.nfe} model calls; give one of them"
+                    f"nfe={self.nfe} and num_steps={self.num_steps} disagree: {self.sampler} takes {steps} steps "
+                    f"for {self.nfe} model calls; give one of them (num_steps at its default, {NUM_STEPS_DEFAULT}, "
+                    "counts as not given)"
                 )
             self.num_steps, self.nfe = steps, None
 
