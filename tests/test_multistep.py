@@ -128,3 +128,17 @@ def test_nfe_picks_the_steps_each_sampler_needs_for_its_calls():
 def test_a_budget_that_cannot_be_met_is_one_clear_error(values, message):
     with pytest.raises(ValueError, match=message):
         SamplingSpec(**values)
+
+
+@pytest.mark.parametrize("sampler", MULTISTEP)
+def test_each_sample_is_solved_on_its_own(sampler):
+    """No coupling across the batch (so any batch size or process count gives the same samples): a batch of four
+    equals the four solved one at a time."""
+    transport = Transport()
+    components = [(0.5, MEAN.double(), VAR.double()), (0.5, -MEAN.double(), 0.5 * VAR.double())]
+    predict = guided_predictor(MixtureModel(transport, {0: components}), None, cfg=1.0, null_class=None)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    spec = SamplingSpec(sampler=sampler, num_steps=7)
+    together, _ = sample(predict, transport, x, spec)
+    alone = torch.cat([sample(predict, transport, x[i : i + 1], spec)[0] for i in range(4)])
+    assert torch.allclose(together, alone, atol=1e-12)
