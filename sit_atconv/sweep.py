@@ -243,7 +243,7 @@ def run_setting(args, setting: Setting, accelerator, loaded: SamplingModel, eval
     return result
 
 
-RANKED_BY = ("fid", "fd_dinov2", "inception_score")  # which result picks the best setting, first computed wins
+RANKED_BY = ("fid", "fd_dinov2", "inception_score", "fd_digits")  # what picks the best setting: the first computed
 
 
 def numbers(result: dict) -> dict[str, float]:
@@ -253,8 +253,8 @@ def numbers(result: dict) -> dict[str, float]:
 
 
 def best(results: list[dict]) -> dict | None:
-    """The best setting by the first of RANKED_BY that was computed (FID, else FD_DINOv2, else IS), in the
-    direction the metric table gives."""
+    """The best setting by the first of RANKED_BY that was computed (FID, else FD_DINOv2, else IS, else
+    FD_digits), in the direction the metric table gives."""
     for key in RANKED_BY:
         scored = [r for r in results if key in numbers(r)]
         if scored:
