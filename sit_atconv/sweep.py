@@ -51,7 +51,7 @@ from sit_atconv.generation import PRECISIONS, GenerationConfig, SamplingModel, l
 from sit_atconv.io import ExclusiveLock, atomic_output, check_output_path, lock_path, save_figure, write_json_atomic
 from sit_atconv.sharded_npz import settings_diff
 from sit_atconv.transport import SAMPLERS, SamplingSpec, check_guidance
-from sit_atconv.transport.samplers import NUM_STEPS_DEFAULT
+from sit_atconv.transport.samplers import FEW_CALLS, NUM_STEPS_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -102,9 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="guidance scales")
     p.add_argument("--guidance-low", type=float, nargs="+", default=[0.0], help="interval starts (t)")
     p.add_argument("--guidance-high", type=float, nargs="+", default=[1.0], help="interval ends (t; REPA: 0.7)")
-    p.add_argument("--num-steps", type=positive_int, nargs="+", default=[50], help="sampler steps")
+    p.add_argument("--num-steps", type=positive_int, nargs="+", default=[FEW_CALLS["num_steps"]], help="sampler steps")
     p.add_argument("--nfe", type=positive_int, nargs="+", help="budgets of model calls per sample, instead of steps")
-    p.add_argument("--sampler", nargs="+", default=["euler"], choices=list(SAMPLERS), help="samplers")
+    p.add_argument("--sampler", nargs="+", default=[FEW_CALLS["sampler"]], choices=list(SAMPLERS), help="samplers")
     p.add_argument("--time-shift", type=float, nargs="+", default=[1.0], help="time shifts of the grid")
     add_dataclass_arguments(p, SamplingSpec, exclude=AXES)  # sample.py's other flags: --last-step, --atol, ...
     p.add_argument("--num-samples", type=positive_int, default=10_000, help="samples per setting (balanced labels)")
@@ -118,8 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, help="where the reference features are cached (eval_fid.py)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.nfe and args.num_steps != [NUM_STEPS_DEFAULT]:
+    if args.nfe and args.num_steps != [FEW_CALLS["num_steps"]]:
         p.error("--nfe and --num-steps both set the steps; give one of them")
+    if args.nfe:  # the budgets decide the steps (SamplingSpec's default steps count as not given)
+        args.num_steps = [NUM_STEPS_DEFAULT]
     try:
         args.grid = guidance_grid(
             args.cfg,

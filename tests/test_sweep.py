@@ -47,7 +47,10 @@ def test_sweep_samples_evaluates_tabulates_and_resumes(inception_weights, tmp_pa
         assert json.loads((out / f"{name}.metrics.json").read_text()) == result
         assert result["evaluation"]["num_samples"] == 10 and np.isfinite(result["evaluation"]["fid"])
     # cfg 1 runs without guidance whatever the interval: those two settings sample the same images
-    with np.load(out / "cfg1_low0_high0.5_steps2.npz") as a, np.load(out / "cfg1_low0_high1_steps2.npz") as b:
+    with (
+        np.load(out / "cfg1_low0_high0.5_steps2_unipc.npz") as a,
+        np.load(out / "cfg1_low0_high1_steps2_unipc.npz") as b,
+    ):
         assert np.array_equal(a["arr_0"], b["arr_0"])
     summary = json.loads((out / "sweep.json").read_text())
     fids = [r["evaluation"]["fid"] for r in results]
@@ -57,7 +60,7 @@ def test_sweep_samples_evaluates_tabulates_and_resumes(inception_weights, tmp_pa
 
     sampled.clear()  # a second run reads every finished setting back
     assert sweep.main(argv) == results and sampled == []
-    (out / "cfg3_low0_high1_steps2.metrics.json").unlink()  # evaluated but not recorded: evaluated again only
+    (out / "cfg3_low0_high1_steps2_unipc.metrics.json").unlink()  # evaluated but not recorded: evaluated again only
     with pytest.warns(UserWarning, match="covariance is singular"):
         assert sweep.main(argv)[-1]["evaluation"]["fid"] == pytest.approx(fids[-1])
     assert sampled == []

@@ -40,7 +40,7 @@ from sit_atconv.models.mixers import FLAT_OPTIONS
 from sit_atconv.models.registry import list_models, model_config
 from sit_atconv.models.sit import SiT
 from sit_atconv.repa import ENCODERS
-from sit_atconv.transport.samplers import SamplingSpec
+from sit_atconv.transport.samplers import FEW_CALLS, NUM_STEPS_DEFAULT, SamplingSpec
 from sit_atconv.transport.transport import INTERPOLANTS, LOSS_WEIGHTS, PREDICTIONS, TIME_SAMPLINGS
 
 
@@ -152,19 +152,19 @@ class LogConfig:
     preview_vae: str | None = None  # VAE (hub id or folder) decoding latent previews and evaluations; None: none
 
 
-def _sampling_fields() -> list[tuple]:
+def _sampling_fields(defaults: dict | None = None) -> list[tuple]:
     """The fields of SamplingSpec (sampler, num_steps, cfg, guidance_low/high, cfg_channels, time_shift and every
     sampler option) as config fields with the same names, defaults, choices and bounds: the `eval` and `preview`
     sections take what sample.py's flags take."""
-    hints = typing.get_type_hints(SamplingSpec)
+    hints, defaults = typing.get_type_hints(SamplingSpec), defaults or {}
     return [
-        (f.name, hints[f.name], field(default=f.default, metadata=dict(f.metadata)))
+        (f.name, hints[f.name], field(default=defaults.get(f.name, f.default), metadata=dict(f.metadata)))
         for f in dataclasses.fields(SamplingSpec)
     ]
 
 
-def _section(name: str, doc: str, before: list[tuple], after: list[tuple] = ()) -> type:
-    cls = dataclasses.make_dataclass(name, [*before, *_sampling_fields(), *after])
+def _section(name: str, doc: str, before: list[tuple], after: list[tuple] = (), defaults: dict | None = None) -> type:
+    cls = dataclasses.make_dataclass(name, [*before, *_sampling_fields(defaults), *after])
     cls.__module__, cls.__doc__ = __name__, doc
     return cls
 
@@ -182,7 +182,8 @@ PreviewConfig = _section(
 EvalConfig = _section(
     "EvalConfig",
     "Evaluations while training (sample.py's and eval_fid.py's code): every, reference, samples, metrics, and how"
-    " the samples are drawn (SamplingSpec's fields), with the same noise (seed) at every evaluation.",
+    " the samples are drawn (SamplingSpec's fields; by default FEW_CALLS: unipc, 10 steps), with the same noise"
+    " (seed) at every evaluation.",
     [
         ("every", int, at_least(0, 0)),  # steps between evaluations; 0: none
         ("reference", str | None, field(default=None)),  # ADM reference batch (.npz) or image folder
@@ -196,6 +197,7 @@ EvalConfig = _section(
         ("dinov2_weights", str | None, field(default=None)),  # local DINOv2 weights for fd_dinov2; None: the hub
         ("keep_samples", bool, field(default=False)),  # keep each evaluation's eval/step_N.npz
     ],
+    defaults=FEW_CALLS,
 )
 
 
@@ -236,6 +238,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.type):
             _check_value(f"{section.name}.{f.name}", config[section.name][f.name], f.metadata)
+    _let_budgets_decide_steps(config)
     _check_across_sections(config)
     return config
 
@@ -279,6 +282,15 @@ def _did_you_mean(full_key: str) -> str:
         return f"; did you mean {section}.{close[0]}?" if close else f"; the keys of {section} are {', '.join(names)}"
     close = difflib.get_close_matches(section, SECTIONS, n=1)
     return f"; did you mean {close[0]}?" if close else ""
+
+
+def _let_budgets_decide_steps(config: DictConfig) -> None:
+    """A section given `nfe` with its own default steps (eval: FEW_CALLS') has the steps the budget gives: the
+    section's default counts as not given, as SamplingSpec's own default does."""
+    for section in ("preview", "eval"):
+        part, defaults = config[section], Config.__dataclass_fields__[section].default_factory()
+        if part.nfe is not None and part.num_steps == defaults.num_steps:
+            part.num_steps = NUM_STEPS_DEFAULT
 
 
 def _check_across_sections(config: DictConfig) -> None:

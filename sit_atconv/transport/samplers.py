@@ -383,6 +383,10 @@ class SamplingSpec:
 
 
 NUM_STEPS_DEFAULT = SamplingSpec.__dataclass_fields__["num_steps"].default
+# How evaluations during training and sweeps sample by default: on the demo model UniPC's FD_digits was inside the
+# seed-to-seed spread of the paper's 250-step SDE from 6 model calls; 10 keep a margin (docs/sampling.md, "The
+# curve, measured"). sample.py keeps SamplingSpec's own defaults, the paper's protocol being explicit flags.
+FEW_CALLS = {"sampler": "unipc", "num_steps": 10}
 
 
 def model_calls(spec: SamplingSpec) -> int:
