@@ -1315,7 +1315,7 @@ def test_sweep_reruns_with_other_settings_evaluate_again_under_the_right_label(s
     assert len(calls) == 1 and len(sampled) == 2
     result = main(num_samples=6)  # new samples, evaluated again
     assert calls[-1][0] == 6 and len(sampled) == 5 and result["evaluation"]["num_samples"] == 6
-    assert "| 1.5 **best** |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "| unipc **best** | 1.5 |" in (tmp_path / "sweep" / "sweep.md").read_text()
     assert "6 samples per setting" in (tmp_path / "sweep" / "sweep.md").read_text()
     main(num_samples=6, ref="other.npz")  # the same samples against another reference
     assert calls[-1] == (6, "other.npz", str(tmp_path / "a.pth")) and len(sampled) == 5
