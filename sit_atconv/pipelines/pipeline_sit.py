@@ -15,7 +15,8 @@ pipeline_sit_atconv.py (`sit_atconv.pipelines.remote_code`), so that plain diffu
 time must therefore be importable at the top of its modules (see remote_code's docstring).
 
 Sampling runs through the project's own code: guidance from `guided_predictor`, the default Euler
-steps from the diffusers scheduler on the project's time grid (identical to `sample_euler`), and any
+steps from the diffusers scheduler on the project's time grid (identical to `sample_euler`; diffusers' Heun,
+DPM-Solver++ and UniPC flow schedulers swapped in give the project's heun, dpm++2m and unipc samples), and any
 name of `sit_atconv.transport.SAMPLERS` (or a `SamplingSpec`) through `sit_atconv.transport.sample`.
 """
 
