@@ -353,11 +353,8 @@ def evaluate(
         if mine:
             ref = None
             if any(spec.needs_reference for spec in mine):
-                reference_pass = REFERENCE_PASSES[network]
-                ref = reference_pass(reference, extractor, cache_dir, use_cache, digest, **options)
-            fake = sample_features(network, images, extractor, options)
-            if network == "digits":  # the accuracy compares with the labels the samples were drawn for
-                fake["labels"] = read_npz(samples, ["arr_1"]).get("arr_1") if samples.is_file() else None
+                ref = REFERENCE_PASSES[network](reference, extractor, cache_dir, use_cache, digest, **options)
+            fake = sample_features(network, images, extractor, options, samples)
             network_results(mine, extractor, fake, ref, device, results, skipped)
             provenance[network] = extractor.provenance
     results = {key: results[key] for key in RESULTS if key in results}  # the table's order, whatever was asked
@@ -402,12 +399,14 @@ REFERENCE_PASSES = {
 }
 
 
-def sample_features(network: str, images: np.ndarray, extractor, options: dict) -> dict[str, np.ndarray]:
-    """The samples' features of `network`, keyed as the metric table's `compute` reads them."""
+def sample_features(network: str, images: np.ndarray, extractor, options: dict, path: Path) -> dict[str, np.ndarray]:
+    """The features of the samples `images` (read from `path`) of `network`, keyed as the metric table's `compute`
+    reads them; the digits' also hold the labels the samples were drawn for (arr_1), which the accuracy needs."""
     if network == "inception":
         return compute_features(images, extractor, **options)
     if network == "digits":
-        return extractor.features(images)
+        labels = read_npz(path, ["arr_1"]).get("arr_1") if path.is_file() else None
+        return {**extractor.features(images), "labels": labels}
     return {"dinov2": compute_dinov2_features(images, extractor, **options)}
 
 

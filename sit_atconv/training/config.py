@@ -26,7 +26,6 @@ import math
 import re
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from sit_atconv.errors import UserError
-from sit_atconv.models.mixers import FLAT_OPTIONS
 from sit_atconv.models.registry import list_models, model_config
 from sit_atconv.models.sit import SiT
 from sit_atconv.repa import ENCODERS
+from sit_atconv.training.legacy_keys import respell_deprecated_keys
 from sit_atconv.transport.samplers import FEW_CALLS, NUM_STEPS_DEFAULT, SamplingSpec
 from sit_atconv.transport.transport import INTERPOLANTS, LOSS_WEIGHTS, PREDICTIONS, TIME_SAMPLINGS
 
@@ -241,36 +240,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     _let_budgets_decide_steps(config)
     _check_across_sections(config)
     return config
-
-
-# 0.4's keys and their names now (one spelling per knob: `cfg`, `num_steps`); for one more release they work,
-# with a warning.
-DEPRECATED_KEYS = {
-    "log.sample_every": "preview.every",
-    "log.sample_classes": "preview.classes",
-    "log.sample_steps": "preview.num_steps",
-    "log.sample_cfg": "preview.cfg",
-    "transport.path": "transport.interpolant",
-    **{f"model.{flat}": f"model.mixer_options.{kind}.{name}" for flat, (kind, name) in FLAT_OPTIONS.items()},
-}
-
-
-def respell_deprecated_keys(layer: DictConfig) -> None:
-    """Move 0.4's keys of a config layer to their new names, warning; the old and the new key with different
-    values in one layer are one error naming both. A null old key (0.4's saved configs list every model field)
-    is dropped without a word."""
-    for old, new in DEPRECATED_KEYS.items():
-        old_section, old_key = old.split(".")
-        if not isinstance(layer.get(old_section), DictConfig) or old_key not in layer[old_section]:
-            continue
-        value = layer[old_section].pop(old_key)
-        if value is None:
-            continue
-        current = OmegaConf.select(layer, new, default=None)
-        if current is not None and current != value:
-            raise UserError(f"{old}={value!r} and {new}={current!r} are the same setting; give {new} only")
-        warnings.warn(f"config key {old} is deprecated: use {new}", FutureWarning, stacklevel=4)
-        OmegaConf.update(layer, new, value, force_add=True)
 
 
 def _did_you_mean(full_key: str) -> str:

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sit_atconv.models.registry import model_config
-from sit_atconv.training.config import Config, flatten, respell_deprecated_keys
+from sit_atconv.training.config import Config, flatten
+from sit_atconv.training.legacy_keys import respell_deprecated_keys
 
 # On resume, the config may change how training goes on but not what is trained: a change to the model, the
 # data, the transport, REPA or the seed is refused; every other change (the optimisation: lr, AdamW, batch size,

@@ -1,18 +1,16 @@
+from sit_atconv.transport.guidance import check_guidance, guided_predictor
+from sit_atconv.transport.noise import SampleNoise, sample_seed
 from sit_atconv.transport.samplers import (
     MODES,
     SAMPLERS,
-    SampleNoise,
     SamplerConfig,
     SamplingSpec,
     SDEDrift,
-    check_guidance,
-    guided_predictor,
     sample,
     sample_dopri5,
     sample_euler,
     sample_euler_maruyama,
     sample_heun,
-    sample_seed,
     sample_stochastic_heun,
     sampling_grid,
     time_grid,

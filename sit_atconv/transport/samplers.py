@@ -19,96 +19,22 @@ which has the marginals of the ODE dx = u dt for every D >= 0.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from sit_atconv.errors import UserError, renamed_keyword
+from sit_atconv.errors import UserError
+from sit_atconv.transport.guidance import Predictor, check_guidance, guided_predictor, is_number
 from sit_atconv.transport.multistep import sample_dpmpp_2m, sample_unipc
 from sit_atconv.transport.transport import DIFFUSION_FORMS, Transport
 
-Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RandnLike = Callable[[torch.Tensor], torch.Tensor]
 LAST_STEPS = ("mean", "tweedie", "euler", "none")
-
-
-# ------------------------------------------------------------------------------------------------
-# Per-sample randomness
-# ------------------------------------------------------------------------------------------------
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for sample `index` of a run with global `seed` (stable across runs and versions)."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-class SampleNoise:
-    """Gaussian noise with one generator per sample, seeded from (global seed, sample index), so a
-    sample's initial noise and SDE noise do not depend on the batch it is in or the process count."""
-
-    def __init__(self, seed: int, indices: Sequence[int], device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.generators = [torch.Generator(device=self.device).manual_seed(sample_seed(seed, int(i))) for i in indices]
-
-    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(B, *shape): one draw per sample from its own generator."""
-        return torch.stack(
-            [torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype) for g in self.generators]
-        )
-
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        return self.randn(x.shape[1:], x.dtype)
-
-
-# ------------------------------------------------------------------------------------------------
-# Guidance
-# ------------------------------------------------------------------------------------------------
-
-
-def guided_predictor(
-    model: Callable,
-    labels: torch.Tensor | None,
-    cfg: float = 1.0,
-    null_class: int | None = None,
-    guidance_low: float = 0.0,
-    guidance_high: float = 1.0,
-    cfg_channels: int | None = None,
-    **deprecated,
-) -> Predictor:
-    """Wrap `model(x, t, y)` into `predict(x, t)` with classifier-free guidance.
-
-    pred = uncond + cfg * (cond - uncond), on the first `cfg_channels` channels (all when None;
-    3 reproduces the SiT/DiT quirk), for t in [guidance_low, guidance_high]; elsewhere, or when
-    cfg == 1, the conditional prediction from a single forward. Conditional and null labels go
-    through one batched forward. `labels` is None for unconditional models. (`cfg_scale`: 0.4's name of cfg.)
-    """
-    cfg = renamed_keyword(deprecated, "cfg_scale", "cfg", cfg, 1.0, "guided_predictor")
-    guiding = cfg != 1.0
-    if guiding and (labels is None or null_class is None):
-        raise UserError("classifier-free guidance (cfg != 1) needs a class-conditional model with a null class")
-
-    both_labels = torch.cat([labels, torch.full_like(labels, null_class)]) if guiding else None  # built once
-
-    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t_value = float(t)  # one time per step, from the host's grid: no device sync
-        if not guiding or not (guidance_low <= t_value <= guidance_high):
-            return model(x, torch.full((x.shape[0],), t_value, device=x.device), labels)
-        t_both = torch.full((2 * x.shape[0],), t_value, device=x.device)
-        out = model(torch.cat([x, x]), t_both, both_labels)
-        cond, uncond = out.chunk(2)
-        guided = uncond + cfg * (cond - uncond)
-        if cfg_channels is None or cfg_channels >= x.shape[1]:
-            return guided
-        return torch.cat([guided[:, :cfg_channels], cond[:, cfg_channels:]], dim=1)
-
-    return predict
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,32 +187,6 @@ MODES = _modes()  # mode -> its samplers' short names: {"ode": ("euler", "heun",
 SAMPLER_NAMES = tuple(SAMPLERS)
 
 
-def _is_number(value, kind: type = numbers.Real) -> bool:
-    return isinstance(value, kind) and not isinstance(value, bool)
-
-
-def check_guidance(
-    cfg: float,
-    guidance_low: float = 0.0,
-    guidance_high: float = 1.0,
-    cfg_channels: int | None = None,
-    names: Sequence[str] = ("cfg", "guidance_low", "guidance_high", "cfg_channels"),
-) -> None:
-    """Reject guidance settings that mean nothing: a scale that is not a finite number >= 0, an interval
-    [guidance_low, guidance_high] not inside [0, 1] or inverted, a channel count below 1. Errors call the
-    values by `names`."""
-    scale, low, high, channels = names
-    if not _is_number(cfg) or not math.isfinite(cfg) or cfg < 0:
-        raise UserError(f"{scale} must be a finite number >= 0, got {cfg!r}")
-    for name, value in ((low, guidance_low), (high, guidance_high)):
-        if not _is_number(value) or not 0 <= value <= 1:
-            raise UserError(f"{name} must be a time in [0, 1], got {value!r}")
-    if guidance_low > guidance_high:
-        raise UserError(f"{low} {guidance_low} is above {high} {guidance_high}; the guidance interval is inverted")
-    if cfg_channels is not None and (not _is_number(cfg_channels, numbers.Integral) or cfg_channels < 1):
-        raise UserError(f"{channels} must be a positive integer or None, got {cfg_channels!r}")
-
-
 @dataclass
 class SamplingSpec:
     """How a model is sampled, besides its weights, its transport and the noise seed: the sampler (one name of
@@ -337,7 +237,7 @@ class SamplingSpec:
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {self.sampler!r}; expected one of {list(SAMPLERS)}")
-        if not _is_number(self.num_steps, numbers.Integral) or self.num_steps < 1:
+        if not is_number(self.num_steps, numbers.Integral) or self.num_steps < 1:
             raise UserError(f"num_steps must be a positive integer, got {self.num_steps!r}")
         check_guidance(self.cfg, self.guidance_low, self.guidance_high, self.cfg_channels)
         for option in ("diffusion_form", "last_step"):
@@ -346,7 +246,7 @@ class SamplingSpec:
                 raise UserError(f"unknown {option} {getattr(self, option)!r}; expected one of {list(choices)}")
         if self.mode == "sde" and self.last_step != "none" and not 0 < self.last_step_size < 1:
             raise UserError(f"last_step_size must be in (0, 1), got {self.last_step_size}")
-        if not _is_number(self.time_shift) or not 0 < self.time_shift < math.inf:
+        if not is_number(self.time_shift) or not 0 < self.time_shift < math.inf:
             raise UserError(f"time_shift must be a finite number > 0 (1: no shift), got {self.time_shift!r}")
         if self.nfe is not None:  # a budget of model calls: becomes the sampler's num_steps, so a spec has one form
             steps = steps_for_nfe(self)
