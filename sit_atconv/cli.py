@@ -16,6 +16,7 @@ import signal
 import sys
 import types
 import typing
+import warnings
 import zipfile
 from collections.abc import Callable
 
@@ -77,8 +78,6 @@ class ArgumentParser(argparse.ArgumentParser):
             new, current = action.option_strings[0], getattr(namespace, action.dest)
             if current != action.default and current != value:
                 self.error(f"{new} {current} and {old} {value} are the same setting; give {new} once")
-            import warnings
-
             warnings.warn(f"{old} is deprecated: pass {new}", FutureWarning, stacklevel=3)
             setattr(namespace, action.dest, value)
         return namespace, extras

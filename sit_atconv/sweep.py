@@ -265,7 +265,7 @@ def best(results: list[dict]) -> dict | None:
     return None
 
 
-def model_calls(result: dict) -> int | None:
+def calls_per_sample(result: dict) -> int | None:
     """Model calls per sample of a setting's sampling (guidance counted once), as its run counted them."""
     return (result.get("sampling") or {}).get("model_calls_per_batch")
 
@@ -289,7 +289,7 @@ def write_summary(args, results: list[dict]) -> None:
             f"{s['cfg']:g}",
             f"[{s['guidance_low']:g}, {s['guidance_high']:g}]",
             str(spec["num_steps"]),
-            str(model_calls(result) or "-"),
+            str(calls_per_sample(result) or "-"),
             *([f"{s['time_shift']:g}"] if shifted else []),
             *(fmt.format(numbers(result)[k]) if k in numbers(result) else "-" for k, _, fmt in columns),
         ]
@@ -314,7 +314,7 @@ def plot_sweep(results: list[dict], winner: dict | None, path: Path) -> None:
     by_cfg = len({result["setting"]["cfg"] for result in results}) > 1
 
     def x_of(result: dict) -> float:
-        return result["setting"]["cfg"] if by_cfg else model_calls(result) or 0
+        return result["setting"]["cfg"] if by_cfg else calls_per_sample(result) or 0
 
     varying = [axis for axis in AXES if len({str(r["setting"][axis]) for r in results}) > 1]
     legend = [axis for axis in varying if axis != "cfg" and (by_cfg or axis not in ("num_steps", "nfe"))]

@@ -61,7 +61,8 @@ def test_multistep_solvers_beat_euler_and_heun_at_the_same_model_calls(predictio
 @pytest.mark.parametrize("sampler", MULTISTEP)
 def test_multistep_solvers_reproduce_a_gaussian(sampler):
     samples, calls = run_sampler(Transport(), SamplingSpec(sampler=sampler, num_steps=20))
-    assert_gaussian(samples) and calls == 20
+    assert_gaussian(samples)
+    assert calls == 20
 
 
 def diffusers_run(scheduler, predict, x):
@@ -122,6 +123,7 @@ def test_nfe_picks_the_steps_each_sampler_needs_for_its_calls():
     [
         ({"sampler": "dopri5", "nfe": 10}, "dopri5 chooses its own steps"),
         ({"sampler": "euler", "nfe": 0}, "nfe=0 is below euler's minimum of 1"),
+        ({"sampler": "euler", "nfe": 2.5}, "nfe must be a positive integer"),
         ({"sampler": "heun", "nfe": 10, "num_steps": 10}, "nfe=10 and num_steps=10 disagree: heun takes 5 steps"),
     ],
 )

@@ -95,7 +95,7 @@ def test_a_solver_sweep_by_model_calls_with_the_digit_metrics(tmp_path):
     results = sweep.main(argv)
     expected = [("heun", 3, 2, 3), ("heun", 5, 3, 5), ("unipc", 3, 3, 3), ("unipc", 5, 5, 5)]
     got = [
-        (r["setting"]["sampler"], r["setting"]["nfe"], r["generation"]["spec"]["num_steps"], sweep.model_calls(r))
+        (r["setting"]["sampler"], r["setting"]["nfe"], r["generation"]["spec"]["num_steps"], sweep.calls_per_sample(r))
         for r in results
     ]
     assert sorted(got) == expected

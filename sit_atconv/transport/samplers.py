@@ -19,6 +19,7 @@ which has the marginals of the ODE dx = u dt for every D >= 0.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import numbers
@@ -249,6 +250,8 @@ class SamplingSpec:
         if not is_number(self.time_shift) or not 0 < self.time_shift < math.inf:
             raise UserError(f"time_shift must be a finite number > 0 (1: no shift), got {self.time_shift!r}")
         if self.nfe is not None:  # a budget of model calls: becomes the sampler's num_steps, so a spec has one form
+            if not is_number(self.nfe, numbers.Integral):
+                raise UserError(f"nfe must be a positive integer (model calls per sample), got {self.nfe!r}")
             steps = steps_for_nfe(self)
             if self.num_steps not in (steps, NUM_STEPS_DEFAULT):
                 raise UserError(
@@ -302,6 +305,7 @@ def steps_for_nfe(spec: SamplingSpec) -> int:
     samplers one less than their grid's points plus the last step, the others N). Errors name the value and the
     allowed range: adaptive samplers choose their own steps, and a budget below one step is refused."""
 
+    @functools.cache  # the bracket and the bisection ask for some step counts twice
     def calls(steps: int) -> int:
         return model_calls(dataclasses.replace(spec, num_steps=steps, nfe=None))
 
