@@ -4,6 +4,9 @@
         model/, ema/                 save_pretrained folders (config.json + safetensors), what sample.py reads
         projector.safetensors        REPA's projector, when REPA is on
         training_state.pt            optimizer, gradient scaler, step, skipped steps (plain tensors: weights_only)
+        sharded/                     train.parallel=fsdp: each process's shards of the weights, the EMA and
+                                     the optimizer (torch.distributed.checkpoint), which then training_state.pt
+                                     does not hold; model/ and ema/ are gathered on the main process all the same
         rng_<rank>.pt                each process's RNG state
         config.yaml                  the resolved run config
         checkpoint.json              the completion marker: step and the size of every file, written last
@@ -38,10 +41,12 @@ from sit_atconv.errors import UserError
 from sit_atconv.io import apply_umask, atomic_output, fsync_folder, fsync_tree, replace_path
 from sit_atconv.models import check_architecture
 from sit_atconv.models.loading import load_sit, resolve_model_folder
+from sit_atconv.training import sharding
 from sit_atconv.training.config import save_config
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})$")
 MARKER = "checkpoint.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"  # in model/ and ema/
 
 
 class NonFiniteError(UserError, RuntimeError):
@@ -90,9 +95,15 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def non_finite_values(module: nn.Module) -> int:
-    """How many parameter values of `module` are NaN or infinite (one device sync)."""
-    counts = [(~torch.isfinite(p.detach())).sum() for p in module.parameters()]
-    return int(torch.stack(counts).sum().item()) if counts else 0
+    """How many parameter values of `module` are NaN or infinite (one device sync; for a sharded module,
+    summed over the processes, every one of which must call it)."""
+    counts = [(~torch.isfinite(sharding.local(p.detach()))).sum() for p in module.parameters()]
+    if not counts:
+        return 0
+    total = torch.stack(counts).sum()
+    if sharding.is_sharded(module):
+        torch.distributed.all_reduce(total)
+    return int(total.item())
 
 
 def save_checkpoint(
@@ -113,12 +124,17 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if sharding.is_sharded(module):
+            write_sharded(tmp, module, ema, optimizer, accelerator.is_main_process)
+        elif accelerator.is_main_process:
             module.model.save_pretrained(tmp / "model")
             ema.save_pretrained(tmp / "ema")
             if module.projector is not None:
                 save_file(module.projector.state_dict(), tmp / "projector.safetensors")
-            state = {"optimizer": optimizer.state_dict(), "step": step, "skipped": skipped}
+        if accelerator.is_main_process:
+            state = {"step": step, "skipped": skipped}
+            if not sharding.is_sharded(module):
+                state["optimizer"] = optimizer.state_dict()
             if accelerator.scaler is not None:
                 state["scaler"] = accelerator.scaler.state_dict()
             torch.save(state, tmp / "training_state.pt")
@@ -140,6 +156,24 @@ def save_checkpoint(
             prune_checkpoints(run_dir, final, config.checkpoint.keep_last, config.checkpoint.milestone_every)
     accelerator.wait_for_everyone()
     return final
+
+
+def write_sharded(tmp: Path, module, ema, optimizer, main: bool) -> None:
+    """The sharded/ folder (every process its shards) and, gathered on the main process, the model/, ema/ and
+    projector files a DDP checkpoint has."""
+    sharding.save_sharded(tmp / sharding.SHARDED, module, ema, optimizer)
+    weights = sharding.full_state_dict(module, main_only=True)
+    ema_weights = sharding.full_state_dict(ema, main_only=True)
+    if main:
+        sharding.save_pretrained_from(module.model, part(weights, "model."), tmp / "model")
+        sharding.save_pretrained_from(ema, ema_weights, tmp / "ema")
+        if module.projector is not None:
+            save_file(part(weights, "projector."), tmp / "projector.safetensors")
+
+
+def part(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a submodule in a state dict, without its prefix."""
+    return {key.removeprefix(prefix): value for key, value in weights.items() if key.startswith(prefix)}
 
 
 @contextmanager
@@ -292,12 +326,25 @@ def load_checkpoint(accelerator, path: Path, model, ema, optimizer) -> dict:
     """Restore weights, EMA, optimizer, scaler and this process's RNG state from a complete checkpoint;
     returns {"step", "skipped"}."""
     module = accelerator.unwrap_model(model)
-    module.model.load_state_dict(load_file(path / "model" / "diffusion_pytorch_model.safetensors"))
-    if module.projector is not None:
-        module.projector.load_state_dict(load_file(path / "projector.safetensors"))
-    ema.load_state_dict(load_file(path / "ema" / "diffusion_pytorch_model.safetensors"))
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    sharded_files = path / sharding.SHARDED  # written by train.parallel=fsdp
+    if sharding.is_sharded(module) and sharded_files.is_dir():
+        sharding.load_sharded(sharded_files, module, ema, optimizer)
+    elif sharding.is_sharded(module):  # a DDP checkpoint resumed with fsdp
+        weights = {f"model.{key}": value for key, value in load_file(path / "model" / WEIGHTS).items()}
+        if module.projector is not None:
+            weights |= {f"projector.{key}": value for key, value in load_file(path / "projector.safetensors").items()}
+        ema_weights = load_file(path / "ema" / WEIGHTS)
+        sharding.load_full_into_sharded(module, ema, optimizer, weights, ema_weights, state["optimizer"])
+    else:
+        module.model.load_state_dict(load_file(path / "model" / WEIGHTS))
+        if module.projector is not None:
+            module.projector.load_state_dict(load_file(path / "projector.safetensors"))
+        ema.load_state_dict(load_file(path / "ema" / WEIGHTS))
+        if sharded_files.is_dir():  # an fsdp checkpoint resumed with ddp: the optimizer is only in the shards
+            sharding.load_optimizer_sharded(sharded_files, module, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
     if accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
     rng_file = path / f"rng_{accelerator.process_index}.pt"

@@ -128,6 +128,7 @@ class TrainConfig:
     grad_clip: float = at_least(1.0, 0)  # max global gradient norm; 0: no clipping
     grad_accumulation: int = at_least(1, 1)  # micro-batches per optimizer step (global_batch_size is split over them)
     mixed_precision: str = choice("no", ("no", "bf16", "fp16"))  # Accelerate's autocast precision
+    parallel: str = choice("ddp", ("ddp", "fsdp"))  # ddp: replicated weights; fsdp: sharded (training/sharding.py)
     ema_decay: float = at_least(0.9999, 0, 1)  # decay of the weights' EMA, updated every step (SiT: 0.9999)
     on_nonfinite: str = choice("stop", ("stop", "skip"))  # on a NaN/inf loss or gradient: stop the run or skip the step
     max_consecutive_skips: int = at_least(10, 1)  # on_nonfinite=skip: stop after this many non-finite steps in a row
@@ -274,6 +275,11 @@ def _check_across_sections(config: DictConfig) -> None:
         raise UserError(
             f"repa.encoder_depth={config.repa.encoder_depth} is deeper than the model ({depth} blocks): align after a "
             f"block in [1, {depth}] (REPA: 4 for B/2, 8 for L/2 and XL/2)"
+        )
+    if config.train.parallel == "fsdp" and config.train.mixed_precision == "fp16":
+        raise UserError(
+            "train.parallel=fsdp with train.mixed_precision=fp16: fp16 needs a gradient scaler over the sharded "
+            "gradients, which the trainer does not have; use train.mixed_precision=bf16 (or no), or train.parallel=ddp"
         )
 
 

@@ -19,6 +19,7 @@ from sit_atconv.data import StepBatches
 from sit_atconv.repa import alignment_loss
 from sit_atconv.training.checkpoint import NonFiniteError
 from sit_atconv.training.logs import StepStats
+from sit_atconv.training.sharding import full, local, set_gradient_sync
 from sit_atconv.transport import Transport, sample_seed
 
 
@@ -26,8 +27,8 @@ from sit_atconv.transport import Transport, sample_seed
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, apply: torch.Tensor | None = None) -> None:
     """ema <- decay * ema + (1 - decay) * model, over all parameters at once (foreach). `apply`, a bool
     tensor on the device, turns the update off without a host sync (a skipped non-finite step)."""
-    ema_params = list(ema.parameters())
-    params = [p.detach().to(e.dtype) for e, p in zip(ema_params, model.parameters(), strict=True)]
+    ema_params = [local(e) for e in ema.parameters()]  # sharded (train.parallel=fsdp): this process's shards
+    params = [local(p.detach()).to(e.dtype) for e, p in zip(ema_params, model.parameters(), strict=True)]
     if apply is None:
         torch._foreach_lerp_(ema_params, params, 1 - decay)
     else:
@@ -91,6 +92,7 @@ def train_step(accelerator, model, optimizer, loader, batches: StepBatches, nois
     device = accelerator.device
     stats = StepStats()
     for micro in range(config.train.grad_accumulation):
+        set_gradient_sync(model, micro == config.train.grad_accumulation - 1)
         batch = [item.to(device, non_blocking=True) for item in next(loader)]
         rows = slice(batches.offset(micro), batches.offset(micro) + batches.micro)
         if config.data.kind == "latents":  # a fresh latent from the stored posterior, as REPA does
@@ -133,11 +135,12 @@ def step_if_finite(accelerator, optimizer, finite: torch.Tensor) -> None:
 
 def gradient_norm(accelerator, model, max_norm: float) -> torch.Tensor:
     """The global gradient norm, clipped to `max_norm` when it is > 0. Measured without clipping too: a
-    finite loss can still have infinite gradients, and those must never reach the weights."""
+    finite loss can still have infinite gradients, and those must never reach the weights. (Over sharded
+    gradients torch returns a replicated DTensor: `full` makes it a plain tensor.)"""
     if max_norm > 0:
-        return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        return full(accelerator.clip_grad_norm_(model.parameters(), max_norm))
     accelerator.unscale_gradients()  # fp16: the norm of the true gradients
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return full(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
 
 
 def all_finite(accelerator, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ from sit_atconv.generation import GenerationConfig, sample_grid
 from sit_atconv.io import ExclusiveLock, check_output_path, lock_path
 from sit_atconv.models import create_model
 from sit_atconv.repa import build_projector, check_token_counts, encoder_weights_file, load_encoder
+from sit_atconv.training import sharding
 from sit_atconv.training.checkpoint import (
     NonFiniteError,
     init_weights,
@@ -206,13 +207,14 @@ def start_run(config: DictConfig, run_dir: Path):
         project_dir=str(run_dir / "logs"),
     )
     if accelerator.distributed_type == DistributedType.FSDP:
-        # FSDP shards the parameters into DTensors: the EMA update (a lerp against full tensors) and
-        # save_pretrained of the unwrapped model both fail on them, the first at step 1.
+        # Accelerate's plugin would wrap the model in FSDP behind the trainer's back (on GPUs only); the trainer
+        # shards it itself, the same way on every device.
         raise UserError(
-            "distributed_type: FSDP (configs/accelerate/fsdp_xl2_512.yaml) is not supported by the trainer yet: "
-            "its EMA update and checkpoints need the full weights, which FSDP shards; launch with "
-            "configs/accelerate/8gpu.yaml (DDP) and train.grad_checkpointing=true instead"
+            "distributed_type: FSDP in the accelerate config: the trainer shards the model itself; launch with a "
+            "data-parallel config (configs/accelerate/8gpu.yaml) and set train.parallel=fsdp"
         )
+    if config.train.parallel == "fsdp" and accelerator.num_processes == 1:
+        warnings.warn("train.parallel=fsdp with a single process only adds overhead: nothing is sharded", stacklevel=2)
     split = accelerator.num_processes * config.train.grad_accumulation
     if config.train.global_batch_size % split:
         raise UserError(
@@ -308,28 +310,41 @@ def train(config: DictConfig, resume: str | None = "auto", progress: bool = True
                 if moved is not None:
                     print(f"note: the previous run in {run_dir} was moved to {moved} (a run folder holds one run)")
             save_config(config, run_dir / "config.yaml")
-        return train_loop(config, accelerator, run_dir, candidates, progress, dataset)
+        sharded = config.train.parallel == "fsdp"
+        with sharding.process_group(accelerator.device) if sharded else nullcontext():
+            return train_loop(config, accelerator, run_dir, candidates, progress, dataset)
 
 
 def build_training(config: DictConfig, accelerator, dataset, fresh: bool):
     """(SiT, its EMA, REPA's encoder or None, the prepared TrainModule, the prepared AdamW), on the device;
-    a fresh run starts from train.init_from where set."""
+    a fresh run starts from train.init_from where set. With train.parallel=fsdp the TrainModule and the EMA
+    are sharded (training/sharding.py) rather than wrapped in DDP."""
     tc, device = config.train, accelerator.device
-    sit = build_model(config)
+    # Every process initialises the same weights (the seed of process 0): FSDP shards whatever each process
+    # holds, and each process's EMA starts from its own copy (DDP's broadcast of process 0's weights comes
+    # after it). The processes' own random streams go on from `start_run`'s seeds.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.run.seed)
+        sit = build_model(config)
+        encoder, projector = build_repa(config, sit, dataset, device)
     if tc.grad_checkpointing:
         sit.enable_gradient_checkpointing()
     ema = copy.deepcopy(sit).requires_grad_(False).eval()
-    encoder, projector = build_repa(config, sit, dataset, device)
     module = TrainModule(sit, projector, config.repa.encoder_depth if projector is not None else None)
     if tc.init_from and fresh:
         for note in init_weights(tc.init_from, sit, ema, projector):
             accelerator.print(f"note: {note}")
     module.to(device)  # before the optimizer: the fused AdamW wants its parameters where they will live
+    ema.to(device)
+    if tc.parallel == "fsdp":
+        sharding.shard(module, ema, device, tc.mixed_precision)  # in place: `sit` is sharded too
     optimizer = torch.optim.AdamW(
         param_groups(module, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, fused=True
     )
+    if tc.parallel == "fsdp":
+        return sit, ema, encoder, module, accelerator.prepare(optimizer)
     model, optimizer = accelerator.prepare(module, optimizer)
-    return sit, ema.to(device), encoder, model, optimizer
+    return sit, ema, encoder, model, optimizer
 
 
 def train_loop(
@@ -372,11 +387,14 @@ def train_loop(
             try:  # a non-finite step (read back here) or non-finite weights (before a checkpoint) stop the run
                 if log.due(step) or checkpoint_due:
                     consecutive_skips = review_steps(log.flush(), consecutive_skips, tc, accelerator)
-                previews = config.preview.every and step % config.preview.every == 0
-                if previews and preview_vae is not False and not stopping:
-                    preview(config, ema, preview_vae, device, run_dir / "samples" / f"step_{step:08d}.png")
-                if evaluation is not None and evaluation.due(step) and not stopping:  # before the checkpoint: a
-                    log.add_evaluation(step, evaluation(ema, step))  # crash redoes it
+                previews = config.preview.every and step % config.preview.every == 0 and not stopping
+                evaluating = evaluation is not None and evaluation.due(step) and not stopping
+                if previews or evaluating:  # (every process: gathering a sharded EMA is a collective)
+                    sampler_ema = sharding.gathered_copy(ema, device)
+                if previews and preview_vae is not False:
+                    preview(config, sampler_ema, preview_vae, device, run_dir / "samples" / f"step_{step:08d}.png")
+                if evaluating:  # before the checkpoint: a crash redoes it
+                    log.add_evaluation(step, evaluation(sampler_ema, step))
                 if checkpoint_due:
                     last_checkpoint = save_checkpoint(
                         accelerator, run_dir, step, model, ema, optimizer, config, log.skipped
