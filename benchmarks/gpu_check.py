@@ -8,7 +8,7 @@ lacks travel as wheels (`make gpu-wheels`):
     pip install --no-index --no-deps --target /tmp/site gpu-wheels/*.whl
     PYTHONPATH=.:/tmp/site python3 benchmarks/gpu_check.py [--quick]
 
-Sections (run in the order 1, 3, 4, 2, so that the time budget, if anything, cuts the ops):
+Sections (run in the order 1, 3, 4, 5, 2, so that the time budget, if anything, cuts the ops):
 1. tests: `pytest -m cuda tests/test_cuda.py` in a subprocess (pass/fail/skip counts).
 2. ops: ATConv vs SDPA at C = 1152, batch 32, 256 / 1024 / 4096 tokens, bf16 weights and inputs; the whole
    mixers (16-head attention with qkv/proj vs the ATConv module) and the core ops (SDPA vs the modulated
@@ -19,6 +19,8 @@ Sections (run in the order 1, 3, 4, 2, so that the time budget, if anything, cut
    block compiled: one graph per block kind, so 28 blocks cost one compile); images/s, peak memory, MFU.
 4. sample: Euler, 50 steps, CFG 1.8, batch 64 at 256 px through `sit_atconv.generation.generate` (bf16
    autocast), images/s; the decode of a random-weight SD-VAE-sized AutoencoderKL timed separately.
+5. fsdp: the trainer with train.parallel=ddp and then fsdp (issue 22), one process, SiT-ATConv-XL/2 on 32 px digits
+   (256 tokens), batch 32, bf16: steps/s, the state each holds and the peak memory.
 Then the issue's targets, each with pass/miss and the margin; for a missed one, the top kernels of its
 case from torch.profiler.
 
@@ -96,6 +98,8 @@ class Plan:
         default_factory=lambda: dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
     )
     model_overrides: dict = field(default_factory=dict)  # e.g. a smaller depth and width for the smoke run
+    # Section 5, the trainer with train.parallel ddp and fsdp in one process: (model, digits px, batch, steps).
+    fsdp_case: tuple = ("SiT-ATConv-XL/2", 32, 32, 8)  # 32 px at patch 2: the 256 tokens of ImageNet-256
     warmup: int = 3
     repeats: int = 20
     train_repeats: int = 10
@@ -131,6 +135,7 @@ TINY = Plan(
     op_batch=2,
     op_tokens=(16, 64),
     train_cases=((8, 2), (16, 1)),
+    fsdp_case=("SiT-ATConv-S/2", 8, 2, 3),
     sample_latent=8,
     sample_batch=2,
     sample_steps=3,
@@ -240,7 +245,15 @@ class Run:
     def __init__(self, plan: Plan, device, quick: bool):
         self.plan, self.device, self.quick = plan, device, quick
         self.started = time.perf_counter()
-        self.results: dict = {"tests": None, "ops": [], "sdpa_backends": {}, "train": [], "sample": [], "vae": None}
+        self.results: dict = {
+            "tests": None,
+            "ops": [],
+            "sdpa_backends": {},
+            "train": [],
+            "sample": [],
+            "vae": None,
+            "fsdp": [],
+        }
         self.targets: list[dict] = []
         self.skipped: list[str] = []
 
@@ -812,6 +825,38 @@ def run_vae(run: Run, latents) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+# ------------------------------------------------------------------------------------------------
+# 5. Sharded training (train.parallel=fsdp) next to DDP, one process
+# ------------------------------------------------------------------------------------------------
+
+
+def run_fsdp(run: Run) -> None:
+    """The trainer itself (benchmarks/bench_parallel.py) with train.parallel ddp and then fsdp in this one process:
+    the sharded path (FSDP2 on nccl, its checkpoint at the last step) runs on the GPU, at what throughput."""
+    from benchmarks.bench_parallel import measure, overrides
+
+    model, resolution, batch, steps = run.plan.fsdp_case
+    precision = "bf16" if run.cuda else "fp32"
+    print(f"\n## 5. Sharded training: {model}, {resolution} px digits, batch {batch}, {precision}, one process\n")
+    print("| parallel | steps/s | images/s | state GiB | peak GiB |")
+    print("|---|---:|---:|---:|---:|", flush=True)
+    settings = overrides(model, resolution, batch, steps, bf16=run.cuda)
+    settings += [f"model.{key}={value}" for key, value in run.plan.model_overrides.items()]
+    for parallel in ("ddp", "fsdp"):
+        if not run.fits(f"fsdp section: {parallel}"):
+            continue
+        with tempfile.TemporaryDirectory(prefix="gpu-check-fsdp-") as tmp:
+            row = measure(parallel, settings, Path(tmp) / "run")
+        row.update(model=model, px=resolution, batch=batch, steps=steps, images_per_s=row["steps_per_s"] * batch)
+        run.results["fsdp"].append(row)
+        print(
+            f"| {parallel} | {row['steps_per_s']:.2f} | {row['images_per_s']:.1f} | {row['state_gib']:.2f} "
+            f"| {fmt(row['peak_gib'], '.1f')} |",
+            flush=True,
+        )
+        run.free()
+
+
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -889,6 +934,21 @@ def markdown(run: Run, results: dict) -> str:
                 f"{vae['batch']} ({vae['image_px']} px), {vae['images_per_s']:.1f} images/s."
             )
         lines.append("")
+    if results["fsdp"]:
+        first = results["fsdp"][0]
+        lines += [
+            f"## 5. Sharded training ({first['model']}, {first['px']} px digits, batch {first['batch']}, one process)"
+        ]
+        lines += ["", "The trainer with train.parallel=ddp and fsdp; state: weights, gradients, AdamW and EMA.", ""]
+        lines += table(
+            ["parallel", "steps/s", "images/s", "state GiB", "peak GiB"],
+            [
+                [r["parallel"], f"{r['steps_per_s']:.2f}", f"{r['images_per_s']:.1f}", f"{r['state_gib']:.2f}"]
+                + [fmt(r["peak_gib"], ".1f")]
+                for r in results["fsdp"]
+            ],
+        )
+        lines.append("")
     lines += ["## Targets", ""]
     lines += table(
         ["target", "measured", "goal", "status", "margin", "note"],
@@ -932,7 +992,7 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 # Run in this order: the ops section compiles the most graphs for one target, so it goes last, where the time
 # budget cuts it rather than the training and sampling targets. Reports keep the numbering of the issue.
-SECTIONS = {"tests": run_tests, "train": run_train, "sample": run_sample, "ops": run_ops}
+SECTIONS = {"tests": run_tests, "train": run_train, "sample": run_sample, "fsdp": run_fsdp, "ops": run_ops}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1001,8 +1061,10 @@ def write_reports(run: Run, results: dict, folder: Path, stem: str) -> None:
     with atomic_output(folder / f"{stem}.md") as tmp:
         Path(tmp).write_text(markdown(run, results))
     print(f"\nwrote {folder / stem}.json and .md", flush=True)
-    print("\n" + markdown(run, {**results, "ops": [], "train": [], "sample": [], "vae": None, "tests": None}))
+    shown = {**results, "ops": [], "train": [], "sample": [], "vae": None, "tests": None, "fsdp": []}
+    print("\n" + markdown(run, shown))
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))  # run as a script: section 5 imports benchmarks.bench_parallel
     sys.exit(main())

@@ -95,9 +95,10 @@ def tiny_overrides(run_dir, steps=6, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def tiny_latent_folder(root: Path, per_class: int = 4) -> tuple[Path, Path]:
-    """(latent folder, VAE folder): 16 px random images in two classes under root/images, encoded by
-    `tiny_vae()` (f2: 8x8x4 latents, the size of `tiny_sit`) into root/latents; the VAE saved to root/vae."""
+def tiny_latent_folder(root: Path, per_class: int = 4, image_px: int = 16, vae_blocks: int = 2) -> tuple[Path, Path]:
+    """(latent folder, VAE folder): `image_px` random images in two classes under root/images, encoded by
+    `tiny_vae(vae_blocks)` (by default f2: 8x8x4 latents, the size of `tiny_sit`) into root/latents; the VAE saved to
+    root/vae."""
     import numpy as np
     from accelerate import Accelerator
     from PIL import Image
@@ -109,11 +110,22 @@ def tiny_latent_folder(root: Path, per_class: int = 4) -> tuple[Path, Path]:
     for label in ("a", "b"):
         (root / "images" / label).mkdir(parents=True)
         for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+            Image.fromarray(rng.integers(0, 255, (image_px, image_px, 3), dtype=np.uint8)).save(
                 root / "images" / label / f"{i}.png"
             )
-    vae = tiny_vae()
+    vae = tiny_vae(vae_blocks)
     vae.save_pretrained(root / "vae")
-    images = ImageFolderDataset(root / "images", 16)
+    images = ImageFolderDataset(root / "images", image_px)
     extract_latents(Accelerator(cpu=True), images, vae, root / "latents", 4, 4, False, 0, progress=False)
     return root / "latents", root / "vae"
+
+
+def dinov2_small_weights(folder: Path) -> Path:
+    """A randomly initialised DINOv2 ViT-S/14 (timm, 224 px) saved as folder/dinov2_s.safetensors: REPA's encoder
+    without a download."""
+    import timm
+    from safetensors.torch import save_file
+
+    path = folder / "dinov2_s.safetensors"
+    save_file(timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224).state_dict(), path)
+    return path

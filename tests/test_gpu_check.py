@@ -46,6 +46,9 @@ def test_tiny_cpu_run_measures_every_section_and_writes_both_reports(tmp_path):
     assert all(r["model_calls"] == 3 for r in results["sample"])  # Euler steps; CFG batches cond and uncond
     assert results["vae"]["image_px"] == 16
 
+    assert [r["parallel"] for r in results["fsdp"]] == ["ddp", "fsdp"]  # the trainer ran both ways
+    assert all(r["steps_per_s"] > 0 and r["state_gib"] > 0 for r in results["fsdp"])
+
     targets = {t["key"]: t for t in results["targets"]}
     assert set(targets) == {"op_1024", "mfu_sit_xl", "train_256", "train_512", "sample_256"}
     assert targets["mfu_sit_xl"]["status"] == "n/a"  # no known peak on a CPU
@@ -53,7 +56,14 @@ def test_tiny_cpu_run_measures_every_section_and_writes_both_reports(tmp_path):
         assert target["status"] in ("pass", "miss", "n/a")
         if target["status"] == "miss":  # each miss comes with its case's top operators
             assert target["profile"] and f"### Missed: {target['target']}" in markdown
-    for heading in ("## 1. CUDA tests", "## 2. ATConv vs SDPA", "## 3. Training step", "## 4. Sampling", "## Targets"):
+    for heading in (
+        "## 1. CUDA tests",
+        "## 2. ATConv vs SDPA",
+        "## 3. Training step",
+        "## 4. Sampling",
+        "## 5. Sharded",
+        "## Targets",
+    ):
         assert heading in markdown
 
 

@@ -11,7 +11,6 @@ from accelerate.utils import DistributedType
 from helpers import single_thread_env, tiny_overrides
 
 from sit_atconv.cli import check_launch
-from sit_atconv.models import sit as sit_module
 from sit_atconv.models.loading import load_model
 from sit_atconv.training import load_config
 from sit_atconv.training.trainer import start_run
@@ -25,7 +24,6 @@ LAYOUTS = {
     "1gpu.yaml": (1, 1),
     "8gpu.yaml": (1, 8),
     "2nodes_8gpu.yaml": (2, 8),
-    "fsdp_xl2_512.yaml": (1, 8),
     "cpu_2proc.yaml": (1, 2),
 }
 GPU_CONFIGS = [name for name in LAYOUTS if name != "cpu_2proc.yaml"]
@@ -53,7 +51,7 @@ def test_config_parses_with_accelerate_and_its_process_counts_agree(name):
     assert config.num_processes == machines * per_machine
     assert config.machine_rank == 0
     if config.num_processes > 1:
-        assert config.distributed_type in (DistributedType.MULTI_GPU, DistributedType.FSDP)
+        assert config.distributed_type == DistributedType.MULTI_GPU  # train.parallel decides ddp or fsdp
     else:
         assert config.distributed_type == DistributedType.NO
 
@@ -79,26 +77,6 @@ def test_two_node_config_takes_rank_and_address_from_the_command_line():
     prepare_multi_gpu_env(args)  # the torchrun arguments of this node
     assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 1)
     assert (args.rdzv_backend, args.rdzv_endpoint) == ("static", "10.1.2.3:29500")
-
-
-def test_fsdp_config_builds_the_plugin_it_means(monkeypatch):
-    """The launcher's environment for the FSDP config, read back by Accelerate's FSDP plugin: SHARD_GRAD_OP
-    (FSDP2 without resharding after forward), one unit per SiTBlock, full state dicts, the trainer's own
-    activation checkpointing rather than FSDP's."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.launch import prepare_multi_gpu_env
-
-    env = prepare_multi_gpu_env(launch_args("--config_file", str(ACCELERATE / "fsdp_xl2_512.yaml"), "train_sit.py"))
-    assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    for key, value in env.items():
-        if key.startswith("FSDP_"):
-            monkeypatch.setenv(key, value)
-    plugin = FullyShardedDataParallelPlugin()
-    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
-    assert plugin.transformer_cls_names_to_wrap == ["SiTBlock"]
-    assert isinstance(sit_module.SiTBlock, type)  # the class the policy names exists under that name
-    assert plugin.state_dict_type.name == "FULL_STATE_DICT"
-    assert not plugin.activation_checkpointing and env["FSDP_OFFLOAD_PARAMS"] == "false"
 
 
 @pytest.mark.parametrize(
@@ -127,9 +105,9 @@ def test_as_many_processes_as_gpus_passes(monkeypatch):
     check_launch()
 
 
-def test_fsdp_is_refused_with_a_clear_error(tmp_path, monkeypatch):
-    """FSDP shards the weights the EMA update and the checkpoints read whole: the trainer says so at start
-    rather than failing at step 1. (FSDP itself cannot run here: Accelerate applies it on GPUs only.)"""
+def test_accelerates_fsdp_plugin_is_refused_with_what_to_use(tmp_path, monkeypatch):
+    """The trainer shards the model itself (train.parallel=fsdp); Accelerate's plugin would wrap it a second
+    time, behind its back and on GPUs only."""
     import accelerate
 
     class FSDPAccelerator:
@@ -137,7 +115,7 @@ def test_fsdp_is_refused_with_a_clear_error(tmp_path, monkeypatch):
             self.distributed_type = DistributedType.FSDP
 
     monkeypatch.setattr(accelerate, "Accelerator", FSDPAccelerator)
-    with pytest.raises(ValueError, match="FSDP .*not supported by the trainer yet.*8gpu.yaml"):
+    with pytest.raises(ValueError, match="distributed_type: FSDP .*8gpu.yaml.*train.parallel=fsdp"):
         start_run(load_config(DEMO, tiny_overrides(tmp_path / "run")), tmp_path / "run")
 
 

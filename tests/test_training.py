@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch_two_processes, single_thread_env, tiny_overrides, tiny_vae
+from helpers import dinov2_small_weights, launch_two_processes, single_thread_env, tiny_overrides, tiny_vae
 
 from sit_atconv.data import StepBatches
 from sit_atconv.models import create_model
@@ -150,10 +150,8 @@ def test_latent_training_with_repa(tmp_path):
     """Extract latents with a tiny f8 VAE, then train with REPA (DINOv2 ViT-S architecture, random weights
     from a local file) for a few steps, checkpoint and resume."""
     import numpy as np
-    import timm
     from accelerate import Accelerator
     from PIL import Image
-    from safetensors.torch import save_file
 
     from sit_atconv.data.images import ImageFolderDataset
     from sit_atconv.data.latents import extract_latents
@@ -177,8 +175,7 @@ def test_latent_training_with_repa(tmp_path):
         num_workers=0,
         progress=False,
     )
-    weights = tmp_path / "dinov2_s.safetensors"
-    save_file(timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224).state_dict(), weights)
+    weights = dinov2_small_weights(tmp_path)
 
     def overrides(steps):
         return tiny_overrides(

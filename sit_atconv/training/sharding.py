@@ -177,7 +177,9 @@ def load_optimizer_sharded(folder: Path, module: nn.Module, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = {"optimizer": get_optimizer_state_dict(module, inner_optimizer(optimizer))}
-    dcp.load(state, checkpoint_id=folder)
+    with warnings.catch_warnings():  # one process without a process group reads the whole of every shard
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder)
     set_optimizer_state_dict(module, inner_optimizer(optimizer), state["optimizer"])
 
 
