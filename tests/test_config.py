@@ -46,6 +46,7 @@ OLD_DEFAULTS = {
         "grad_clip": 1.0,
         "grad_accumulation": 1,
         "mixed_precision": "no",
+        "parallel": "ddp",  # (added after 0.5.0: sharded training is opt-in)
         "ema_decay": 0.9999,
         "on_nonfinite": "stop",
         "max_consecutive_skips": 10,  # (added in 0.3.0)

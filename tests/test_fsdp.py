@@ -22,6 +22,7 @@ from helpers import (
 )
 from safetensors.torch import load_file
 
+import sample as sample_cli
 from sit_atconv.data import digits_reference
 from sit_atconv.errors import UserError
 from sit_atconv.generation import GenerationConfig, generate
@@ -172,7 +173,10 @@ def test_switching_between_ddp_and_fsdp_on_resume(reference, tmp_path):
     assert_weights_close(sharded.checkpoint, reference.checkpoint)
 
     first = run_here(tmp_path / "fsdp_first", steps=3, parallel="fsdp")
-    assert (first.checkpoint / SHARDED).is_dir()
+    out = tmp_path / "grid.png"  # a tool given the shards, not the checkpoint, names the folder with the weights
+    with pytest.raises(UserError, match=f"sharded training state of a train.parallel=fsdp run.*: {first.checkpoint}$"):
+        sample_cli.main(["--ckpt", str(first.checkpoint / SHARDED), "--vae", "none", "--out", str(out)])
+    assert not out.exists()
     resumed = run_here(tmp_path / "fsdp_first", parallel="ddp", resume="auto")
     assert_losses_close(resumed.losses, reference.losses[3:])
     assert_weights_close(resumed.checkpoint, reference.checkpoint)

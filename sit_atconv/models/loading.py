@@ -31,6 +31,11 @@ def resolve_model_folder(path: str | Path, ema: bool = True) -> Path:
             raise FileNotFoundError(f"training checkpoint {path} has no {folder.name}/ weights")
     elif (path / "config.json").is_file():
         folder = path
+    elif (path / ".metadata").is_file() and any(path.glob("*.distcp")):
+        raise UserError(
+            f"{path} holds the sharded training state of a train.parallel=fsdp run (torch.distributed.checkpoint "
+            f"shards, which only the trainer reads back); the whole weights are in the checkpoint folder: {path.parent}"
+        )
     else:
         raise UserError(
             f"{path} is not a model: expected a folder with config.json and diffusion_pytorch_model.safetensors, "

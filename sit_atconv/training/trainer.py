@@ -441,9 +441,10 @@ def startup_line(config: DictConfig, accelerator, sit, start_step: int, compiled
     per_process = tc.global_batch_size // (processes * tc.grad_accumulation)
     params = sum(p.numel() for p in sit.parameters() if p.requires_grad)
     plural = "es" if processes > 1 else ""
+    sharded = f", sharded (fsdp) over {processes}" if tc.parallel == "fsdp" else ""
     start = f"resuming after step {start_step:,}" if start_step else "from step 0"
     return (
-        f"training {config.model.name} ({params:,} parameters) on {where}, {processes} process{plural}: "
+        f"training {config.model.name} ({params:,} parameters) on {where}, {processes} process{plural}{sharded}: "
         f"{per_process} images per process x {processes} x {tc.grad_accumulation} micro-batch(es) = global batch "
         f"{tc.global_batch_size}; precision {tc.mixed_precision}; compile {'on' if compiled else 'off'}; {start} "
         f"to {tc.max_steps:,}"
