@@ -80,7 +80,10 @@ def test_interrupted_checkpoint_is_never_resumed(tmp_path):
         find_resume(run, str(partial))
 
 
-def test_non_finite_loss_stops_with_the_step_and_saves_nothing_poisoned(tmp_path, monkeypatch):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.filterwarnings("ignore:train.parallel=fsdp with a single process")
+def test_non_finite_loss_stops_with_the_step_and_saves_nothing_poisoned(tmp_path, monkeypatch, parallel):
+    """(fsdp: the skipped update and EMA decided on the sharded weights, in one process.)"""
     from sit_atconv.transport import Transport
 
     real_loss = Transport.loss
@@ -94,11 +97,13 @@ def test_non_finite_loss_stops_with_the_step_and_saves_nothing_poisoned(tmp_path
     monkeypatch.setattr(Transport, "loss", loss)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteError, match="at step 5"):
-        train(load_config(DEMO, tiny_overrides(run)), resume="none", progress=False)
+        train(load_config(DEMO, tiny_overrides(run, **{"train.parallel": parallel})), resume="none", progress=False)
     assert [p.name for p in complete_checkpoints(run)] == ["step_00000003"]
     calls["n"] = 0
     result = train(
-        load_config(DEMO, tiny_overrides(tmp_path / "skip", **{"train.on_nonfinite": "skip"})),
+        load_config(
+            DEMO, tiny_overrides(tmp_path / "skip", **{"train.on_nonfinite": "skip", "train.parallel": parallel})
+        ),
         resume="none",
         progress=False,
     )
