@@ -48,8 +48,8 @@ def test_a_0_4_run_resumes_and_its_old_keys_are_no_change(tmp_path):
     assert [step for step, _ in result.losses] == [3, 4] and result.checkpoint.name == "step_00000004"
     with open(run_dir / "config_changes.csv", newline="") as f:
         changed = {row["key"] for row in csv.DictReader(f)}
-    # log.sample_* read as the preview.* they are now: no change; the evaluations' few-call defaults of 0.5 (unipc,
-    # 10 steps) differ from the euler, 50 steps the run recorded, and the resume says so
+    # log.sample_* read as the preview.* they are now: no change; the evaluations' few-call defaults (unipc,
+    # 6 steps) differ from the euler, 50 steps the run recorded, and the resume says so
     assert changed == {"train.max_steps", "eval.sampler", "eval.num_steps"}
 
 

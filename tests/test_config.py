@@ -280,5 +280,5 @@ def test_eval_and_preview_take_a_model_call_budget():
     with pytest.raises(ValueError, match="dopri5 chooses its own steps"):
         load_config(DEMO, ["eval.sampler=dopri5", "eval.nfe=12"])
     # Evaluations sample with the measured few-call default; a budget alone replaces its steps
-    assert SamplingSpec.from_fields(load_config(DEMO).eval) == SamplingSpec(sampler="unipc", num_steps=10)
+    assert SamplingSpec.from_fields(load_config(DEMO).eval) == SamplingSpec(sampler="unipc", num_steps=6)
     assert SamplingSpec.from_fields(load_config(DEMO, ["eval.nfe=20"]).eval).num_steps == 20

@@ -182,7 +182,7 @@ PreviewConfig = _section(
 EvalConfig = _section(
     "EvalConfig",
     "Evaluations while training (sample.py's and eval_fid.py's code): every, reference, samples, metrics, and how"
-    " the samples are drawn (SamplingSpec's fields; by default FEW_CALLS: unipc, 10 steps), with the same noise"
+    " the samples are drawn (SamplingSpec's fields; by default FEW_CALLS: unipc, 6 steps), with the same noise"
     " (seed) at every evaluation.",
     [
         ("every", int, at_least(0, 0)),  # steps between evaluations; 0: none
