@@ -38,6 +38,7 @@ DEMO = os.path.join(ROOT, "configs", "demo", "digits.yaml")
 # The recipe of every run here: micro-batches (each process's gradients reduced once per step) and an EMA that
 # moves visibly in 6 steps.
 RECIPE = {"train.grad_accumulation": 2, "train.ema_decay": 0.5}
+PARALLEL = ("ddp", "fsdp")
 
 # Trains in each launched process (benchmarks/bench_parallel.py's `measure`: the losses and the GiB of weights,
 # EMA and AdamW moments the process holds).
@@ -202,7 +203,7 @@ def test_repa_under_fsdp_equals_ddp(tmp_path):
         "repa.projector_dim": 32,
     }
     runs = {}
-    for parallel in ("ddp", "fsdp"):
+    for parallel in PARALLEL:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fsdp in one process
             runs[parallel] = run_here(tmp_path / parallel, steps=2, parallel=parallel, **repa)
@@ -217,9 +218,13 @@ def test_repa_under_fsdp_equals_ddp(tmp_path):
 def test_bf16_under_fsdp_follows_ddp_bf16(tmp_path):
     """Weights gathered in bf16, gradients reduced in fp32, the forward under the same autocast as ddp's: the
     losses agree (to 1e-6 here; bf16 against fp32 differ by 3e-5 by step 3), and the master weights stay fp32."""
-    runs = {
-        p: run_here(tmp_path / p, steps=3, parallel=p, **{"train.mixed_precision": "bf16"}) for p in ("ddp", "fsdp")
-    }
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process keeps one precision otherwise
+    try:
+        runs = {p: run_here(tmp_path / p, steps=3, parallel=p, **{"train.mixed_precision": "bf16"}) for p in PARALLEL}
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     torch.testing.assert_close(
         [loss for _, loss in runs["fsdp"].losses], [loss for _, loss in runs["ddp"].losses], rtol=1e-4, atol=0
     )
