@@ -26,9 +26,9 @@ import sample as sample_cli
 from sit_atconv.data import digits_reference
 from sit_atconv.errors import UserError
 from sit_atconv.generation import GenerationConfig, generate
-from sit_atconv.models.loading import load_model
+from sit_atconv.models.loading import WEIGHTS_NAME, load_model
 from sit_atconv.training import load_config, train
-from sit_atconv.training.checkpoint import MARKER, WEIGHTS, complete_checkpoints
+from sit_atconv.training.checkpoint import MARKER, complete_checkpoints
 from sit_atconv.training.sharding import SHARDED, shard
 from sit_atconv.training.trainer import TrainModule
 from sit_atconv.transport import SamplingSpec
@@ -81,7 +81,7 @@ def assert_losses_close(got, expected):
 
 
 def weights(checkpoint, part):
-    return load_file(checkpoint / part / WEIGHTS)
+    return load_file(checkpoint / part / WEIGHTS_NAME)
 
 
 def assert_weights_close(checkpoint, reference):

@@ -40,13 +40,12 @@ from torch import nn
 from sit_atconv.errors import UserError
 from sit_atconv.io import apply_umask, atomic_output, fsync_folder, fsync_tree, replace_path
 from sit_atconv.models import check_architecture
-from sit_atconv.models.loading import load_sit, resolve_model_folder
+from sit_atconv.models.loading import WEIGHTS_NAME, load_sit, resolve_model_folder
 from sit_atconv.training import sharding
 from sit_atconv.training.config import save_config
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})$")
 MARKER = "checkpoint.json"
-WEIGHTS = "diffusion_pytorch_model.safetensors"  # in model/ and ema/
 
 
 class NonFiniteError(UserError, RuntimeError):
@@ -124,7 +123,8 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        if sharding.is_sharded(module):
+        sharded = sharding.is_sharded(module)
+        if sharded:
             write_sharded(tmp, module, ema, optimizer, accelerator.is_main_process)
         elif accelerator.is_main_process:
             module.model.save_pretrained(tmp / "model")
@@ -133,7 +133,7 @@ def save_checkpoint(
                 save_file(module.projector.state_dict(), tmp / "projector.safetensors")
         if accelerator.is_main_process:
             state = {"step": step, "skipped": skipped}
-            if not sharding.is_sharded(module):
+            if not sharded:  # (a sharded run's is in sharded/)
                 state["optimizer"] = optimizer.state_dict()
             if accelerator.scaler is not None:
                 state["scaler"] = accelerator.scaler.state_dict()
@@ -328,19 +328,20 @@ def load_checkpoint(accelerator, path: Path, model, ema, optimizer) -> dict:
     module = accelerator.unwrap_model(model)
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     sharded_files = path / sharding.SHARDED  # written by train.parallel=fsdp
-    if sharding.is_sharded(module) and sharded_files.is_dir():
+    sharded = sharding.is_sharded(module)
+    if sharded and sharded_files.is_dir():
         sharding.load_sharded(sharded_files, module, ema, optimizer)
-    elif sharding.is_sharded(module):  # a DDP checkpoint resumed with fsdp
-        weights = {f"model.{key}": value for key, value in load_file(path / "model" / WEIGHTS).items()}
+    elif sharded:  # a DDP checkpoint resumed with fsdp
+        weights = {f"model.{key}": value for key, value in load_file(path / "model" / WEIGHTS_NAME).items()}
         if module.projector is not None:
             weights |= {f"projector.{key}": value for key, value in load_file(path / "projector.safetensors").items()}
-        ema_weights = load_file(path / "ema" / WEIGHTS)
+        ema_weights = load_file(path / "ema" / WEIGHTS_NAME)
         sharding.load_full_into_sharded(module, ema, optimizer, weights, ema_weights, state["optimizer"])
     else:
-        module.model.load_state_dict(load_file(path / "model" / WEIGHTS))
+        module.model.load_state_dict(load_file(path / "model" / WEIGHTS_NAME))
         if module.projector is not None:
             module.projector.load_state_dict(load_file(path / "projector.safetensors"))
-        ema.load_state_dict(load_file(path / "ema" / WEIGHTS))
+        ema.load_state_dict(load_file(path / "ema" / WEIGHTS_NAME))
         if sharded_files.is_dir():  # an fsdp checkpoint resumed with ddp: the optimizer is only in the shards
             sharding.load_optimizer_sharded(sharded_files, module, optimizer)
         else:
